@@ -1,0 +1,170 @@
+"""Preprocessing contract shared by training, export and the runtime (numpy implementation).
+
+USFM's official pipeline reads a grey B-mode frame as RGB (grey replicated to 3 channels), resizes it to a
+square with bicubic interpolation, scales to [0, 1] and normalises with the ImageNet mean/std
+(dossier §4). ``PreprocessSpec`` records exactly that, and ``preprocess`` implements it in numpy so a
+device without torch computes the same tensor the model was trained on.
+
+Resampling: ``bicubic`` is cubic convolution with a = -0.75 on half-pixel centres, edge-clamped, without
+antialiasing: the definition shared by ``torch.nn.functional.interpolate(mode="bicubic")`` and ONNX
+``Resize(mode="cubic")``, so the in-graph preprocessing of an exported bundle and this function agree.
+``antialias=True`` widens the kernel when downsampling (a = -0.5, as PIL and torch's antialias path do),
+which matches PIL's ``Image.resize(BICUBIC)`` used by the official classification pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+from usfm_edge.core.errors import InputError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """What turns a raw uint8 grey frame into the model's input tensor.
+
+    Attributes:
+        img_size: side of the square model input in pixels (multiple of the patch size).
+        interpolation: ``bicubic`` or ``bilinear``.
+        antialias: widen the resampling kernel when downsampling (PIL-like); off by default because
+            it is not expressible in every backend's resize op.
+        mean: per-channel mean subtracted after scaling to [0, 1] (ImageNet, as USFM).
+        std: per-channel std divided after the mean.
+        in_chans: channels the model expects; grey is replicated (USFM: 3).
+        max_side: frames with a side longer than this are refused (protects the device's memory).
+    """
+
+    img_size: int = 224
+    interpolation: str = "bicubic"
+    antialias: bool = False
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    in_chans: int = 3
+    max_side: int = 4096
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        from usfm_edge.core.errors import ConfigError
+
+        if self.interpolation not in ("bicubic", "bilinear"):
+            raise ConfigError(f"interpolation must be 'bicubic' or 'bilinear', got {self.interpolation!r}")
+        if self.img_size < 1:
+            raise ConfigError(f"img_size must be positive, got {self.img_size}")
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise ConfigError("mean and std need one value per input channel")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError("std values must be positive")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PreprocessSpec:
+        from usfm_edge.core.config import from_dict
+
+        return from_dict(cls, d)
+
+
+def _cubic(x: np.ndarray, a: float) -> np.ndarray:
+    x = np.abs(x)
+    x2, x3 = x * x, x * x * x
+    w = np.where(x <= 1, (a + 2) * x3 - (a + 3) * x2 + 1, 0.0)
+    return np.where((x > 1) & (x < 2), a * x3 - 5 * a * x2 + 8 * a * x - 4 * a, w)
+
+
+def _linear(x: np.ndarray, a: float) -> np.ndarray:
+    return np.clip(1.0 - np.abs(x), 0.0, None)
+
+
+@lru_cache(maxsize=64)
+def resize_matrix(in_size: int, out_size: int, interpolation: str = "bicubic", antialias: bool = False) -> np.ndarray:
+    """Dense (out_size, in_size) float64 resampling matrix: ``out = W @ signal`` along one axis.
+
+    Half-pixel centres, edge clamping; rows sum to 1.
+    """
+    scale = in_size / out_size
+    kernel, support = (_cubic, 2.0) if interpolation == "bicubic" else (_linear, 1.0)
+    a = -0.75
+    stretch = 1.0
+    if antialias:  # PIL / torch antialias convention: a = -0.5, kernel widened when downsampling
+        stretch, a = max(scale, 1.0), -0.5
+    centres = (np.arange(out_size) + 0.5) * scale - 0.5
+    reach = int(np.ceil(support * stretch)) + 1
+    base = np.floor(centres).astype(np.int64)
+    offsets = np.arange(-reach + 1, reach + 1)
+    taps = base[:, None] + offsets[None, :]
+    weights = kernel((taps - centres[:, None]) / stretch, a)
+    if antialias:
+        # antialias (PIL / torch antialias): taps outside the image are dropped and the rest renormalised
+        weights = np.where((taps >= 0) & (taps < in_size), weights, 0.0)
+        weights = weights / weights.sum(axis=1, keepdims=True)
+    mat = np.zeros((out_size, in_size), dtype=np.float64)
+    rows = np.repeat(np.arange(out_size), taps.shape[1])
+    np.add.at(mat, (rows, np.clip(taps, 0, in_size - 1).ravel()), weights.ravel())
+    return mat
+
+
+def resize_gray(frame: np.ndarray, out_hw: tuple[int, int], interpolation="bicubic", antialias=False) -> np.ndarray:
+    """Resize a 2-D array (any real dtype) to ``out_hw``; returns float32 (no clipping)."""
+    h, w = frame.shape
+    wh = resize_matrix(h, out_hw[0], interpolation, antialias).astype(np.float32)
+    ww = resize_matrix(w, out_hw[1], interpolation, antialias).astype(np.float32)
+    return wh @ frame.astype(np.float32) @ ww.T
+
+
+def check_frame(frame, spec: PreprocessSpec | None = None, name: str = "frame") -> np.ndarray:
+    """Validate one raw frame and return it as a C-contiguous uint8 (H, W) grey array.
+
+    Accepts uint8 (H, W), (H, W, 1), (H, W, 3/4) RGB(A) or channel-first (1/3, H, W). RGB is converted
+    to grey with ITU-R BT.601 luma weights. Anything else raises InputError naming the problem.
+    """
+    if not isinstance(frame, np.ndarray):
+        raise InputError(f"{name} must be a numpy array, got {type(frame).__name__}")
+    if frame.dtype != np.uint8:
+        raise InputError(
+            f"{name} has dtype {frame.dtype}; expected uint8 (raw 8-bit B-mode frame)",
+            hint="convert with np.clip(x, 0, 255).astype(np.uint8) if the values are already 0..255",
+        )
+    if frame.ndim == 3:
+        if frame.shape[0] in (1, 3) and frame.shape[-1] not in (1, 3, 4):
+            frame = np.moveaxis(frame, 0, -1)
+        c = frame.shape[-1]
+        if c == 1:
+            frame = frame[..., 0]
+        elif c in (3, 4):
+            rgb = frame[..., :3].astype(np.float32)
+            frame = np.clip(rgb @ np.array([0.299, 0.587, 0.114], np.float32) + 0.5, 0, 255).astype(np.uint8)
+        else:
+            raise InputError(f"{name} has shape {frame.shape}; expected (H, W), (H, W, 3) or (3, H, W)")
+    elif frame.ndim != 2:
+        raise InputError(f"{name} has {frame.ndim} dimensions (shape {frame.shape}); expected a 2-D grey frame")
+    h, w = frame.shape
+    if h < 2 or w < 2:
+        raise InputError(f"{name} is {h}x{w} pixels; at least 2x2 is needed")
+    if spec is not None and max(h, w) > spec.max_side:
+        raise InputError(f"{name} is {h}x{w} pixels, larger than the configured maximum side {spec.max_side}")
+    return np.ascontiguousarray(frame)
+
+
+def preprocess(frame: np.ndarray, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:
+    """Raw uint8 frame (any size) -> float32 model input of shape (in_chans, S, S)."""
+    gray = check_frame(frame, spec)
+    s = spec.img_size
+    img = resize_gray(gray, (s, s), spec.interpolation, spec.antialias) / np.float32(255.0)
+    mean = np.asarray(spec.mean, np.float32)[:, None, None]
+    std = np.asarray(spec.std, np.float32)[:, None, None]
+    return ((img[None] - mean) / std).astype(np.float32)
+
+
+def preprocess_batch(frames, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:
+    """List of raw frames -> (B, in_chans, S, S) float32."""
+    return np.stack([preprocess(f, spec) for f in frames])
