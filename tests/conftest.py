@@ -1,0 +1,48 @@
+"""Shared fixtures: real ultrasound frames from the bundled sample (usfm_edge/assets/sample)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SAMPLE = Path(__file__).resolve().parents[1] / "usfm_edge" / "assets" / "sample"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"needs the full datasets at {SHARED} (only in the developers' checkout)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def sample_frames() -> list[np.ndarray]:
+    """A few real grey uint8 frames (BUS-BRA breast and HC18 fetal head) of their native sizes."""
+    from PIL import Image
+
+    paths = sorted((SAMPLE / "busbra" / "Images").glob("*.png"))[:2] + sorted(
+        (SAMPLE / "hc18" / "training_set").glob("*_HC.png"))[:2]
+    if not paths:
+        pytest.fail(f"bundled sample missing under {SAMPLE}")
+    return [np.asarray(Image.open(p).convert("L")) for p in paths]

@@ -1,0 +1,243 @@
+"""Checkpoint loading: official USFM ``.pth``, SimMIM-style files and usfm-edge ``.safetensors``.
+
+Every foreign format passes through one pure function, ``checkpoint_filter_fn``, that detects the source by
+its keys, renames and drops what it must (reporting each key), and resizes the relative position table to
+the target grid. The result is then loaded strictly: a key left missing or unexpected, or a shape that does
+not match, raises ``CheckpointError`` naming the file and the keys. Pickles are only ever read with
+``torch.load(weights_only=True)``, which refuses objects that would run code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from usfm_edge.core.errors import CheckpointError
+
+META_KEY = "usfm_edge"  # safetensors metadata key holding our JSON config
+
+# keys recomputed at construction; present in USFM_latest.pth but never loaded
+_RECOMPUTED = ("relative_position_index", "attn.k_bias")
+
+
+@dataclass
+class LoadReport:
+    """What happened to each checkpoint key."""
+
+    source_format: str
+    mapped: list[str] = field(default_factory=list)
+    dropped: dict[str, str] = field(default_factory=dict)  # key -> reason
+    renamed: dict[str, str] = field(default_factory=dict)  # old -> new
+    resized: dict[str, tuple] = field(default_factory=dict)  # key -> (old shape, new shape)
+    missing: list[str] = field(default_factory=list)  # model keys initialised fresh (allowed only)
+
+    def summary(self) -> str:
+        return (f"{self.source_format}: {len(self.mapped)} tensors loaded, {len(self.dropped)} dropped"
+                f" ({', '.join(sorted(self.dropped)) or 'none'}), {len(self.resized)} resized,"
+                f" {len(self.missing)} left at init ({', '.join(self.missing) or 'none'})")
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Read a checkpoint file -> (flat-or-nested state dict, our JSON config or None).
+
+    ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError("checkpoint file not found", path=path)
+    if path.stat().st_size == 0:
+        raise CheckpointError("checkpoint file is empty", path=path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            sd = load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot read safetensors file ({exc})", path=path,
+                                  hint="the file may be truncated; re-download or re-export it") from exc
+        config = json.loads(meta[META_KEY]) if META_KEY in meta else None
+        return sd, config
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError (truncated zip), EOFError, ...
+        msg = str(exc).splitlines()[0][:300]
+        unsafe = "weights_only" in str(exc) or "Unsupported global" in str(exc)
+        hint = ("this pickle contains objects that could run code; it was refused (weights_only=True). "
+                "Re-save it as a plain state dict" if unsafe else "the file may be truncated or not a checkpoint")
+        raise CheckpointError(f"cannot load checkpoint: {msg}", path=path, hint=hint) from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a state dict", path=path)
+    return obj, None
+
+
+def _unwrap(sd: dict) -> tuple[dict, str]:
+    """Strip ``{"model": ...}`` / ``{"state_dict": ...}`` nesting and ``module.`` / ``encoder.`` prefixes."""
+    fmt = "usfm_official"
+    for key in ("model", "state_dict", "module"):
+        if key in sd and isinstance(sd[key], dict):
+            sd, fmt = sd[key], "simmim"
+            break
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    for prefix in ("module.", "encoder.", "backbone."):
+        if tensors and any(k.startswith(prefix) for k in tensors):
+            if prefix == "encoder.":
+                fmt = "simmim"
+            tensors = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in tensors.items()}
+    return tensors, fmt
+
+
+def checkpoint_filter_fn(state_dict: dict, model: torch.nn.Module, report: LoadReport | None = None) -> dict:
+    """Map a foreign state dict onto ``model``'s keys (pure: does not modify its inputs).
+
+    Handles: flat official USFM dicts; SimMIM ``{"model": {"encoder.*", "decoder.*"}}``; ``module.``
+    prefixes; per-block relative position tables identical across blocks (collapsed into the shared one);
+    recomputed buffers (dropped); the SimMIM decoder (dropped); the relative position table resized
+    to the model's grid without swapping axes.
+    """
+    report = report if report is not None else LoadReport("unknown")
+    sd, fmt = _unwrap(state_dict)
+    report.source_format = report.source_format if report.source_format != "unknown" else fmt
+    out: dict[str, torch.Tensor] = {}
+    per_block_tables = {}
+    for k, v in sd.items():
+        if k.endswith(_RECOMPUTED):
+            report.dropped[k] = "recomputed at construction"
+        elif k.startswith("decoder."):
+            report.dropped[k] = "SimMIM pretraining decoder (not part of the backbone)"
+        elif k.startswith("blocks.") and k.endswith("attn.relative_position_bias_table"):
+            per_block_tables[k] = v
+        else:
+            out[k] = v
+    if per_block_tables:
+        tables = list(per_block_tables.values())
+        if all(torch.equal(tables[0], t) for t in tables[1:]) and "rel_pos_bias.relative_position_bias_table" not in out:
+            out["rel_pos_bias.relative_position_bias_table"] = tables[0]
+            for k in per_block_tables:
+                report.renamed[k] = "rel_pos_bias.relative_position_bias_table"
+        else:
+            raise CheckpointError(
+                "checkpoint has per-block relative position tables that differ between blocks; usfm-edge models"
+                " share one table (the USFM pretraining layout)",
+                hint="fine-tuned per-block checkpoints of the official repo are not supported")
+    key = "rel_pos_bias.relative_position_bias_table"
+    if key in out and hasattr(model, "rel_pos_bias"):
+        table = out[key]
+        target_grid = model.rel_pos_bias.grid
+        num_rel = table.shape[0] - 3
+        side = int(round(math.sqrt(num_rel)))
+        if side * side == num_rel and side % 2 == 1:
+            old_grid = ((side + 1) // 2, (side + 1) // 2)
+            if old_grid != tuple(target_grid):
+                from usfm_edge.models.vit import resize_rel_pos_table
+
+                out[key] = resize_rel_pos_table(table, old_grid, target_grid)
+                report.resized[key] = (tuple(table.shape), tuple(out[key].shape))
+    return out
+
+
+def load_into(model: torch.nn.Module, checkpoint: str | Path | dict, allow_missing: tuple[str, ...] = ()) -> LoadReport:
+    """Load a checkpoint file (or state dict) into ``model`` strictly; return the LoadReport.
+
+    Args:
+        allow_missing: model key prefixes that may stay at their initialisation (e.g. a new task head).
+    """
+    path = None
+    if isinstance(checkpoint, dict):
+        raw, config = checkpoint, None
+    else:
+        path = Path(checkpoint)
+        raw, config = read_checkpoint(path)
+    report = LoadReport("usfm_edge" if config is not None else "unknown")
+    sd = checkpoint_filter_fn(raw, model, report)
+    if config is not None and "backbone." in "".join(list(sd)[:5]) and not any(k.startswith("backbone.") for k in model.state_dict()):
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    bad_missing = [k for k in missing if not k.startswith(allow_missing)]
+    if unexpected or bad_missing:
+        parts = []
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:8])}")
+        if bad_missing:
+            parts.append(f"{len(bad_missing)} missing key(s): {', '.join(bad_missing[:8])}")
+        raise CheckpointError("checkpoint does not match the model architecture: " + "; ".join(parts), path=path,
+                              hint="check the model preset (base/small/tiny) matches the checkpoint")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise CheckpointError(f"shape mismatch for '{k}': checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}",
+                                  path=path, hint="check the model preset matches the checkpoint")
+    result = model.load_state_dict(sd, strict=False)
+    assert not result.unexpected_keys  # checked above
+    report.mapped = sorted(sd)
+    report.missing = sorted(missing)
+    return report
+
+
+def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], config: dict, half: bool = False) -> Path:
+    """Write a usfm-edge ``.safetensors`` checkpoint atomically (temp file + rename).
+
+    Args:
+        config: JSON-serialisable description (model preset and args, task, labels, preprocessing...).
+        half: store floating tensors as fp16 (demo checkpoints).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for k, v in state_dict.items():
+        v = v.detach().cpu()
+        if half and v.is_floating_point():
+            v = v.half()
+        tensors[k] = v.contiguous()
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={META_KEY: json.dumps(config, sort_keys=True)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Public alias of ``read_checkpoint``: (state dict, usfm-edge config or None)."""
+    return read_checkpoint(path)
+
+
+def convert_weights(src: str | Path, dst: str | Path, model_name: str | None = None, half: bool = False) -> LoadReport:
+    """Convert any supported checkpoint to a usfm-edge ``.safetensors`` file (verified by a strict load).
+
+    The preset is inferred from the embedding width when ``model_name`` is not given.
+    """
+    from usfm_edge.models.registry import create_model, model_args
+
+    raw, config = read_checkpoint(src)
+    if config is not None and model_name is None:
+        model_name = config.get("model")
+    if model_name is None:
+        sd, _ = _unwrap(raw)
+        w = sd.get("patch_embed.proj.weight")
+        if w is None:
+            raise CheckpointError("no 'patch_embed.proj.weight' found: not a USFM/ViT checkpoint", path=src)
+        by_dim = {768: "usfm_vit_base_patch16_224", 384: "usfm_vit_small_patch16_224", 192: "usfm_vit_tiny_patch16_224", 64: "usfm_vit_test"}
+        model_name = by_dim.get(w.shape[0])
+        if model_name is None:
+            raise CheckpointError(f"no preset has embedding width {w.shape[0]}", path=src, hint="pass --model")
+    model = create_model(model_name)
+    report = load_into(model, src)
+    args = model_args(model_name)
+    save_checkpoint(dst, model.state_dict(), {"model": model_name, "model_args": args, "task": "backbone",
+                                              "source": Path(src).name}, half=half)
+    return report
