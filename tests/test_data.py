@@ -25,7 +25,7 @@ from usfm_edge.data import (
     read_record_mask,
 )
 from usfm_edge.data import sample_dir as bundled_sample_dir
-from usfm_edge.data.geometry import fill_holes
+from usfm_edge.core.geometry import fill_holes
 
 
 def _patients(records) -> set[tuple[str, str]]:

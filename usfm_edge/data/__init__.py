@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from usfm_edge.data.geometry import ellipse_perimeter, fill_outline_mask, fit_ellipse, head_circumference_mm
+from usfm_edge.core.geometry import ellipse_perimeter, fill_outline_mask, fit_ellipse, head_circumference_mm
 from usfm_edge.data.readers import DicomFrames, is_dicom, iter_frames, read_dicom, read_image, read_mask
 from usfm_edge.data.sources import (
     BUSBRA_LABELS,
