@@ -220,5 +220,139 @@ def features(images, output, checkpoint, model, pool, batch_size):
     click.echo(f"wrote {output} {feats.shape} and {output}.json")
 
 
+# ----------------------------------------------------------------------------- pretrain / finetune
+def _options_from(options):
+    """Turn a list of ``train.config.Option`` tuples into stacked click options."""
+
+    def deco(fn):
+        for opt in reversed(options):
+            name = opt.field.replace(".", "__")
+            if opt.type is bool:
+                flag = opt.flag[2:]
+                fn = click.option(f"--{flag}/--no-{flag}", name, default=None, help=opt.help)(fn)
+            elif opt.type is list:
+                fn = click.option(opt.flag, name, multiple=True, help=opt.help)(fn)
+            else:
+                fn = click.option(opt.flag, name, type=opt.type, default=None, help=opt.help)(fn)
+        return fn
+
+    return deco
+
+
+def _lazy_options(module: str, attr: str):
+    """Options are declared next to the config dataclasses; importing them needs torch, so only do it
+    when the command itself is resolved (not for ``usfm-edge --help``)."""
+    import importlib
+
+    return getattr(importlib.import_module(module), attr)
+
+
+class _TrainCommand(click.Command):
+    """A click command whose options come from a training module, loaded on first use."""
+
+    def __init__(self, *args, options_from: tuple[str, str], **kwargs):
+        self._options_from = options_from
+        self._loaded = False
+        super().__init__(*args, **kwargs)
+
+    def _load(self):
+        if not self._loaded:
+            opts = _lazy_options(*self._options_from)
+            holder = _options_from(opts)(lambda **kw: None)
+            self.params.extend(holder.__click_params__[::-1] if hasattr(holder, "__click_params__") else [])
+            self._loaded = True
+
+    def get_params(self, ctx):
+        self._load()
+        return super().get_params(ctx)
+
+    def parse_args(self, ctx, args):
+        self._load()
+        return super().parse_args(ctx, args)
+
+
+def _overrides(options, kwargs):
+    out = {}
+    for opt in options:
+        v = kwargs.get(opt.field.replace(".", "__"))
+        out[opt.field] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+@main.command(cls=_TrainCommand, options_from=("usfm_edge.train.config", "pretrain_options"), context_settings=CONTEXT)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="run folder")
+@click.option("--config", "config", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML config (flags override it)")
+@click.option("--resume", is_flag=True, help="continue exactly from OUT/checkpoint.pt")
+@_handle_errors
+def pretrain(out, config, resume, **kwargs):
+    """Dual masked image modelling pretraining (spatial + frequency band-stop masks).
+
+    \b
+    Example (CPU, tiny preset, all images of both real datasets):
+      usfm-edge pretrain --data busbra:../shared/data/busbra --data hc18:../shared/data/hc18 \\
+          --model usfm_vit_tiny_patch16_224 --out runs/pretrain_tiny --time-limit-min 30
+    Multi-GPU: torchrun --nproc_per_node 8 -m usfm_edge.train.pretrain --data ... --out ...
+    """
+    from usfm_edge.train.config import load_pretrain_config, pretrain_options
+    from usfm_edge.train.pretrain import fit_pretrain
+
+    cfg = load_pretrain_config(config, _overrides(pretrain_options, kwargs))
+    res = fit_pretrain(cfg, out, resume=(out if resume else None))
+    click.echo(f"wrote {res.checkpoint}\nwrote {res.encoder}")
+
+
+@main.command(cls=_TrainCommand, options_from=("usfm_edge.train.finetune", "finetune_options"), context_settings=CONTEXT)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="run folder")
+@click.option("--config", "config", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML config (flags override it)")
+@click.option("--resume", is_flag=True, help="continue exactly from OUT/checkpoint.pt")
+@_handle_errors
+def finetune(out, config, resume, **kwargs):
+    """Fine-tune a segmentation, classification or enhancement head with few labels.
+
+    \b
+    Example (BUS-BRA lesion segmentation from a pretrained encoder with 10% of the patients' labels):
+      usfm-edge finetune --task seg --data busbra:PATH --init runs/pretrain_tiny/encoder.safetensors \\
+          --label-fraction 0.1 --out runs/busbra_seg_10
+    """
+    from usfm_edge.train.finetune import finetune_options, fit_finetune, load_finetune_config
+
+    cfg = load_finetune_config(config, _overrides(finetune_options, kwargs))
+    res = fit_finetune(cfg, out, resume=(out if resume else None))
+    click.echo(f"wrote {res.best}\nwrote {res.last}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--data", "data", multiple=True, required=True, help="data source (busbra:PATH, hc18:PATH, ...)")
+@click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True,
+              help="held-out patients (as in finetune), training patients, or everything")
+@click.option("--val-fraction", default=0.2, show_default=True)
+@click.option("--split-seed", default=0, show_default=True)
+@click.option("--limit", type=int, default=None, help="evaluate at most this many frames")
+@click.option("--backend", default="auto", show_default=True, help="bundles: auto, onnxruntime, openvino, tensorrt")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="also write the results here")
+@_handle_errors
+def evaluate(source, data, split, val_fraction, split_seed, limit, backend, device, json_out):
+    """Score a fine-tuned checkpoint (.safetensors) or an exported bundle (NAME.usfm/) on real frames.
+
+    Both go through the same graph and the same metrics, so fp32, fp16 and INT8 are directly comparable.
+    """
+    import json
+
+    from usfm_edge.core.io import atomic_write_json
+    from usfm_edge.evaluation.evaluate import evaluate as run
+
+    res = run(source, list(data), split=split, val_fraction=val_fraction, seed=split_seed, limit=limit,
+              backend=backend, device=device)
+    click.echo(json.dumps(res, indent=2))
+    if json_out:
+        atomic_write_json(json_out, res)
+        click.echo(f"wrote {json_out}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,154 @@
+"""The parity gate: every bundle is run through ``runtime.Engine`` on real frames and compared with PyTorch.
+
+Per output and frame: max absolute error, cosine similarity (float64, flattened) and centred cosine
+(means removed: raw cosine hides damage when every value shares a large offset, reference/perf-baseline.md);
+for segmentation also the Dice between the bundle's and PyTorch's argmax masks (mean over the classes
+present in either mask). The worst frame counts. Limits per precision (``core.bundle_schema.default_thresholds``):
+
+====== ============== ==========
+prec.  min cosine     min Dice
+====== ============== ==========
+fp32   0.9999         0.99
+fp16   0.999          0.98
+int8   0.98 (loose)   0.90       (set properly by the quantisation work, from held-out accuracy)
+====== ============== ==========
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from usfm_edge.core.errors import DataError
+
+__all__ = ["cosine", "centred_cosine", "mask_dice", "compare_outputs", "run_parity", "default_frames", "fit_frame"]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two arrays (flattened, float64); 1.0 when both are all zero."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(a @ b / (na * nb))
+
+
+def centred_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine after removing each array's mean (a near-constant output still has to match its pattern)."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return cosine(a - a.mean(), b - b.mean())
+
+
+def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean Dice over the class ids present in either integer mask (1.0 for identical masks)."""
+    a, b = np.asarray(a).ravel(), np.asarray(b).ravel()
+    scores = []
+    for c in np.union1d(np.unique(a), np.unique(b)):
+        pa, pb = a == c, b == c
+        scores.append(2.0 * np.count_nonzero(pa & pb) / (np.count_nonzero(pa) + np.count_nonzero(pb)))
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def compare_outputs(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per output: ``max_abs``, ``cosine``, ``cosine_centred``; for an output named ``mask`` also ``dice``."""
+    out = {}
+    for name, r in ref.items():
+        if name not in got:
+            raise DataError(f"the bundle did not return output '{name}'")
+        g = got[name]
+        if tuple(g.shape) != tuple(r.shape):
+            out[name] = {"shape_mismatch": 1.0, "max_abs": float("inf"), "cosine": 0.0, "cosine_centred": 0.0}
+            continue
+        diff = np.abs(np.asarray(g, np.float64) - np.asarray(r, np.float64))
+        m = {"max_abs": float(diff.max()) if diff.size else 0.0, "cosine": cosine(r, g),
+             "cosine_centred": centred_cosine(r, g)}
+        if name == "mask":
+            m["dice"] = mask_dice(r, g)
+            m["pixel_agreement"] = float(np.mean(np.asarray(r) == np.asarray(g)))
+        out[name] = m
+    return out
+
+
+def fit_frame(frame: np.ndarray, hw: tuple[int, int] | None) -> np.ndarray:
+    """Resize a uint8 frame to ``hw`` (bicubic, rounded) for static-shape bundles; unchanged when ``hw`` is None."""
+    if hw is None or tuple(frame.shape) == tuple(hw):
+        return frame
+    from usfm_edge.core.preprocess import resize_gray
+
+    return np.clip(np.round(resize_gray(frame, tuple(hw))), 0, 255).astype(np.uint8)
+
+
+def default_frames(n: int = 4) -> list[np.ndarray]:
+    """Real frames from the bundled sample: alternately BUS-BRA breast and HC18 fetal-head images."""
+    from usfm_edge.data import sample_dir
+    from usfm_edge.data.readers import read_image
+
+    root = sample_dir()
+    bus = sorted((root / "busbra" / "Images").glob("*.png"))
+    hc = sorted(p for p in (root / "hc18" / "training_set").glob("*.png") if "Annotation" not in p.name)
+    paths = [p for pair in zip(bus, hc) for p in pair][:n]
+    if not paths:
+        raise DataError("the bundled sample frames are missing", path=root,
+                        hint="pass verify_frames=[...] (real ultrasound frames) to export()")
+    return [read_image(p) for p in paths]
+
+
+def _as_frames(frames: Iterable) -> list[np.ndarray]:
+    from usfm_edge.core.preprocess import check_frame
+    from usfm_edge.data.readers import read_image
+
+    out = []
+    for f in frames:
+        out.append(check_frame(read_image(f) if isinstance(f, (str, Path)) else f, name="verification frame"))
+    return out
+
+
+def run_parity(engine, reference: Callable[[np.ndarray], dict[str, np.ndarray]], frames: Iterable,
+               thresholds: Mapping[str, float | None], static_hw: tuple[int, int] | None = None) -> dict:
+    """Compare a bundle (through ``engine.run_raw``) with the PyTorch reference on real frames.
+
+    Args:
+        engine: an open ``runtime.Engine`` on the bundle.
+        reference: uint8 batch ``(1, H, W)`` (or normalised batch for bare bundles) -> PyTorch fp32 outputs.
+        frames: uint8 frames or image paths.
+        thresholds: ``cosine`` (min over float outputs), ``dice`` (min, seg masks), optional ``max_abs``.
+        static_hw: frame size of a static-shape bundle (frames are resized to it first).
+
+    Returns:
+        ``{"passed", "failures", "frames", "backend", "device", "outputs": {name: worst metrics}, "per_frame"}``.
+    """
+    frames = _as_frames(frames)
+    worst: dict[str, dict[str, float]] = {}
+    per_frame = []
+    for frame in frames:
+        frame = fit_frame(frame, static_hw)
+        x = frame[None] if engine.raw else engine._preprocess(frame)[None]
+        ref = reference(x)
+        got = engine.run_raw(x)
+        metrics = compare_outputs(ref, got)
+        per_frame.append({"hw": list(frame.shape), **metrics})
+        for name, m in metrics.items():
+            w = worst.setdefault(name, {})
+            for k, v in m.items():
+                better_high = k in ("cosine", "cosine_centred", "dice", "pixel_agreement")
+                w[k] = min(w.get(k, v), v) if better_high else max(w.get(k, v), v)
+    failures = []
+    cos_min, dice_min, abs_max = thresholds.get("cosine"), thresholds.get("dice"), thresholds.get("max_abs")
+    for name, w in worst.items():
+        if w.get("shape_mismatch"):
+            failures.append(f"{name}: output shape differs from PyTorch")
+            continue
+        if name == "mask":
+            if dice_min is not None and w["dice"] < dice_min:
+                failures.append(f"mask: Dice {w['dice']:.5f} < {dice_min}")
+        elif cos_min is not None and w["cosine"] < cos_min:
+            failures.append(f"{name}: cosine {w['cosine']:.6f} < {cos_min}")
+        if abs_max is not None and name != "mask" and w["max_abs"] > abs_max:
+            failures.append(f"{name}: max abs error {w['max_abs']:.3g} > {abs_max}")
+    return {"passed": not failures, "failures": failures, "frames": len(frames),
+            "backend": engine.backend.name, "device": str(engine.backend.device),
+            "thresholds": dict(thresholds), "outputs": worst, "per_frame": per_frame}

@@ -1,0 +1,96 @@
+"""Typed results of ``Engine.predict`` (numpy only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["SegResult", "ClsResult", "EnhanceResult", "FeaturesResult", "Result", "class_areas"]
+
+
+@dataclass
+class SegResult:
+    """Segmentation of one frame.
+
+    Attributes:
+        mask: uint8 ``(H, W)`` class index per pixel, at the frame's own size.
+        probs: float32 ``(K, H, W)`` class probabilities.
+        labels: class names, index = class id.
+        areas_px: pixels per class name.
+        areas_mm2: mm² per class name when the pixel spacing is known, else None.
+        pixel_spacing_mm: ``(row, col)`` spacing used for ``areas_mm2``.
+        timing_ms: wall time of this frame's prediction (the batch's time divided by its size).
+    """
+
+    mask: np.ndarray
+    probs: np.ndarray
+    labels: list[str]
+    areas_px: dict[str, int]
+    areas_mm2: dict[str, float] | None = None
+    pixel_spacing_mm: tuple[float, float] | None = None
+    timing_ms: float = 0.0
+    task: str = field(default="seg", init=False)
+
+
+@dataclass
+class ClsResult:
+    """Classification of one frame.
+
+    Attributes:
+        probs: float32 ``(K,)`` class probabilities.
+        label: index of the most probable class.
+        label_name: its name.
+        labels: all class names.
+        timing_ms: wall time of this frame's prediction.
+    """
+
+    probs: np.ndarray
+    label: int
+    label_name: str
+    labels: list[str]
+    timing_ms: float = 0.0
+    task: str = field(default="cls", init=False)
+
+
+@dataclass
+class EnhanceResult:
+    """Restored (enhanced) frame.
+
+    Attributes:
+        image: uint8 ``(H, W)`` at the frame's own size.
+        timing_ms: wall time of this frame's prediction.
+    """
+
+    image: np.ndarray
+    timing_ms: float = 0.0
+    task: str = field(default="enhance", init=False)
+
+
+@dataclass
+class FeaturesResult:
+    """Embedding of one frame.
+
+    Attributes:
+        features: float32 ``(D,)`` pooled embedding.
+        timing_ms: wall time of this frame's prediction.
+    """
+
+    features: np.ndarray
+    timing_ms: float = 0.0
+    task: str = field(default="features", init=False)
+
+
+Result = SegResult | ClsResult | EnhanceResult | FeaturesResult
+
+
+def class_areas(mask: np.ndarray, labels: list[str],
+                pixel_spacing_mm: tuple[float, float] | None) -> tuple[dict[str, int], dict[str, float] | None]:
+    """Pixels (and mm² when the spacing is known) of each class in a mask."""
+    counts = np.bincount(mask.ravel(), minlength=len(labels))
+    names = [labels[i] if i < len(labels) else f"class_{i}" for i in range(counts.size)]
+    px = {n: int(c) for n, c in zip(names, counts)}
+    if pixel_spacing_mm is None:
+        return px, None
+    dy, dx = pixel_spacing_mm
+    return px, {n: float(c) * float(dy) * float(dx) for n, c in px.items()}

@@ -1,0 +1,396 @@
+"""Label-efficient fine-tuning: segmentation, classification and enhancement heads on a USFM backbone.
+
+Shares the pretraining engine (``train.engine``: progress bar, JSONL log, atomic checkpoints, exact
+``--resume``, torchrun DDP). What is specific to fine-tuning:
+
+* data: records of the ``--data`` sources, split by **patient** into train / validation (``val_fraction``,
+  ``split_seed``); ``label_fraction`` then keeps a seeded fraction of the *training patients* (nested:
+  the 10% set lies inside the 25% set), so label-efficiency runs differ only in how many labels they see;
+* model: ``models.tasks.build_task_model`` from ``--init`` (USFM_latest.pth, a pretraining encoder, a
+  task checkpoint) or ``none`` (from scratch); layer-wise lr decay (USFM: 0.65) through
+  ``models.tasks.param_groups_lrd``;
+* losses: seg = cross-entropy + soft Dice (+ 0.4 x the same on UperNet's auxiliary head); cls =
+  cross-entropy with label smoothing (USFM: 0.1); enhance = L1 to the clean frame;
+* model selection: the held-out patients are evaluated every ``eval_every`` epochs through the export graph
+  (``evaluation.TorchPredictor``: frames at their own size, exactly what a bundle computes); the best
+  checkpoint by Dice / AUC / PSNR is kept as ``best.safetensors``, the last as ``last.safetensors``. Each
+  stores task, labels, preprocessing, data split and metrics, so ``export`` needs no extra flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from usfm_edge.core.config import from_dict, load_yaml, to_dict
+from usfm_edge.core.errors import ConfigError, UsfmEdgeError
+from usfm_edge.core.preprocess import PreprocessSpec
+from usfm_edge.data.sources import label_fraction, label_names, load_records, patient_split
+from usfm_edge.train.config import Option, _deep_merge, _nest
+from usfm_edge.train.dist import cleanup, init_distributed
+from usfm_edge.train.engine import (JsonlLogger, TrainState, autocast_dtype, load_training_state, save_training_state,
+                                    set_rng_state, train_one_epoch)
+from usfm_edge.train.optim import cosine_lr, scaled_lr
+
+CHECKPOINT, BEST, LAST = "checkpoint.pt", "best.safetensors", "last.safetensors"
+PRIMARY = {"seg": "dice", "cls": "auc", "enhance": "psnr"}
+
+
+@dataclass
+class FinetuneConfig:
+    """A fine-tuning run (every field is a CLI flag; see ``finetune_options``).
+
+    Attributes:
+        task: ``seg``, ``cls`` or ``enhance``.
+        data: source specs (``busbra:PATH``, ``hc18:PATH``, ``folder:PATH``...); records are pooled.
+        init: starting weights (``USFM_latest.pth``, a pretraining ``encoder.safetensors``, a task checkpoint)
+            or ``none`` for random initialisation.
+        model: backbone preset (ignored when ``init`` is a task checkpoint of another preset: error).
+        head: ``auto`` or a head name (seg: ``upernet`` / ``light``).
+        img_size: model input side.
+        label_fraction: fraction of the training patients whose labels are used (1.0 = all).
+        val_fraction, split_seed: the patient-level held-out split (keep them fixed across runs).
+        epochs, batch_size, accum_steps: schedule; lr is per 256 images (scaled by the total batch / 256).
+        min_lr, warmup_epochs, weight_decay, layer_decay, clip_grad, drop_path: optimisation (USFM: lr decay
+            0.65, wd 0.05, clip 5, drop path 0.1).
+        label_smoothing: classification only (USFM: 0.1).
+        dice_weight: weight of the soft Dice term of the seg loss.
+        eval_every: epochs between validations (the last epoch is always validated); eval_limit caps the
+            number of validation frames (None = all).
+        seed, device, workers, amp, save_every, log_every, max_steps, time_limit_min: as in pretraining.
+    """
+
+    task: str = "seg"
+    data: list[str] = field(default_factory=list)
+    init: str = "none"
+    model: str = "usfm_vit_tiny_patch16_224"
+    head: str = "auto"
+    img_size: int = 224
+    label_fraction: float = 1.0
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    epochs: int = 30
+    batch_size: int = 16
+    accum_steps: int = 1
+    lr: float = 2e-3
+    min_lr: float = 1e-6
+    warmup_epochs: float = 2.0
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65
+    clip_grad: float = 5.0
+    drop_path: float = 0.1
+    label_smoothing: float = 0.1
+    dice_weight: float = 1.0
+    eval_every: int = 5
+    eval_limit: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0
+    amp: str = "auto"
+    save_every: int = 0
+    log_every: int = 10
+    max_steps: int | None = None
+    time_limit_min: float | None = None
+
+    def __post_init__(self):
+        if self.task not in PRIMARY:
+            raise ConfigError(f"task must be seg, cls or enhance, got {self.task!r}")
+        if not 0 < self.label_fraction <= 1:
+            raise ConfigError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.batch_size < 1 or self.epochs < 1 or self.accum_steps < 1:
+            raise ConfigError("batch_size, epochs and accum_steps must be >= 1")
+
+
+finetune_options: list[Option] = [
+    Option("--task", "task", str, "seg, cls or enhance"),
+    Option("--data", "data", list, "labelled source: busbra:PATH, hc18:PATH, folder:PATH ... (repeatable)"),
+    Option("--init", "init", str, "starting weights (USFM_latest.pth, encoder.safetensors, ...) or none"),
+    Option("--model", "model", str, "backbone preset"),
+    Option("--head", "head", str, "auto, upernet or light (seg), linear (cls), pixelshuffle (enhance)"),
+    Option("--img-size", "img_size", int, "model input side in pixels"),
+    Option("--label-fraction", "label_fraction", float, "fraction of training patients with labels"),
+    Option("--val-fraction", "val_fraction", float, "fraction of patients held out for validation"),
+    Option("--split-seed", "split_seed", int, "seed of the patient split and label subset"),
+    Option("--epochs", "epochs", int, "epochs"),
+    Option("--batch-size", "batch_size", int, "images per micro-batch per process"),
+    Option("--accum-steps", "accum_steps", int, "micro-batches per optimiser step"),
+    Option("--lr", "lr", float, "base learning rate per 256 images"),
+    Option("--min-lr", "min_lr", float, "final learning rate"),
+    Option("--warmup-epochs", "warmup_epochs", float, "linear warm-up in epochs"),
+    Option("--weight-decay", "weight_decay", float, "AdamW weight decay"),
+    Option("--layer-decay", "layer_decay", float, "layer-wise lr decay (1 = off)"),
+    Option("--clip-grad", "clip_grad", float, "max gradient norm (0 = off)"),
+    Option("--drop-path", "drop_path", float, "stochastic depth rate"),
+    Option("--label-smoothing", "label_smoothing", float, "classification label smoothing"),
+    Option("--eval-every", "eval_every", int, "epochs between validations"),
+    Option("--eval-limit", "eval_limit", int, "at most this many validation frames"),
+    Option("--seed", "seed", int, "random seed"),
+    Option("--device", "device", str, "auto, cpu or cuda"),
+    Option("--workers", "workers", int, "DataLoader workers per process"),
+    Option("--amp", "amp", str, "auto, bf16 or off"),
+    Option("--save-every", "save_every", int, "optimiser steps between training checkpoints"),
+    Option("--log-every", "log_every", int, "optimiser steps between log lines"),
+    Option("--max-steps", "max_steps", int, "stop after this many optimiser steps"),
+    Option("--time-limit-min", "time_limit_min", float, "stop cleanly after this many minutes"),
+]
+
+
+def load_finetune_config(config=None, overrides: dict[str, Any] | None = None) -> FinetuneConfig:
+    """Defaults < YAML (path or dict) < flag overrides (None / empty lists ignored)."""
+    base = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
+    flat = {k: v for k, v in (overrides or {}).items() if not (v is None or (isinstance(v, (list, tuple)) and not v))}
+    return from_dict(FinetuneConfig, _deep_merge(base, _nest(flat)))
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - mean soft Dice over the foreground classes (background excluded), computed over the batch."""
+    probs = logits.float().softmax(1)
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()
+    dims = (0, 2, 3)
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    return 1 - ((2 * inter + eps) / (denom + eps))[1:].mean()
+
+
+class TaskLoss(nn.Module):
+    """Wraps a TaskModel so that ``forward(x, y) -> (loss, output, parts)`` (the engine's contract)."""
+
+    def __init__(self, model: nn.Module, task: str, label_smoothing: float = 0.1, dice_weight: float = 1.0):
+        super().__init__()
+        self.model, self.task = model, task
+        self.label_smoothing, self.dice_weight = label_smoothing, dice_weight
+
+    def _seg(self, logits, y):
+        ce = F.cross_entropy(logits.float(), y)
+        dice = soft_dice_loss(logits, y)
+        return ce + self.dice_weight * dice, ce, dice
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        if self.task == "seg":
+            outs = self.model.forward_train(x)
+            loss, ce, dice = self._seg(outs["out"], y)
+            parts = {"ce": ce.detach(), "dice": dice.detach()}
+            if "aux" in outs:
+                aux, _, _ = self._seg(outs["aux"], y)
+                loss = loss + self.model.aux_weight * aux
+                parts["aux"] = aux.detach()
+            return loss, outs["out"], parts
+        out = self.model(x)
+        if self.task == "cls":
+            loss = F.cross_entropy(out.float(), y, label_smoothing=self.label_smoothing)
+            return loss, out, {"ce": loss.detach()}
+        loss = F.l1_loss(out.float(), y)
+        return loss, out, {"l1": loss.detach()}
+
+
+@dataclass
+class FinetuneResult:
+    best: Path
+    last: Path
+    metrics: dict
+    history: list
+
+
+def _splits(cfg: FinetuneConfig):
+    records = [r for spec in cfg.data for r in load_records(spec)]
+    if not records:
+        raise ConfigError("no data: pass --data SOURCE")
+    train, val = patient_split(records, val_fraction=cfg.val_fraction, seed=cfg.split_seed)
+    if cfg.label_fraction < 1.0:
+        train = label_fraction(train, cfg.label_fraction, seed=cfg.split_seed)
+    return records, train, val
+
+
+def _labels(cfg: FinetuneConfig, records) -> list[str] | None:
+    if cfg.task == "cls":
+        return label_names(records)
+    if cfg.task == "seg":
+        return ["background", records[0].organ if records[0].fill_outline else "lesion"]
+    return None
+
+
+def _evaluate(model, val, task: str, limit: int | None, device) -> dict:
+    from usfm_edge.evaluation.evaluate import TorchPredictor, evaluate_predictor
+
+    recs = val if not limit or len(val) <= limit else [val[i] for i in np.linspace(0, len(val) - 1, limit).astype(int)]
+    was = model.training
+    try:
+        return evaluate_predictor(TorchPredictor(model, device=str(device)), recs, task)
+    finally:
+        model.train(was)
+
+
+def fit_finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: str | Path | None = None,
+                 progress: bool = True) -> FinetuneResult:
+    """Fine-tune and validate; returns the best/last checkpoint paths and the last validation metrics."""
+    from usfm_edge.data.sampler import OrganBalancedSampler
+    from usfm_edge.models.tasks import build_task_model, param_groups_lrd, save_task_checkpoint
+    from usfm_edge.train.datasets import PositionedSampler
+    from usfm_edge.train.task_data import TaskDataset
+
+    info = init_distributed(cfg.device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        payload = None
+        if resume is not None:
+            resume = Path(resume)
+            resume = resume / CHECKPOINT if resume.is_dir() else resume
+            payload = load_training_state(resume)
+            saved = {k: v for k, v in payload["config"].items() if k not in ("epochs", "max_steps", "time_limit_min")}
+            now = {k: v for k, v in to_dict(cfg).items() if k in saved}
+            if saved != now:
+                diff = sorted(k for k in saved if saved[k] != now.get(k))
+                raise ConfigError(f"--resume: the config differs from the checkpoint's in {', '.join(diff)}", path=resume)
+        records, train, val = _splits(cfg)
+        labels = _labels(cfg, records)
+        torch.manual_seed(cfg.seed)
+        init = None if (payload is not None or cfg.init in ("", "none", None)) else cfg.init
+        model = build_task_model(cfg.task, backbone=cfg.model, labels=labels, head=cfg.head, img_size=cfg.img_size,
+                                 checkpoint=init, drop_path_rate=cfg.drop_path).to(info.device)
+        spec = PreprocessSpec(img_size=cfg.img_size)
+        dataset = TaskDataset(train, cfg.task, spec, train=True, seed=cfg.seed)
+        base = OrganBalancedSampler([r.organ for r in train], num_samples=len(train), seed=cfg.seed,
+                                    rank=info.rank, world_size=info.world_size)
+        sampler = PositionedSampler(base, info.rank, info.world_size)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                             num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed))
+        steps_per_epoch = len(base) // cfg.batch_size // cfg.accum_steps
+        if steps_per_epoch < 1:
+            raise ConfigError(f"{len(train)} training images per process are fewer than one optimiser step "
+                              f"({cfg.batch_size} x {cfg.accum_steps})", hint="lower --batch-size")
+        total_steps = cfg.epochs * steps_per_epoch
+        warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total_steps)
+        total_batch = cfg.batch_size * cfg.accum_steps * info.world_size
+        peak_lr = scaled_lr(cfg.lr, total_batch)
+        optimizer = torch.optim.AdamW(param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay), lr=peak_lr,
+                                      betas=(0.9, 0.999))
+        state, history, best_score = TrainState(), [], -float("inf")
+        if payload is not None:
+            model.load_state_dict(payload["model"])
+            optimizer.load_state_dict(payload["optimizer"])
+            state = TrainState(payload["step"], payload["epoch"], payload["position"])
+            if state.position >= steps_per_epoch * cfg.accum_steps:
+                state = TrainState(state.step, state.epoch + 1, 0)
+            history = json.loads(payload["extra"].get("history", "[]"))
+            best_score = float(payload["extra"].get("best_score", -float("inf")))
+            set_rng_state(payload["rng"])
+        else:
+            torch.manual_seed(cfg.seed + info.rank)
+        net: nn.Module = TaskLoss(model, cfg.task, cfg.label_smoothing, cfg.dice_weight)
+        if info.distributed:
+            net = nn.parallel.DistributedDataParallel(net, device_ids=[info.local_rank] if info.device.type == "cuda"
+                                                      else None)
+        amp = autocast_dtype(cfg.amp, info.device)
+        config_dict = to_dict(cfg)
+        extra_meta = {"preprocess": spec.to_dict(), "finetune": config_dict,
+                      "split": {"val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed,
+                                "train_images": len(train), "val_images": len(val),
+                                "train_patients": len({(r.organ, r.patient) for r in train})}}
+        logger = JsonlLogger(out / "log.jsonl", enabled=info.is_main)
+        if info.is_main:
+            import yaml
+
+            (out / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+            print(f"[finetune] {cfg.task}: {len(train)} training images ({extra_meta['split']['train_patients']} "
+                  f"patients, label fraction {cfg.label_fraction}), {len(val)} held out; init={cfg.init}; "
+                  f"{steps_per_epoch} steps/epoch x {cfg.epochs}, batch {total_batch}, peak lr {peak_lr:.3g}, "
+                  f"amp={amp or 'fp32'}" + (f"; resuming at step {state.step}" if payload else ""), file=sys.stderr)
+            if model.load_report is not None:
+                print(f"[finetune] init: {model.load_report.summary()}", file=sys.stderr)
+
+        def checkpoint(st: TrainState) -> None:
+            if info.is_main:
+                save_training_state(out / CHECKPOINT, model=model, optimizer=optimizer, state=st, config=config_dict,
+                                    extra={"history": json.dumps(history), "best_score": best_score})
+
+        last_step = min(total_steps, cfg.max_steps or total_steps)
+        bar = None
+        if progress and info.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=last_step, initial=min(state.step, last_step), unit="step", dynamic_ncols=True,
+                       file=sys.stderr)
+        start = time.time()
+        deadline = start + 60.0 * cfg.time_limit_min if cfg.time_limit_min else None
+        metrics: dict = {}
+        try:
+            while state.epoch < cfg.epochs and state.step < last_step:
+                sampler.set_epoch(state.epoch, state.position * cfg.batch_size)
+                stop = train_one_epoch(
+                    net, loader, optimizer, state=state, device=info.device,
+                    lr_at=lambda s: cosine_lr(s, total_steps, warmup, peak_lr, cfg.min_lr),
+                    steps_in_epoch=steps_per_epoch, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad,
+                    amp_dtype=amp, dist_info=info, images_per_step=total_batch, max_steps=last_step,
+                    deadline=deadline, log_every=cfg.log_every, logger=logger, save_every=cfg.save_every,
+                    checkpoint_fn=checkpoint, progress=bar, start_time=start)
+                finished_epoch = not stop
+                done = stop or state.epoch + 1 >= cfg.epochs or state.step >= last_step
+                if info.is_main and (done or (state.epoch + 1) % cfg.eval_every == 0):
+                    metrics = _evaluate(model, val, cfg.task, cfg.eval_limit, info.device)
+                    history.append({"epoch": state.epoch, "step": state.step, **metrics})
+                    logger.log(event="eval", epoch=state.epoch, step=state.step, **metrics)
+                    score = metrics[PRIMARY[cfg.task]]
+                    if score > best_score:
+                        best_score = score
+                        save_task_checkpoint(model, out / BEST, extra={**extra_meta, "metrics": metrics,
+                                                                       "epoch": state.epoch, "step": state.step})
+                    if bar is not None:
+                        bar.write(f"[finetune] epoch {state.epoch}: " + ", ".join(
+                            f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+                if finished_epoch:
+                    state.epoch, state.position = state.epoch + 1, 0
+                if stop:
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        if info.is_main:
+            checkpoint(state)
+            save_task_checkpoint(model, out / LAST, extra={**extra_meta, "metrics": metrics, "step": state.step})
+            (out / "metrics.json").write_text(json.dumps({"last": metrics, "best_score": best_score,
+                                                          "primary": PRIMARY[cfg.task], "history": history}, indent=2))
+        if info.distributed:
+            torch.distributed.barrier()
+        return FinetuneResult(out / BEST, out / LAST, metrics, history)
+    finally:
+        cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """argparse entry point (``python -m usfm_edge.train.finetune``; torchrun-friendly)."""
+    p = argparse.ArgumentParser(prog="python -m usfm_edge.train.finetune", description=__doc__.splitlines()[0])
+    p.add_argument("--config")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", nargs="?", const="auto")
+    for opt in finetune_options:
+        if opt.type is list:
+            p.add_argument(opt.flag, dest=opt.field, action="append", help=opt.help)
+        else:
+            p.add_argument(opt.flag, dest=opt.field, type=opt.type, help=opt.help)
+    args = p.parse_args(argv)
+    try:
+        cfg = load_finetune_config(args.config, {o.field: getattr(args, o.field) for o in finetune_options})
+        resume = (args.out if args.resume == "auto" else args.resume) if args.resume else None
+        res = fit_finetune(cfg, args.out, resume)
+    except UsfmEdgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps(res.metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
