@@ -1,1 +1,27 @@
+"""Training: typed configs, DDP via torchrun, optimiser and schedule, one engine, pretraining (dual MIM).
 
+Public entry points are imported lazily so that ``import usfm_edge.train.losses`` (used by the models) stays
+cheap and free of import cycles.
+"""
+
+from __future__ import annotations
+
+_LAZY = {
+    "PretrainConfig": "usfm_edge.train.config",
+    "pretrain_options": "usfm_edge.train.config",
+    "load_pretrain_config": "usfm_edge.train.config",
+    "run_pretrain": "usfm_edge.train.pretrain",
+    "train_one_epoch": "usfm_edge.train.engine",
+    "init_distributed": "usfm_edge.train.dist",
+    "DistInfo": "usfm_edge.train.dist",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'usfm_edge.train' has no attribute {name!r}")

@@ -38,8 +38,15 @@ from usfm_edge.core.preprocess import PreprocessSpec
 from usfm_edge.data.sources import label_fraction, label_names, load_records, patient_split
 from usfm_edge.train.config import Option, _deep_merge, _nest
 from usfm_edge.train.dist import cleanup, init_distributed
-from usfm_edge.train.engine import (JsonlLogger, TrainState, autocast_dtype, load_training_state, save_training_state,
-                                    set_rng_state, train_one_epoch)
+from usfm_edge.train.engine import (
+    JsonlLogger,
+    TrainState,
+    autocast_dtype,
+    load_training_state,
+    save_training_state,
+    set_rng_state,
+    train_one_epoch,
+)
 from usfm_edge.train.optim import cosine_lr, scaled_lr
 
 CHECKPOINT, BEST, LAST = "checkpoint.pt", "best.safetensors", "last.safetensors"

@@ -94,9 +94,9 @@ class TaskDataset(Dataset):
         box, flip = (0, 0, h, w), False
         if self.train:
             box, flip = random_crop_box(h, w, rng, self.scale), bool(rng.random() < 0.5)
-        t, l, ch, cw = box
+        top, left, ch, cw = box
         s = self.spec.img_size
-        img = resize_gray(frame[t:t + ch, l:l + cw], (s, s), self.spec.interpolation, self.spec.antialias) / 255.0
+        img = resize_gray(frame[top:top + ch, left:left + cw], (s, s), self.spec.interpolation, self.spec.antialias) / 255.0
         img = np.clip(img, 0.0, 1.0)
         if flip:
             img = img[:, ::-1]
@@ -105,7 +105,7 @@ class TaskDataset(Dataset):
             img = np.clip(gain * img ** gamma, 0.0, 1.0)
         img = np.ascontiguousarray(img, dtype=np.float32)
         if self.task == "seg":
-            m = _nearest(self._mask(index)[t:t + ch, l:l + cw], (s, s))
+            m = _nearest(self._mask(index)[top:top + ch, left:left + cw], (s, s))
             m = m[:, ::-1] if flip else m
             return torch.from_numpy(self._normalise(img)), torch.from_numpy(np.ascontiguousarray(m).astype(np.int64))
         if self.task == "cls":
