@@ -354,5 +354,103 @@ def evaluate(source, data, split, val_fraction, split_seed, limit, backend, devi
         click.echo(f"wrote {json_out}")
 
 
+# ------------------------------------------------------------------------------------------ export
+def _target_names() -> list[str]:
+    from usfm_edge.export.targets import list_targets
+
+    return list_targets()
+
+
+def _parse_hw(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        h, w = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected HxW such as 540x800, got {value!r}") from None
+    return h, w
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--target", "-t", required=True, help="onnx, openvino (intel-cpu, intel-gpu), jetson (jetson-orin), tensorrt")
+@click.option("--precision", "-p", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="default: the target's (fp32 for onnx/openvino, fp16 for jetson/tensorrt)")
+@click.option("--calib", "calib", multiple=True, help="INT8 calibration source(s): busbra:PATH, folder:PATH, ...")
+@click.option("--max-drop", type=float, default=None, help="INT8: largest allowed task-metric drop vs fp32")
+@click.option("--img-size", type=int, default=None, help="model input size (backbone-only checkpoints)")
+@click.option("--task", type=click.Choice(["seg", "cls", "enhance", "features"]), default=None,
+              help="expected task (a backbone-only checkpoint exports as features)")
+@click.option("--frame-size", callback=_parse_hw, default=None,
+              help="HxW of the scanner's frames, for static-shape targets (jetson, tensorrt)")
+@click.option("--band-stop", is_flag=True, help="add the band-stop frequency filter (DFT as MatMul) to the graph")
+@click.option("--bare", is_flag=True, help="export the plain model on normalised (B, 3, S, S) input")
+@click.option("--verify-data", default=None, help="data source whose frames the parity gate uses (default: bundled sample)")
+@click.option("--dla-core", type=int, default=None, help="TensorRT DLA core (Jetson Orin)")
+@click.option("--workspace-gb", type=float, default=4.0, show_default=True, help="TensorRT builder workspace")
+@click.option("--force", is_flag=True, help="keep the bundle even if the parity/accuracy gate fails")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="bundle folder (default: NAME-TARGET-PRECISION.usfm)")
+@_handle_errors
+def export(checkpoint, target, precision, calib, max_drop, img_size, task, frame_size, band_stop, bare, verify_data,
+           dla_core, workspace_gb, force, out):
+    """Export a checkpoint to a verified bundle (model files, usfm.json, SHA256SUMS) for one target.
+
+    \b
+    The graph takes raw uint8 frames and does resize, normalisation and post-processing inside, so scanner
+    software can feed frames straight to ONNX Runtime, OpenVINO or TensorRT.
+    \b
+    Examples:
+      usfm-edge export runs/busbra_seg/best.safetensors --target openvino
+      usfm-edge export runs/busbra_seg/best.safetensors --target jetson --frame-size 540x800
+      usfm-edge export runs/busbra_seg/best.safetensors --target openvino -p int8 --calib busbra:PATH
+    """
+    from usfm_edge.core.errors import ConfigError
+    from usfm_edge.export import export as run_export
+    from usfm_edge.export.targets import check_precision, get_target
+
+    try:
+        tgt = get_target(target)
+        prec = check_precision(tgt, precision)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--target/--precision") from None
+    if prec != "int8" and calib:
+        raise click.BadParameter("--calib is only used with --precision int8", param_hint="--calib")
+    frames = None
+    if verify_data:
+        from usfm_edge.data.sources import load_records
+
+        frames = [r.image for r in load_records(verify_data)[:8]]
+    kwargs = dict(target=target, precision=prec, out=out, task=task, img_size=img_size, band_stop=band_stop,
+                  bare=bare, frame_size=frame_size, verify_frames=frames, force=force, dla_core=dla_core,
+                  workspace_gb=workspace_gb)
+    if prec == "int8":
+        if not calib:
+            raise click.BadParameter("INT8 needs a real ultrasound calibration set: pass --calib SOURCE",
+                                     param_hint="--calib")
+        from usfm_edge.calibration import make_quantizer
+
+        kwargs["quantizer"] = make_quantizer(list(calib), max_drop=max_drop, force=force)
+    path = run_export(checkpoint, **kwargs)
+    _print_bundle(path)
+
+
+def _print_bundle(path: Path) -> None:
+    import json
+
+    meta = json.loads((path / "usfm.json").read_text())
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
+    parity = meta.get("parity") or {}
+    click.echo(f"bundle  {path}  ({size:.1f} MB)")
+    click.echo(f"  task {meta['task']}  target {meta['target']}  backend {meta['backend']}  precision {meta['precision']}")
+    click.echo(f"  parity vs PyTorch on {parity.get('frames', '?')} real frames via {parity.get('backend', '?')}: "
+               f"{'passed' if parity.get('passed') else 'FAILED'}")
+    for name, o in (parity.get("outputs") or {}).items():
+        stats = ", ".join(f"{k} {o[k]:.6g}" for k in ("cosine", "max_abs", "dice") if o.get(k) is not None)
+        click.echo(f"    {name}: {stats}")
+    for name in sorted(p.name for p in path.iterdir()):
+        click.echo(f"  {name}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
