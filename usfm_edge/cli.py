@@ -452,5 +452,62 @@ def _print_bundle(path: Path) -> None:
         click.echo(f"  {name}")
 
 
+# ------------------------------------------------------------------------------------------- bench
+@main.command(context_settings=CONTEXT)
+@click.argument("bundles", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--torch", "torch_ckpt", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="task checkpoint run in PyTorch fp32 in the same run (the reference of the ratios)")
+@click.option("--data", default=None, help="frames and task metric from this source (default: bundled BUS-BRA sample)")
+@click.option("--batch", default="1", show_default=True, help="comma-separated batch sizes, e.g. 1,8")
+@click.option("--threads", default=2, show_default=True, help="intra-op threads of every backend")
+@click.option("--runs", default=30, show_default=True, help="timed runs per variant and batch size")
+@click.option("--eval-frames", default=16, show_default=True, help="held-out frames for the task metric (0 = skip)")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda (ORT CUDA/TensorRT, PyTorch), GPU/NPU (OpenVINO)")
+@click.option("--torch-bf16", is_flag=True, help="also time PyTorch in bf16")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--md", "md_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--plot", "png_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@_handle_errors
+def bench(bundles, torch_ckpt, data, batch, threads, runs, eval_frames, device, torch_bf16, json_out, md_out, png_out):
+    """Latency (p50/p90/p99), throughput, memory, size and task metric of bundles vs PyTorch fp32, side by side.
+
+    \b
+    Example:
+      usfm-edge bench out/seg-onnx-fp32.usfm out/seg-openvino-int8.usfm --torch seg.safetensors --batch 1,8
+    """
+    import shlex
+
+    from usfm_edge.bench.latency import run_bench
+    from usfm_edge.bench.report import markdown, write_all
+    from usfm_edge.core.errors import ConfigError
+
+    try:
+        batches = tuple(int(b) for b in batch.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {batch!r}", param_hint="--batch") from None
+
+    def progress(it, label):
+        return click.progressbar(it, label=label, file=sys.stderr)
+
+    if not bundles and torch_ckpt is None:
+        raise ConfigError("nothing to benchmark: give bundle folders and/or --torch CKPT")
+    result = run_bench(list(bundles), torch_ckpt, data, batches, threads, runs, eval_frames=eval_frames,
+                       device=device, torch_bf16=torch_bf16, progress=_bar_ctx(progress))
+    command = "usfm-edge bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    click.echo(markdown(result, command))
+    for p in write_all(result, json_out, md_out, png_out, command):
+        click.echo(f"wrote {p}")
+
+
+def _bar_ctx(make):
+    """Adapt click's progressbar context manager to a plain iterator wrapper."""
+
+    def wrap(it, label):
+        with make(it, label) as bar:
+            yield from bar
+
+    return wrap
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,80 @@
+"""Render benchmark results: a Markdown table, JSON, and a latency-vs-accuracy PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from usfm_edge.core.io import atomic_write_json, atomic_write_text
+
+
+def markdown(result: dict, command: str | None = None) -> str:
+    """The results as a Markdown table (one row per variant and batch) with the machine and settings."""
+    m, s = result["machine"], result["settings"]
+    lines = []
+    if command:
+        lines.append(f"Command: `{command}`\n")
+    lines.append(f"Machine: {m['cpu']} ({m['cores']} cores, {', '.join(m['isa']) or 'no AVX'}), "
+                 f"{', '.join(m['gpus']) or 'no GPU'}; threads {s['threads']}, {s['runs']} timed runs after "
+                 f"{s['warmup']} warm-up, interleaved; device {s['device']}.\n")
+    lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + "\n")
+    lines.append("| variant | backend | precision | batch | p50 ms | p90 ms | p99 ms | frames/s | speed-up vs PyTorch fp32 "
+                 "| size MB | RSS MB | task metric |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        ratio = f"{r['ratio_vs_torch']:.2f}x" if r["ratio_vs_torch"] else "-"
+        metric = f"{r['metric']} {r['metric_value']:.4f}" if r.get("metric_value") is not None else "-"
+        size = f"{r['size_mb']:.1f}" if r["size_mb"] is not None else "-"
+        lines.append(f"| {r['name']} | {r['backend']} | {r['precision']} | {r['batch']} | {r['p50_ms']:.1f} | "
+                     f"{r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['fps']:.1f} | {ratio} | {size} | "
+                     f"{r['rss_mb']:.0f} | {metric} |")
+    for sk in result.get("skipped", []):
+        lines.append(f"\nSkipped {sk['bundle']}: {sk['reason']}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str | Path, title: str = "usfm-edge: latency vs accuracy") -> Path | None:
+    """Scatter of p50 latency (batch 1) against the task metric, one labelled point per variant."""
+    rows = [r for r in result["rows"] if r["batch"] == min(x["batch"] for x in result["rows"])]
+    rows = [r for r in rows if r.get("metric_value") is not None]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for r in rows:
+        ax.scatter(r["p50_ms"], r["metric_value"], s=40)
+        ax.annotate(f"{r['backend']} {r['precision']}", (r["p50_ms"], r["metric_value"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("p50 latency per frame, ms (raw frame in, result out)")
+    ax.set_ylabel(rows[0]["metric"])
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_all(result: dict, json_path=None, md_path=None, png_path=None, command: str | None = None) -> list[Path]:
+    out = []
+    if json_path:
+        out.append(atomic_write_json(json_path, {**result, "command": command}))
+    if md_path:
+        out.append(atomic_write_text(md_path, markdown(result, command)))
+    if png_path:
+        p = plot(result, png_path)
+        if p:
+            out.append(p)
+    return out
+
+
+def load(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
