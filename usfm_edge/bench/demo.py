@@ -1,0 +1,92 @@
+"""``usfm-edge demo``: the whole pipeline on the bundled real sample, in a few minutes on 2 CPU cores.
+
+1. the bundled demo checkpoints (tiny USFM backbones fine-tuned on BUS-BRA lesions and HC18 fetal heads,
+   fp16 safetensors in ``usfm_edge/assets/checkpoints``; the README says how they were made);
+2. export the BUS-BRA model to ONNX Runtime and OpenVINO (fp32), to the Jetson target (TensorRT-ready ONNX
+   and its ``build_engine.sh``), and to INT8 (OpenVINO + NNCF, ONNX Runtime Q/DQ) calibrated on the bundled
+   real frames behind the accuracy gate; the HC18 model to OpenVINO INT8;
+3. predict the sample frames with the bundles (overlay PNGs, results.json/csv, head circumference in mm);
+4. benchmark every bundle against PyTorch fp32 in one interleaved run and print the table.
+
+Every output path is printed at the end.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+DEMO_CHECKPOINTS = {"busbra": "busbra_seg_tiny.safetensors", "hc18": "hc18_seg_tiny.safetensors"}
+
+
+def checkpoints_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / "assets" / "checkpoints"
+
+
+def _say(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_demo(out: str | Path = "demo_out", runs: int = 20, int8: bool = True) -> dict:
+    """Run the demo; returns {"bundles": [...], "predictions": [...], "bench": {...}, "outputs": [...]}."""
+    from usfm_edge.core.errors import ConfigError
+    from usfm_edge.data import sample_dir
+    from usfm_edge.export import export
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ck = {k: checkpoints_dir() / v for k, v in DEMO_CHECKPOINTS.items()}
+    missing = [str(p) for p in ck.values() if not p.is_file()]
+    if missing:
+        raise ConfigError(f"demo checkpoints missing: {', '.join(missing)}")
+    sample = sample_dir()
+    busbra, hc18 = f"busbra:{sample / 'busbra'}", f"hc18:{sample / 'hc18'}"
+    t_start = time.time()
+    outputs: list[Path] = []
+    bundles: dict[str, Path] = {}
+    jobs = [("busbra-onnx-fp32", ck["busbra"], "onnx", "fp32", None),
+            ("busbra-openvino-fp32", ck["busbra"], "openvino", "fp32", None),
+            ("busbra-jetson-fp16", ck["busbra"], "jetson", "fp16", None)]
+    if int8:
+        jobs += [("busbra-openvino-int8", ck["busbra"], "openvino", "int8", busbra),
+                 ("busbra-onnx-int8", ck["busbra"], "onnx", "int8", busbra),
+                 ("hc18-openvino-int8", ck["hc18"], "openvino", "int8", hc18)]
+    for i, (name, ckpt, target, precision, calib) in enumerate(jobs, 1):
+        _say(f"export {i}/{len(jobs)}: {name} ...")
+        kw = {}
+        if calib:
+            from usfm_edge.calibration import make_quantizer
+
+            # the bundled sample is small (22 BUS-BRA / 17 HC18 frames): accept it, with the warning it earns
+            kw["quantizer"] = make_quantizer([calib], n=300, min_frames=8, seed=0)
+        path = export(ckpt, target=target, precision=precision, out=out / f"{name}.usfm", **kw)
+        bundles[name] = path
+        outputs.append(path)
+    _say("predict the sample frames ...")
+    from usfm_edge.runtime.predict_cli import run_predict
+
+    preds = []
+    for name, frames in (("busbra-openvino-fp32", sample / "busbra" / "Images"),
+                         ("hc18-openvino-int8" if int8 else None, sample / "hc18" / "training_set")):
+        if name is None or name not in bundles:
+            continue
+        files = sorted(p for p in frames.glob("*.png") if "Annotation" not in p.name)[:6]
+        pred_dir = out / f"predict-{name}"
+        res = run_predict(bundles[name], files, pred_dir, pixel_spacing=None, progress=False)
+        preds.append({"bundle": name, "out": str(pred_dir), "frames": len(res.get("records", res.get("frames", [])))})
+        outputs.append(pred_dir)
+    _say(f"benchmark {len([b for b in bundles if b.startswith('busbra')])} bundles against PyTorch fp32 ...")
+    from usfm_edge.bench.latency import run_bench
+    from usfm_edge.bench.report import markdown, write_all
+
+    result = run_bench([p for n, p in bundles.items() if n.startswith("busbra")], ck["busbra"], data=busbra,
+                       batches=(1,), threads=2, runs=runs, warmup=3, eval_frames=8)
+    command = "usfm-edge demo"
+    outputs += write_all(result, out / "bench.json", out / "bench.md", out / "bench.png", command)
+    print(markdown(result, command))
+    _say(f"done in {time.time() - t_start:.0f} s; outputs:")
+    for p in outputs:
+        print(f"  {p}")
+    return {"bundles": {k: str(v) for k, v in bundles.items()}, "predictions": preds, "bench": result,
+            "outputs": [str(p) for p in outputs]}
