@@ -1,0 +1,329 @@
+"""Benchmark the band-stop kernels: batched torch vs a numpy loop, and the in-graph forms in ORT/OpenVINO.
+
+(a) 64 real ultrasound frames of 224x224, one random ring mask per frame: torch.fft and the MatMul form
+    (batched) vs a per-image numpy loop. Goal: torch >= 5x faster than the numpy loop.
+(b) one 224x224 frame (and batch 8) inside ONNX Runtime and OpenVINO (f32): our MatMul graph
+    (``BandStopMatMul``: 4 MatMuls + Mul, pruned, and unpruned), the 12-MatMul complex half-spectrum form
+    of perf-baseline.md §6, and the DFT-op graph (torch.fft exported by the dynamo exporter at opset 20).
+    Goal: MatMul >= 10x faster than the DFT op; the DFT-op graph's error in OpenVINO is reported.
+
+Each runtime is measured in its own subprocess (OpenVINO's and torch's idle worker threads slow the
+others down when they share a process); inside a process the variants are interleaved round-robin
+with a rotating order, after a warm-up, and the median is reported.
+
+Usage:
+    python benchmarks/bench_kernels.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from usfm_edge.kernels import BandStopMaskGenerator, band_stop_filter_np  # noqa: E402
+
+IMAGE_DIRS = [
+    Path("/work/shared/data/busbra/Images"),
+    Path("/work/shared/data/hc18/training_set"),
+    ROOT / "usfm_edge/assets/sample/busbra/Images",
+    ROOT / "usfm_edge/assets/sample/hc18/training_set",
+]
+
+
+def load_frames(n: int, size: int = 224) -> tuple[np.ndarray, str]:
+    """``n`` real grey frames (float32 in [0, 1], ``(n, size, size)``), alternating breast and fetal head."""
+    from PIL import Image
+
+    per_dir = [[p for p in sorted(d.glob("*.png")) if "Annotation" not in p.name] for d in IMAGE_DIRS if d.is_dir()]
+    per_dir = [p for p in per_dir if p]
+    if not per_dir:
+        raise SystemExit(f"no ultrasound PNGs in {IMAGE_DIRS}")
+    paths = [per_dir[i % len(per_dir)][(i // len(per_dir)) % len(per_dir[i % len(per_dir)])] for i in range(n)]
+    frames = [np.asarray(Image.open(p).convert("L").resize((size, size), Image.BILINEAR), np.float32) / 255 for p in paths]
+    return np.stack(frames), f"{len(set(paths))} distinct PNGs from {sorted({str(p.parent) for p in paths})}"
+
+
+def interleave(fns: dict, runs: int, warmup: int) -> dict[str, list[float]]:
+    """Time each callable ``runs`` times, round-robin with a rotating start, after ``warmup`` calls each."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(runs):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def summary(times: list[float], per: int) -> dict:
+    t = np.asarray(times) * 1e3
+    return {"median_ms": float(np.median(t)), "p10_ms": float(np.percentile(t, 10)),
+            "p90_ms": float(np.percentile(t, 90)), "per_image_ms": float(np.median(t)) / per, "runs": len(t)}
+
+
+# ----------------------------------------------------------------------------- workers (own process each)
+
+
+def worker_torch(cfg: dict) -> dict:
+    import torch
+
+    from usfm_edge.kernels import band_stop_filter
+
+    torch.set_num_threads(cfg["threads"])
+    x = np.load(cfg["frames"])
+    masks = np.load(cfg["masks"])
+    xt, mt = torch.from_numpy(x[:, None]), torch.from_numpy(masks[:, None])
+    half = masks[:, :, : x.shape[-1] // 2 + 1]
+
+    def numpy_loop():
+        return [band_stop_filter_np(x[i], masks[i]) for i in range(len(x))]
+
+    def numpy_rfft_loop():
+        return [np.fft.irfft2(np.fft.rfft2(x[i]) * half[i], s=x.shape[-2:]) for i in range(len(x))]
+
+    fns = {
+        "numpy loop (reference: fft2/ifft2, float64)": numpy_loop,
+        "numpy loop (rfft2/irfft2, half mask)": numpy_rfft_loop,
+        "torch fft (batched rfft2, fp32)": lambda: band_stop_filter(xt, mt, impl="fft", symmetric=True),
+        "torch matmul (batched, fp32)": lambda: band_stop_filter(xt, mt, impl="matmul"),
+    }
+    ref = np.stack(numpy_loop())
+    errors = {k: float(np.abs(np.asarray(fn()).reshape(ref.shape) - ref).max()) for k, fn in fns.items()}
+    with torch.no_grad():
+        times = interleave(fns, cfg["runs"], cfg["warmup"])
+    return {k: {**summary(v, len(x)), "max_abs_err": errors[k]} for k, v in times.items()}
+
+
+def _runtime_fns(cfg: dict, which: str, x: np.ndarray) -> dict:
+    fns = {}
+    if which == "ort":
+        import onnxruntime as ort
+
+        for name, path in cfg["models"].items():
+            so = ort.SessionOptions()
+            so.intra_op_num_threads, so.inter_op_num_threads = cfg["threads"], 1
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # spinning collapses on a busy CPU
+            sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            fns[name] = lambda s=sess: s.run(None, {"x": x})[0]
+    else:
+        import openvino as ov
+
+        core = ov.Core()
+        props = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": cfg["threads"], "PERFORMANCE_HINT": "LATENCY"}
+        for name, path in cfg["models"].items():
+            compiled = core.compile_model(core.read_model(path), "CPU", props)
+            request = compiled.create_infer_request()
+            fns[name] = lambda r=request: r.infer({0: x})[0].copy()
+    return fns
+
+
+def worker_runtime(cfg: dict, which: str) -> dict:
+    frames = np.load(cfg["frames"])
+    mask = np.load(cfg["masks"])[0]
+    out = {}
+    for batch in cfg["batches"]:
+        x = np.ascontiguousarray(frames[:batch, None])
+        ref = band_stop_filter_np(x.astype(np.float64), mask)
+        fns, errors, failed = _runtime_fns(cfg, which, x), {}, {}
+        for k in cfg.get("skip", {}).get(f"{which}/{batch}", []):
+            del fns[k]
+            failed[k] = {"skipped": "not timed at this batch (seconds per call); see batch 1"}
+        for k, fn in list(fns.items()):
+            try:
+                errors[k] = float(np.abs(fn() - ref).max())
+            except Exception as exc:  # noqa: BLE001 - a runtime that cannot run a graph is a result
+                failed[k] = {"error": str(exc).strip().splitlines()[-1][:200]}
+                del fns[k]
+        times = interleave(fns, cfg["runs"], cfg["warmup"])
+        out[str(batch)] = {**{k: {**summary(v, batch), "max_abs_err": errors[k]} for k, v in times.items()}, **failed}
+    return out
+
+
+# ----------------------------------------------------------------------------- model export (main process)
+
+
+def export_models(mask: np.ndarray, folder: Path) -> tuple[dict, dict]:
+    """Write the ONNX graphs compared in (b); returns ``({name: path}, {name: description})``."""
+    import onnx
+    import torch
+    from torch import nn
+
+    from usfm_edge.kernels.dft_matmul import BandStopMatMul, export_band_stop_onnx
+
+    h, w = mask.shape
+
+    class FFTBandStop(nn.Module):  # torch.fft form: the dynamo exporter emits ONNX DFT ops
+        # FFT over (N, H, W): with (N, 1, H, W) OpenVINO's RDFT refuses to run ("Signal size greater
+        # than input size"); with 3-D it runs, like perf-baseline.md §6, and gives wrong output.
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("half_mask", torch.as_tensor(mask[:, : w // 2 + 1], dtype=torch.float32))
+
+        def forward(self, x):
+            return torch.fft.irfft2(torch.fft.rfft2(x[:, 0]) * self.half_mask, s=(h, w))[:, None]
+
+    class TwelveMatMul(nn.Module):  # perf-baseline.md §6: complex half spectrum as 12 real MatMuls
+        def __init__(self):
+            super().__init__()
+            ih, iw, kw = np.arange(h), np.arange(w), np.arange(w // 2 + 1)
+            ah = 2 * np.pi * (np.outer(ih, ih) % h) / h
+            aw = 2 * np.pi * (np.outer(iw, kw) % w) / w
+            wgt = np.where((kw == 0) | (2 * kw == w), 1.0, 2.0)
+            for name, v in {"cw": np.cos(aw), "sw": -np.sin(aw), "ch": np.cos(ah), "sh": np.sin(ah),
+                            "icw": (np.cos(aw) * wgt).T / (h * w), "isw": (np.sin(aw) * wgt).T / (h * w),
+                            "m": mask[:, : w // 2 + 1]}.items():
+                self.register_buffer(name, torch.as_tensor(v, dtype=torch.float32))
+
+        def forward(self, x):
+            ar, ai = x @ self.cw, x @ self.sw
+            yr, yi = (self.ch @ ar + self.sh @ ai) * self.m, (self.ch @ ai - self.sh @ ar) * self.m
+            return (self.ch @ yr - self.sh @ yi) @ self.icw - (self.ch @ yi + self.sh @ yr) @ self.isw
+
+    paths, notes = {}, {}
+    pruned = BandStopMatMul(mask)
+    for name, prune in (("matmul (ours, 4 MatMul, pruned)", True), ("matmul (ours, 4 MatMul, no pruning)", False)):
+        paths[name] = str(export_band_stop_onnx(mask, folder / f"mm_{prune}.onnx", prune=prune))
+    notes["matmul (ours, 4 MatMul, pruned)"] = f"active quadrant {pruned.active}, complement={pruned.complement}"
+    dummy = torch.zeros(2, 1, h, w)
+    dyn = {"x": {0: "batch"}, "y": {0: "batch"}}
+    name = "matmul (12 MatMul baseline form)"
+    paths[name] = str(folder / "mm12.onnx")
+    torch.onnx.export(TwelveMatMul(), (dummy,), paths[name], input_names=["x"], output_names=["y"],
+                      opset_version=17, dynamo=False, dynamic_axes=dyn)
+    name = "DFT op (torch.fft, dynamo, opset 20)"
+    paths[name] = str(folder / "dft20.onnx")
+    torch.onnx.export(FFTBandStop(), (dummy,), paths[name], input_names=["x"], output_names=["y"], opset_version=20,
+                      dynamo=True, external_data=False, dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    for name, path in paths.items():
+        ops = sorted({n.op_type for n in onnx.load(path).graph.node})
+        notes[name] = "; ".join(filter(None, [notes.get(name), "ops: " + ", ".join(ops)]))
+    return paths, notes
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def machine_info() -> dict:
+    import onnx
+    import onnxruntime
+    import openvino
+    import torch
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "logical_cpus": len([ln for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                                             if ln.startswith("processor")]),
+            "python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__}
+
+
+def _ratio(base: dict, v: dict) -> str:
+    """Speed-up of ``v`` over ``base`` per image: medians, and p10s (the least disturbed runs)."""
+    if "median_ms" not in base:
+        return "n/a"
+    per_b, per_v = base["median_ms"] / base["per_image_ms"], v["median_ms"] / v["per_image_ms"]
+    return (f"{base['median_ms'] / per_b / (v['median_ms'] / per_v):.1f}x "
+            f"({base['p10_ms'] / per_b / (v['p10_ms'] / per_v):.1f}x)")
+
+
+def render(res: dict) -> str:
+    lines = ["# Band-stop kernels benchmark", "", f"Command: `{res['command']}`", "",
+             "Machine: " + ", ".join(f"{k} {v}" for k, v in res["machine"].items()), "",
+             f"Frames: {res['frames']}. Threads: {res['threads']}; {res['runs']} timed runs after {res['warmup']} "
+             "warm-up calls, variants interleaved; times are medians (p10-p90 in brackets). Load average "
+             f"(1, 5, 15 min) at start {res['load_average_start']}, at end {res['load_average_end']} "
+             "(2 CPUs shared with other work: compare ratios, not absolute times).", "",
+             f"## (a) {res['batch']} frames of 224x224, one random ring mask each", "",
+             "| variant | median ms / batch | ms / image | speed-up vs numpy reference loop, median (p10) "
+             "| vs numpy rfft loop, median (p10) | max abs err |",
+             "|---|---|---|---|---|---|"]
+    a = res["torch"]
+    base, base_r = (a[k] for k in list(a)[:2])
+    for k, v in a.items():
+        lines.append(f"| {k} | {v['median_ms']:.2f} ({v['p10_ms']:.2f}-{v['p90_ms']:.2f}) | {v['per_image_ms']:.3f} | "
+                     f"{_ratio(base, v)} | {_ratio(base_r, v)} | {v['max_abs_err']:.1e} |")
+    lines += ["", "## (b) in-graph band-stop, ONNX Runtime and OpenVINO (f32), ms per image", "",
+              "| runtime | batch | variant | median ms / image (p10-p90) | speed-up vs DFT op, median (p10) | max abs err |",
+              "|---|---|---|---|---|---|"]
+    dft = "DFT op (torch.fft, dynamo, opset 20)"
+    for rt in ("ort", "ov"):
+        label = {"ort": "ONNX Runtime", "ov": "OpenVINO"}[rt]
+        for batch, rows in res[rt].items():
+            ref, star = rows.get(dft, {}), ""
+            if "median_ms" not in ref:
+                ref, star = res[rt]["1"].get(dft, {}), " (vs batch 1)"
+            for k, v in rows.items():
+                if "median_ms" not in v:
+                    lines.append(f"| {label} | {batch} | {k} | {v.get('error') or v.get('skipped')} | | |")
+                    continue
+                lines.append(f"| {label} | {batch} | {k} | "
+                             f"{v['per_image_ms']:.3f} ({v['p10_ms'] / int(batch):.3f}-{v['p90_ms'] / int(batch):.3f}) | "
+                             f"{_ratio(ref, v)}{star} | {v['max_abs_err']:.1e} |")
+    lines += ["", "Graphs:", ""] + [f"- {k}: {v}" for k, v in res["graph_notes"].items()]
+    lines += ["", "Max abs err is against the float64 numpy reference on images in [0, 1]."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for kernels.md/.json")
+    ap.add_argument("--runs", type=int, default=30, help="timed runs per variant (>= 20)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64, help="frames in part (a)")
+    ap.add_argument("--worker", choices=["torch", "ort", "ov"], help=argparse.SUPPRESS)
+    ap.add_argument("--config", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        cfg = json.loads(args.config.read_text())
+        result = worker_torch(cfg) if args.worker == "torch" else worker_runtime(cfg, args.worker)
+        Path(cfg["result"]).write_text(json.dumps(result))
+        return
+
+    frames, source = load_frames(args.batch)
+    gen = BandStopMaskGenerator(224)
+    rng = np.random.default_rng(0)
+    masks = np.stack([gen(rng) for _ in range(args.batch)])
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        np.save(tmp / "frames.npy", frames)
+        np.save(tmp / "masks.npy", masks)
+        models, notes = export_models(masks[0], tmp)
+        res = {"command": "python benchmarks/bench_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "machine": machine_info(), "frames": source, "threads": args.threads, "runs": args.runs,
+               "warmup": args.warmup, "batch": args.batch, "mask_rings_dropped_b": gen.draw(np.random.default_rng(0)).tolist(),
+               "graph_notes": notes, "load_average_start": os.getloadavg()}
+        for which in ("torch", "ort", "ov"):
+            cfg = {"frames": str(tmp / "frames.npy"), "masks": str(tmp / "masks.npy"), "models": models,
+                   "threads": args.threads, "runs": args.runs, "warmup": args.warmup, "batches": [1, 8],
+                   "result": str(tmp / f"{which}.json"),
+                   "skip": {"ov/8": ["DFT op (torch.fft, dynamo, opset 20)"]}}
+            (tmp / f"{which}.cfg.json").write_text(json.dumps(cfg))
+            print(f"[bench_kernels] measuring {which} ...", flush=True)
+            subprocess.run([sys.executable, __file__, "--worker", which, "--config", str(tmp / f"{which}.cfg.json")],
+                           check=True)
+            res[which] = json.loads((tmp / f"{which}.json").read_text())
+    res["load_average_end"] = os.getloadavg()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernels.json").write_text(json.dumps(res, indent=2))
+    (args.out / "kernels.md").write_text(render(res))
+    print(render(res))
+
+
+if __name__ == "__main__":
+    main()
