@@ -17,17 +17,19 @@ ALLOWED = {
     "kernels": {"core"},
     "models": {"core", "kernels"},
     "data": {"core", "kernels"},
-    "train": {"core", "models", "data", "kernels"},
+    "train": {"core", "models", "data", "kernels", "evaluation"},
     "export": {"core", "models", "kernels", "runtime", "data"},
-    "calibration": {"core", "runtime", "data"},
+    "calibration": {"core", "runtime", "data", "evaluation"},
+    "evaluation": {"core", "data", "runtime", "models", "export"},
     "runtime": {"core", "kernels", "data"},
-    "bench": {"core", "runtime", "data", "models", "export", "calibration", "kernels"},
+    "bench": {"core", "runtime", "data", "models", "export", "calibration", "kernels", "evaluation"},
 }
 # modules that must not import these third-party packages at module level
 NO_TOP_LEVEL = {
     "core": {"torch", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt"},
     "runtime": {"torch", "onnx", "nncf", "onnxruntime", "openvino", "tensorrt"},
     "calibration": {"torch", "nncf", "onnxruntime", "openvino", "tensorrt"},
+    "evaluation": {"torch", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt"},
     "cli.py": {"torch", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt"},
 }
 NEVER = {"runtime": {"torch", "nncf"}, "core": {"torch"}}

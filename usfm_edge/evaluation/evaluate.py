@@ -52,7 +52,7 @@ def select_records(data: str | Sequence[str], split: str = "val", val_fraction: 
 
 
 def _degraded(frame: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from usfm_edge.train.degrade import degrade
+    from usfm_edge.data.degrade import degrade
 
     clean = frame.astype(np.float32) / 255.0
     bad = degrade(clean, np.random.default_rng(seed))

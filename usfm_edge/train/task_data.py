@@ -110,7 +110,7 @@ class TaskDataset(Dataset):
             return torch.from_numpy(self._normalise(img)), torch.from_numpy(np.ascontiguousarray(m).astype(np.int64))
         if self.task == "cls":
             return torch.from_numpy(self._normalise(img)), torch.tensor(int(self.records[index].label))
-        from usfm_edge.train.degrade import degrade
+        from usfm_edge.data.degrade import degrade
 
         bad = np.clip(np.round(degrade(img, rng) * 255.0), 0, 255) / 255.0  # quantised like a real 8-bit frame
         return torch.from_numpy(self._normalise(bad.astype(np.float32))), torch.from_numpy(img[None].copy())

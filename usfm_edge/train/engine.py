@@ -1,0 +1,295 @@
+"""The training loop: one ``train_one_epoch`` with explicit arguments, plus training-state checkpoints.
+
+The engine knows nothing about the CLI or the task: the model returns ``(loss, pred, parts)`` and the loop
+does lr schedule, autocast, gradient accumulation (DDP ``no_sync`` on all but the last micro-step),
+clipping, the non-finite-loss stop, a tqdm bar, JSONL logging and periodic checkpoints (through a
+callback, so the caller decides what a checkpoint holds).
+
+Training-state files (``checkpoint.pt``) are written with ``torch.save`` to a temp file then
+``os.replace``, and read back only with ``torch.load(weights_only=True)``: every value in them is a
+tensor, number, string, list or dict (RNG states included), so no pickle code ever runs on load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from usfm_edge.core.errors import CheckpointError, ConfigError, UsfmEdgeError
+from usfm_edge.train.dist import DistInfo, all_reduce_mean
+from usfm_edge.train.optim import set_lr
+
+__all__ = ["NonFiniteLossError", "TrainState", "JsonlLogger", "cpu_supports_bf16", "autocast_dtype",
+           "train_one_epoch", "rng_state", "set_rng_state", "save_training_state", "load_training_state"]
+
+
+class NonFiniteLossError(UsfmEdgeError):
+    """The loss became NaN or infinite; training stops instead of corrupting the weights."""
+
+
+@dataclass
+class TrainState:
+    """Progress counters, saved in every checkpoint.
+
+    Attributes:
+        step: optimiser steps done in total.
+        epoch: current epoch (0-based).
+        position: micro-batches of ``epoch`` already consumed (mid-epoch resume point).
+    """
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+
+
+class JsonlLogger:
+    """Appends one JSON object per line to ``path`` (only where ``enabled``, i.e. on the main rank)."""
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+
+    def log(self, **record: Any) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU computes bf16 natively (AVX512_BF16 or AMX), so bf16 autocast is faster, not emulated."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        flags = ""
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        return True
+    return torch.backends.cpu.get_cpu_capability() == "AVX512_BF16" or "AMX" in torch.backends.cpu.get_cpu_capability()
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """Resolve ``amp`` (``auto``/``bf16``/``off``) to the autocast dtype (None = fp32)."""
+    if amp == "off":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp != "auto":
+        raise ConfigError(f"amp must be auto, bf16 or off, got {amp!r}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_supports_bf16() else None
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    *,
+    state: TrainState,
+    device: torch.device,
+    lr_at: Callable[[int], float],
+    steps_in_epoch: int,
+    accum_steps: int = 1,
+    clip_grad: float = 0.0,
+    amp_dtype: torch.dtype | None = None,
+    dist_info: DistInfo | None = None,
+    images_per_step: int = 0,
+    max_steps: int | None = None,
+    deadline: float | None = None,
+    log_every: int = 10,
+    logger: JsonlLogger | None = None,
+    save_every: int = 0,
+    checkpoint_fn: Callable[[TrainState], None] | None = None,
+    progress=None,
+    start_time: float | None = None,
+) -> bool:
+    """Train until the epoch ends, ``max_steps`` is reached or ``deadline`` passes.
+
+    Args:
+        model: returns ``(loss, pred, parts)`` from ``model(*batch)``; possibly DDP-wrapped.
+        loader: yields tuples of tensors (moved to ``device`` here); must start at ``state.position``.
+        optimizer: its groups get ``lr_at(step) * lr_scale`` before every optimiser step.
+        state: updated in place (step, position; epoch is advanced by the caller).
+        steps_in_epoch: optimiser steps in a full epoch; the loop stops after them even if the loader has more.
+        accum_steps: micro-batches per optimiser step.
+        clip_grad: max global gradient norm (0 = no clipping).
+        amp_dtype: autocast dtype, or None for fp32.
+        images_per_step: images per optimiser step over all ranks (for images/s).
+        max_steps: stop once ``state.step`` reaches it.
+        deadline: ``time.time()`` after which to stop (checked after each optimiser step, agreed across ranks).
+        log_every, logger: JSONL log cadence and sink.
+        save_every, checkpoint_fn: call ``checkpoint_fn(state)`` every ``save_every`` optimiser steps.
+        progress: a tqdm bar counting optimiser steps (main rank), or None.
+        start_time: ``time.time()`` of the run start, for ``elapsed`` in the log.
+
+    Returns:
+        True if training should stop (max_steps or deadline), False at the natural end of the epoch.
+
+    Raises:
+        NonFiniteLossError: the loss is NaN/inf (names the step and the hint to lower the lr or disable amp).
+    """
+    info = dist_info or DistInfo(device=device)
+    model.train()
+    start_time = start_time or time.time()
+    window_loss, window_parts, window_n = 0.0, {}, 0
+    t_window, steps_window = time.perf_counter(), 0
+    micro_end = steps_in_epoch * accum_steps
+    micro, accum_i = state.position, 0
+    if micro >= micro_end:
+        return False
+    for batch in loader:
+        batch = [b.to(device, non_blocking=True) for b in batch]
+        if accum_i == 0:
+            set_lr(optimizer, lr_at(state.step))
+        last = accum_i + 1 == accum_steps
+        sync = contextlib.nullcontext() if (last or not info.distributed) else model.no_sync()
+        with sync:
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss, _, parts = model(*batch)
+            loss_value = float(loss.detach())  # one sync per micro-step; cheap next to a ViT forward
+            if not np.isfinite(loss_value):
+                raise NonFiniteLossError(
+                    f"loss is {loss_value} at step {state.step} (epoch {state.epoch}, micro-batch {micro}, "
+                    f"parts {({k: float(v) for k, v in parts.items()})})",
+                    hint="lower --lr, raise --warmup-epochs, use --amp off, or resume from the last checkpoint")
+            (loss / accum_steps).backward()
+        window_loss += loss_value
+        for k, v in parts.items():
+            window_parts[k] = window_parts.get(k, 0.0) + float(v)
+        window_n += 1
+        micro, accum_i = micro + 1, accum_i + 1
+        if not last:
+            continue
+        accum_i = 0
+        grad_norm = None
+        if clip_grad > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step, state.position = state.step + 1, micro
+        steps_window += 1
+        stop = (max_steps is not None and state.step >= max_steps) or _past(deadline, info)
+        end_of_epoch = micro >= micro_end
+        if state.step % log_every == 0 or stop or end_of_epoch:
+            dt = time.perf_counter() - t_window
+            stats = torch.tensor([window_loss, *window_parts.values()], dtype=torch.float64, device=info.device)
+            stats = all_reduce_mean(stats / max(window_n, 1), info).tolist()
+            ips = images_per_step * steps_window / max(dt, 1e-9)
+            record = {"step": state.step, "epoch": state.epoch, "loss": stats[0],
+                      **{f"loss_{k}": v for k, v in zip(window_parts, stats[1:])},
+                      "lr": lr_at(state.step - 1), "images_per_s": ips, "elapsed_s": time.time() - start_time}
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm
+            if logger is not None:
+                logger.log(**record)
+            if progress is not None:
+                progress.set_postfix(loss=f"{stats[0]:.4f}", img_s=f"{ips:.1f}", refresh=False)
+            window_loss, window_parts, window_n = 0.0, {}, 0
+            t_window, steps_window = time.perf_counter(), 0
+        if progress is not None:
+            progress.update(1)
+        if checkpoint_fn is not None and save_every and state.step % save_every == 0 and not stop:
+            checkpoint_fn(state)
+        if stop:
+            return True
+        if end_of_epoch:
+            break
+    return False
+
+
+def _past(deadline: float | None, info: DistInfo) -> bool:
+    """Has the deadline passed? All ranks agree (rank 0's clock decides), so no rank stops alone."""
+    if deadline is None:
+        return False
+    flag = torch.tensor([1.0 if time.time() >= deadline else 0.0], device=info.device)
+    if info.distributed:
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+# -- training state ---------------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """RNG states of torch (CPU and CUDA), numpy's global generator and Python's ``random``, as tensors/lists."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+
+
+def save_training_state(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        state: TrainState, config: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """Write model (encoder + decoder), optimiser, counters, RNG states and config atomically.
+
+    Args:
+        model: the unwrapped model (not DDP / compiled), so keys are ``encoder.*`` / ``decoder.*``.
+        config: the resolved run config (plain dict).
+        extra: more JSON-like values to keep (e.g. the data sources' organs).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": "usfm_edge.train_state/1",
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": state.step, "epoch": state.epoch, "position": state.position,
+        "rng": rng_state(),
+        "config": config,
+        "extra": extra or {},
+    }
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_training_state(path: str | Path) -> dict[str, Any]:
+    """Read a training-state file with ``torch.load(weights_only=True)`` (no pickled code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError("training checkpoint not found", path=path,
+                              hint="pass the run folder's checkpoint.pt, or drop --resume")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read training checkpoint: {str(exc).splitlines()[0][:300]}", path=path,
+                              hint="the file may be truncated; use an earlier checkpoint") from exc
+    if not isinstance(payload, dict) or payload.get("format") != "usfm_edge.train_state/1":
+        raise CheckpointError("not a usfm-edge training checkpoint (no 'format' key)", path=path,
+                              hint="--resume takes checkpoint.pt of a pretraining run; use --init for weights")
+    return payload

@@ -1,0 +1,283 @@
+"""Dual masked image modelling pretraining: data + model + optimiser + engine, resumable, DDP-ready.
+
+Single process::
+
+    python -m usfm_edge.train.pretrain --data busbra:/data/busbra --data hc18:/data/hc18 \\
+        --model usfm_vit_tiny_patch16_224 --out runs/pre --epochs 10
+
+Several processes (one per GPU, or Gloo on CPU)::
+
+    torchrun --nproc_per_node 2 -m usfm_edge.train.pretrain --data ... --out runs/pre
+
+A run folder holds ``config.yaml`` (resolved config), ``log.jsonl`` (one line per ``log_every`` steps),
+``checkpoint.pt`` (full training state, for ``--resume``) and ``encoder.safetensors`` (the backbone, which
+``create_model(preset, checkpoint=...)`` loads strictly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from usfm_edge.core.config import to_dict
+from usfm_edge.core.errors import ConfigError, UsfmEdgeError
+from usfm_edge.core.preprocess import PreprocessSpec
+from usfm_edge.models.checkpoint import save_checkpoint
+from usfm_edge.models.mim import UsfmMim, build_mim
+from usfm_edge.models.registry import model_args
+from usfm_edge.train.config import PretrainConfig, load_pretrain_config, pretrain_options
+from usfm_edge.train.dist import DistInfo, cleanup, init_distributed
+from usfm_edge.train.engine import (
+    JsonlLogger,
+    TrainState,
+    autocast_dtype,
+    load_training_state,
+    save_training_state,
+    set_rng_state,
+    train_one_epoch,
+)
+from usfm_edge.train.optim import build_optimizer, cosine_lr, scaled_lr
+
+__all__ = ["PretrainResult", "fit_pretrain", "run_pretrain", "export_encoder", "main"]
+
+CHECKPOINT = "checkpoint.pt"
+ENCODER = "encoder.safetensors"
+# fields that must match for --resume to continue the same run (others, e.g. max_steps, may change)
+_RESUME_FIXED = ("data", "model", "img_size", "batch_size", "accum_steps", "seed", "samples_per_epoch", "mim")
+
+
+@dataclass
+class PretrainResult:
+    """What a run produced: the training checkpoint, the encoder file, steps done and the trained model."""
+
+    checkpoint: Path
+    encoder: Path
+    steps: int
+    model: UsfmMim
+
+
+def _load_records(cfg: PretrainConfig) -> list:
+    from usfm_edge.data.sources import load_records
+
+    if not cfg.data:
+        raise ConfigError("no data sources given", hint="add --data busbra:PATH, hc18:PATH or folder:PATH[@organ]")
+    records = []
+    for spec in cfg.data:
+        records.extend(load_records(spec))
+    return records
+
+
+def export_encoder(model: UsfmMim, cfg: PretrainConfig, path: str | Path, state: TrainState) -> Path:
+    """Save the encoder as a usfm-edge ``.safetensors`` backbone (config records the pretraining)."""
+    config = {
+        "model": cfg.model,
+        "model_args": model_args(cfg.model, img_size=cfg.img_size),
+        "task": "backbone",
+        "preprocess": PreprocessSpec(img_size=cfg.img_size).to_dict(),
+        "pretrain": {"objective": "usfm_dual_mim", "step": state.step, "epoch": state.epoch,
+                     "config": to_dict(cfg)},
+    }
+    return save_checkpoint(path, model.encoder.state_dict(), config)
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 0
+
+
+def _check_resume(saved: dict, cfg: PretrainConfig, path: Path) -> None:
+    now = to_dict(cfg)
+    diff = [k for k in _RESUME_FIXED if saved.get(k) != now.get(k)]
+    if diff:
+        raise ConfigError(f"--resume: the config differs from the checkpoint's in {', '.join(diff)}", path=path,
+                          hint="resume with the original settings (see the run's config.yaml)")
+
+
+def fit_pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: str | Path | None = None,
+                 progress: bool = True) -> PretrainResult:
+    """Pretrain (or continue pretraining) a USFM encoder with dual masked image modelling.
+
+    Args:
+        cfg: the run config.
+        out_dir: run folder (created); checkpoints and logs go there.
+        resume: ``checkpoint.pt`` to continue exactly (model, optimiser, step, RNG, data position), or a run
+            folder holding one.
+        progress: show a tqdm bar on the main rank.
+
+    Returns:
+        A :class:`PretrainResult`. Under torchrun every rank returns its own (identical) model.
+    """
+    info = init_distributed(cfg.device)
+    try:
+        return _fit(cfg, Path(out_dir), resume, progress, info)
+    finally:
+        cleanup()
+
+
+def _fit(cfg: PretrainConfig, out: Path, resume, progress: bool, info: DistInfo) -> PretrainResult:
+    from usfm_edge.train.datasets import MimPretrainDataset, build_pretrain_loader
+    from usfm_edge.train.masking import MimTransform
+
+    out.mkdir(parents=True, exist_ok=True)
+    payload = None
+    if resume is not None:
+        resume = Path(resume)
+        resume = resume / CHECKPOINT if resume.is_dir() else resume
+        payload = load_training_state(resume)
+        _check_resume(payload["config"], cfg, resume)
+        if payload["extra"].get("world_size", 1) != info.world_size:
+            raise ConfigError(f"--resume: the checkpoint was written by {payload['extra'].get('world_size')} "
+                              f"process(es), this run has {info.world_size}", path=resume,
+                              hint="resume with the same number of processes so every rank continues its shard")
+    if info.device.type == "cuda":  # TF32 matmuls on Ampere+: fp32 training at tensor-core speed
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    init = None if payload is not None else cfg.init  # a resumed run takes every weight from its checkpoint
+    model = build_mim(cfg.model, cfg.img_size, cfg.mim, cfg.drop_path, init=init).to(info.device)
+    if init and info.is_main:
+        print(f"[pretrain] encoder from {cfg.init}: {model.encoder.load_report.summary()}", file=sys.stderr)
+    records = _load_records(cfg)
+    spec = PreprocessSpec(img_size=cfg.img_size)
+    transform = MimTransform(spec, model.patch_size, cfg.mim.mask_patch_size, cfg.mim.mask_ratio,
+                             cfg.mim.freq_prob, cfg.mim.ring_params())
+    dataset = MimPretrainDataset(records, transform, cfg.seed)
+    loader, sampler = build_pretrain_loader(
+        dataset, [r.organ for r in records], batch_size=cfg.batch_size, seed=cfg.seed,
+        samples_per_epoch=cfg.samples_per_epoch, organ_weights=cfg.organ_weights, rank=info.rank,
+        world_size=info.world_size, workers=cfg.workers, pin_memory=info.device.type == "cuda")
+
+    steps_per_epoch = len(sampler.base) // cfg.batch_size // cfg.accum_steps
+    if steps_per_epoch < 1:
+        raise ConfigError(f"an epoch of {len(sampler.base)} samples per rank is smaller than one optimiser step "
+                          f"({cfg.batch_size} x {cfg.accum_steps} accumulation)",
+                          hint="lower --batch-size/--accum-steps or raise --samples-per-epoch")
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total_steps)
+    total_batch = cfg.batch_size * cfg.accum_steps * info.world_size
+    peak_lr = scaled_lr(cfg.lr, total_batch)
+    optimizer = build_optimizer(model, peak_lr, cfg.weight_decay)
+    state = TrainState()
+    if payload is not None:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        state = TrainState(payload["step"], payload["epoch"], payload["position"])
+        if state.position >= steps_per_epoch * cfg.accum_steps:  # saved at the very end of an epoch
+            state = TrainState(state.step, state.epoch + 1, 0)
+        set_rng_state(payload["rng"])
+    else:
+        torch.manual_seed(cfg.seed + info.rank)  # drop path differs per rank, as data does
+        np.random.seed(cfg.seed + info.rank)
+
+    net: nn.Module = torch.compile(model) if cfg.compile else model
+    if info.distributed:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[info.local_rank] if info.device.type == "cuda"
+                                                  else None)
+    amp = autocast_dtype(cfg.amp, info.device)
+    config_dict = to_dict(cfg)
+    logger = JsonlLogger(out / "log.jsonl", enabled=info.is_main)
+    if payload is not None and info.is_main and logger.path.is_file():  # drop lines logged after the checkpoint
+        kept = [ln for ln in logger.path.read_text().splitlines() if ln.strip() and _step_of(ln) <= state.step]
+        logger.path.write_text("".join(ln + "\n" for ln in kept))
+    if info.is_main:
+        import yaml
+
+        (out / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+        print(f"[pretrain] {len(records)} images ({', '.join(sampler.base.names)}), {info.world_size} process(es) "
+              f"on {info.device}, amp={amp or 'fp32'}; {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
+              f"batch {total_batch}, peak lr {peak_lr:.3g}, warm-up {warmup_steps} steps"
+              + (f"; resuming at step {state.step}" if payload else ""), file=sys.stderr)
+
+    saved_at = [-1]
+
+    def checkpoint(st: TrainState) -> None:
+        if info.is_main and saved_at[0] != st.step:
+            saved_at[0] = st.step
+            save_training_state(out / CHECKPOINT, model=model, optimizer=optimizer, state=st, config=config_dict,
+                                extra={"organs": sampler.base.names, "world_size": info.world_size})
+            export_encoder(model, cfg, out / ENCODER, st)
+
+    last_step = min(total_steps, cfg.max_steps or total_steps)
+    bar = None
+    if progress and info.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=last_step, initial=min(state.step, last_step), unit="step", dynamic_ncols=True,
+                   file=sys.stderr)
+    start = time.time()
+    deadline = start + 60.0 * cfg.time_limit_min if cfg.time_limit_min else None
+    try:
+        while state.epoch < cfg.epochs and state.step < last_step:
+            sampler.set_epoch(state.epoch, state.position * cfg.batch_size)
+            stop = train_one_epoch(
+                net, loader, optimizer, state=state, device=info.device,
+                lr_at=lambda s: cosine_lr(s, total_steps, warmup_steps, peak_lr, cfg.min_lr),
+                steps_in_epoch=steps_per_epoch, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad,
+                amp_dtype=amp, dist_info=info, images_per_step=total_batch, max_steps=last_step,
+                deadline=deadline, log_every=cfg.log_every, logger=logger, save_every=cfg.save_every,
+                checkpoint_fn=checkpoint, progress=bar, start_time=start)
+            if stop:
+                break
+            state.epoch, state.position = state.epoch + 1, 0
+    finally:
+        if bar is not None:
+            bar.close()
+    checkpoint(state)
+    if info.distributed:
+        torch.distributed.barrier()
+    return PretrainResult(out / CHECKPOINT, out / ENCODER, state.step, model)
+
+
+def run_pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: str | Path | None = None) -> Path:
+    """Run pretraining and return the path of the final training checkpoint (``out_dir/checkpoint.pt``).
+
+    The encoder alone is written next to it as ``encoder.safetensors``.
+    """
+    return fit_pretrain(cfg, out_dir, resume).checkpoint
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m usfm_edge.train.pretrain", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="YAML config file (flags override it)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", nargs="?", const="auto", help="continue from checkpoint.pt (default: OUT's)")
+    for opt in pretrain_options:
+        dest = opt.field.replace(".", "__")
+        if opt.type is bool:
+            p.add_argument(opt.flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=opt.help)
+        elif opt.type is list:
+            p.add_argument(opt.flag, dest=dest, action="append", help=opt.help)
+        else:
+            p.add_argument(opt.flag, dest=dest, type=opt.type, help=opt.help)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """argparse entry point (``python -m usfm_edge.train.pretrain``); the click CLI wraps ``run_pretrain``."""
+    args = _parser().parse_args(argv)
+    overrides = {opt.field: getattr(args, opt.field.replace(".", "__")) for opt in pretrain_options}
+    try:
+        cfg = load_pretrain_config(args.config, overrides)
+        resume = Path(args.out) / CHECKPOINT if args.resume == "auto" else args.resume
+        result = fit_pretrain(cfg, args.out, resume)
+    except UsfmEdgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[pretrain] done: {result.steps} steps; {result.checkpoint}, {result.encoder}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
