@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from usfm_edge.core.errors import ConfigError, DataError
+from usfm_edge.core.geometry import fill_holes
 from usfm_edge.data import (
     BUSBRA_LABELS,
     DataSource,
@@ -25,7 +26,6 @@ from usfm_edge.data import (
     read_record_mask,
 )
 from usfm_edge.data import sample_dir as bundled_sample_dir
-from usfm_edge.core.geometry import fill_holes
 
 
 def _patients(records) -> set[tuple[str, str]]:

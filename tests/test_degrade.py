@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from usfm_edge.train.degrade import DegradeConfig, degrade, gaussian_blur
 from usfm_edge.core.metrics import psnr, ssim
+from usfm_edge.data.degrade import DegradeConfig, degrade, gaussian_blur
 
 
 @pytest.fixture(scope="module")

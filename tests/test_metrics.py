@@ -23,7 +23,7 @@ def _square(shift=(0, 0), size=64, lo=10, hi=30) -> np.ndarray:
 
 
 def test_metrics_module_is_numpy_only():
-    code = ("import sys, usfm_edge.core.metrics, usfm_edge.train.degrade; "
+    code = ("import sys, usfm_edge.core.metrics, usfm_edge.data.degrade; "
             "print(sorted(m for m in ('torch', 'scipy', 'sklearn') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"

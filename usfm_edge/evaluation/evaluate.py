@@ -9,7 +9,7 @@ only by what quantisation changed.
 Metrics (``usfm_edge.core.metrics``): segmentation Dice / IoU / HD95 (pixels) per image with all foreground
 classes merged, plus the HC18 head-circumference error in mm when the records carry pixel size and reference
 HC; classification accuracy, balanced accuracy, AUC, F1; enhancement PSNR / SSIM of the restored frame against
-the original, for frames degraded by ``train.degrade`` with a fixed seed per frame (and the same numbers for the
+the original, for frames degraded by ``data.degrade`` with a fixed seed per frame (and the same numbers for the
 degraded input, the baseline to beat).
 
 This module imports no torch at module level: bundles are evaluated on devices without it.

@@ -63,8 +63,8 @@ import torch
 from torch import nn
 
 from usfm_edge.core.errors import ConfigError
-from usfm_edge.models.vit import UsfmViT
 from usfm_edge.models.losses import FOURIER_LOSSES, fourier_loss, masked_l1
+from usfm_edge.models.vit import UsfmViT
 
 __all__ = ["MimConfig", "UsfmMim", "build_mim"]
 
