@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# One prepared run on a single NVIDIA GPU machine (a lent H200, an x86 GPU box or a Jetson), < 8 minutes.
+# Writes everything into $OUT (default ./gpu_results): logs, JSON and Markdown tables.
+#
+#   bash benchmarks/gpu_check.sh              # on the GPU machine, from the repository root
+#
+# Steps (each is skipped, with the reason written to the log, when its dependency is missing):
+#   1. environment: nvidia-smi, torch/CUDA, triton, onnxruntime providers, tensorrt
+#   2. kernels: Triton band-stop kernel vs the numpy reference (tests/test_kernels.py on CUDA) and batched
+#      band-stop throughput of 64 frames: torch.fft vs Triton vs a numpy loop
+#   3. pretraining throughput of the tiny/small/base presets on the GPU, fp32 vs bf16 autocast
+#   4. export the bundled demo checkpoint to ONNX + TensorRT-ready ONNX; build a TensorRT engine when the
+#      tensorrt module is importable; `usfm-edge bench` with PyTorch CUDA fp32/bf16, ONNX Runtime
+#      CUDA/TensorRT providers and the engine, side by side
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_results}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$OUT/gpu_check.log"; }
+step() { local name="$1" limit="$2"; shift 2; log "start $name (limit ${limit}s)";
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?; log "end $name rc=$rc"; tail -n 25 "$OUT/$name.log"; }
+
+step env 60 bash -c "nvidia-smi; $PY - <<'PY'
+import importlib, json
+out = {}
+for m in ('torch', 'triton', 'onnxruntime', 'tensorrt', 'openvino'):
+    try:
+        mod = importlib.import_module(m); out[m] = getattr(mod, '__version__', '?')
+    except Exception as e:
+        out[m] = f'missing ({type(e).__name__})'
+import torch
+out['cuda'] = torch.cuda.is_available() and torch.cuda.get_device_name(0)
+try:
+    import onnxruntime as ort; out['ort_providers'] = ort.get_available_providers()
+except Exception:
+    pass
+print(json.dumps(out, indent=1))
+PY"
+
+step kernels_test 120 "$PY" -m pytest -q tests/test_kernels.py -x -p no:cacheprovider
+
+step kernels_bench 120 "$PY" - <<'PY'
+import json, os, time, numpy as np, torch
+from usfm_edge.kernels.rings import BandStopMaskGenerator
+from usfm_edge.kernels.reference import band_stop_filter_np
+from usfm_edge.kernels.torch_fft import band_stop_filter
+dev = "cuda"
+gen = BandStopMaskGenerator(224)
+rng = np.random.default_rng(0)
+x = torch.rand(64, 1, 224, 224, device=dev)
+m = torch.from_numpy(np.stack([gen(rng) for _ in range(64)]))[:, None].to(dev)
+xn, mn = x.cpu().numpy(), m.cpu().numpy()
+res = {}
+def t(fn, n=30):
+    for _ in range(3): fn()
+    torch.cuda.synchronize(); s = time.perf_counter()
+    for _ in range(n): fn()
+    torch.cuda.synchronize(); return (time.perf_counter() - s) / n * 1000
+res["numpy_loop_ms"] = t(lambda: [band_stop_filter_np(xn[i, 0], mn[i, 0]) for i in range(64)], 3)
+for impl in ("fft", "triton", "matmul"):
+    try:
+        res[f"torch_{impl}_ms"] = t(lambda: band_stop_filter(x, m, impl=impl))
+        ref = band_stop_filter_np(xn[0, 0].astype(np.float64), mn[0, 0])
+        res[f"torch_{impl}_max_err"] = float(np.abs(band_stop_filter(x, m, impl=impl)[0, 0].cpu().numpy() - ref).max())
+    except Exception as e:
+        res[f"torch_{impl}"] = f"failed: {e}"
+print(json.dumps(res, indent=1))
+json.dump(res, open(os.path.join(os.environ.get("OUT", "."), "kernels_gpu.json"), "w"), indent=1)
+PY
+
+step pretrain_gpu 180 "$PY" - <<'PY'
+import json, os, time, torch
+from usfm_edge.models.mim import build_mim, MimConfig
+res = []
+for preset, batch in (("usfm_vit_tiny_patch16_224", 256), ("usfm_vit_small_patch16_224", 256), ("usfm_vit_base_patch16_224", 128)):
+    for amp in (None, torch.bfloat16):
+        model = build_mim(preset, 224, MimConfig(), 0.1).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        img = torch.randn(batch, 3, 224, 224, device="cuda")
+        smask = (torch.rand(batch, 196, device="cuda") < 0.6).to(torch.uint8)
+        fmask = torch.ones(batch, 224, 224, device="cuda")
+        def step():
+            with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+                loss, _, _ = model(img, smask, fmask)
+            loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        for _ in range(3): step()
+        torch.cuda.synchronize(); s = time.perf_counter()
+        for _ in range(10): step()
+        torch.cuda.synchronize(); dt = (time.perf_counter() - s) / 10
+        res.append({"preset": preset, "amp": "bf16" if amp else "fp32", "batch": batch, "images_per_s": batch / dt})
+        print(res[-1], flush=True)
+        del model, opt; torch.cuda.empty_cache()
+json.dump(res, open(os.path.join(os.environ.get("OUT", "."), "pretrain_gpu.json"), "w"), indent=1)
+PY
+
+CKPT=usfm_edge/assets/checkpoints/busbra_seg_tiny.safetensors
+step export 180 bash -c "$PY -m usfm_edge.cli export $CKPT --target onnx -o $OUT/b/seg-onnx-fp32.usfm && \
+  $PY -m usfm_edge.cli export $CKPT --target tensorrt --precision fp16 -o $OUT/b/seg-trt-fp16.usfm"
+step bench 150 "$PY" -m usfm_edge.cli bench "$OUT"/b/*.usfm --torch "$CKPT" --torch-bf16 --device cuda --batch 1,16 \
+  --runs 50 --json "$OUT/bench_gpu.json" --md "$OUT/bench_gpu.md"
+rm -rf "$OUT/b"
+log "done; results in $OUT"
