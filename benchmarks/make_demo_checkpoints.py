@@ -1,0 +1,47 @@
+"""Turn fine-tuning runs into the bundled demo checkpoints (fp16 safetensors, <= 20 MB each).
+
+    python benchmarks/make_demo_checkpoints.py --busbra runs/labeleff/busbra-seg-pretrained-100/best.safetensors \
+        --hc18 runs/labeleff/hc18-seg-pretrained-100/best.safetensors
+
+The provenance (source run, its config and validation metrics) is kept in each file's metadata and in
+``usfm_edge/assets/checkpoints/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from usfm_edge.bench.demo import DEMO_CHECKPOINTS, checkpoints_dir
+from usfm_edge.models.tasks import load_task_model, save_task_checkpoint
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--busbra", required=True)
+    p.add_argument("--hc18", required=True)
+    args = p.parse_args()
+    out = checkpoints_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# Demo checkpoints", "",
+             "Tiny USFM backbones (`usfm_vit_tiny_patch16_224` architecture) with a light segmentation head, fine-tuned",
+             "on real data by `benchmarks/label_efficiency.py` (commands in `benchmarks/RESULTS.md`), stored as fp16.",
+             "They exist to demonstrate and test export, INT8 and the runtime; they are small research models, not",
+             "medical devices. Training data licences: BUS-BRA (MIT-style), HC18 (CC BY 4.0); see `../sample/README.md`.", ""]
+    for key, src in (("busbra", args.busbra), ("hc18", args.hc18)):
+        model = load_task_model(src)
+        extra = dict(getattr(model, "checkpoint_config", {}).get("extra", {}) or {})
+        extra["demo_source"] = str(src)
+        dst = save_task_checkpoint(model, out / DEMO_CHECKPOINTS[key], extra=extra, half=True)
+        size = dst.stat().st_size / 1e6
+        metrics = extra.get("metrics", {})
+        lines.append(f"- `{dst.name}` ({size:.1f} MB): task {model.task}, labels {model.labels}, input {model.img_size} px, "
+                     f"from `{src}`; held-out metrics: " + json.dumps({k: round(v, 4) for k, v in metrics.items()
+                                                                       if isinstance(v, float)}))
+        print(f"wrote {dst} ({size:.1f} MB)")
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
