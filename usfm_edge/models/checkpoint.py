@@ -204,6 +204,9 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], confi
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={META_KEY: json.dumps(config, sort_keys=True)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
