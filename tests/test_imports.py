@@ -19,7 +19,7 @@ ALLOWED = {
     "data": {"core", "kernels"},
     "train": {"core", "models", "data", "kernels", "evaluation"},
     "export": {"core", "models", "kernels", "runtime", "data"},
-    "calibration": {"core", "runtime", "data", "evaluation"},
+    "calibration": {"core", "runtime", "data", "evaluation", "export"},  # quantize_bundle re-exports a checkpoint
     "evaluation": {"core", "data", "runtime", "models", "export"},
     "runtime": {"core", "kernels", "data"},
     "bench": {"core", "runtime", "data", "models", "export", "calibration", "kernels", "evaluation"},

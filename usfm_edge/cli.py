@@ -509,5 +509,84 @@ def _bar_ctx(make):
     return wrap
 
 
+# ---------------------------------------------------------------------------------------------- predict
+@main.command(context_settings=CONTEXT)
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="output folder: overlays/, results.json, results.csv")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]), default="auto",
+              show_default=True, help="backend (auto: TensorRT engine > OpenVINO > ONNX Runtime)")
+@click.option("--device", default="auto", show_default=True, help="cpu, gpu, cuda:N, npu...")
+@click.option("--pixel-spacing", "pixel_spacing", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="MM", help="mm per pixel for files without their own spacing (a DICOM's own wins)")
+@click.option("--threads", type=int, default=None, help="backend CPU threads")
+@click.option("--no-overlays", is_flag=True, help="write results.json/.csv only")
+@_handle_errors
+def predict(bundle, inputs, out, backend, device, pixel_spacing, threads, no_overlays):
+    """Run BUNDLE on INPUTS (PNG/JPEG/DICOM files, folders, multi-frame DICOM cine); write overlays and tables.
+
+    Areas are in px and, when the pixel spacing is known, mm²; HC18-style bundles also give the head
+    circumference in mm. Exit code 1 if any input failed (the others are still written).
+    """
+    from usfm_edge.runtime.predict_cli import run_predict
+
+    summary = run_predict(bundle, inputs, out, backend=backend, device=device, pixel_spacing=pixel_spacing,
+                          threads=threads, overlays=not no_overlays)
+    click.echo(f"{summary['frames']} frame(s) from {summary['files']} file(s) via {summary['backend']}, "
+               f"mean {summary['mean_timing_ms']} ms/frame -> {out}")
+
+
+# -------------------------------------------------------------------------------------------- demo
+@main.command(context_settings=CONTEXT)
+@click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--runs", default=20, show_default=True, help="timed runs per variant in the benchmark")
+@click.option("--no-int8", is_flag=True, help="skip the INT8 exports")
+@_handle_errors
+def demo(out, runs, no_int8):
+    """The whole pipeline on the bundled real sample: export, INT8 behind the accuracy gate, predict, bench."""
+    from usfm_edge.bench.demo import run_demo
+
+    run_demo(out, runs=runs, int8=not no_int8)
+
+
+# ---------------------------------------------------------------------------------------------- quantize
+@main.command(context_settings=CONTEXT)
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--calib", "calib", multiple=True, required=True,
+              help="calibration source(s) of real frames: busbra:PATH, hc18:PATH, folder:PATH@organ (repeatable)")
+@click.option("--max-drop", type=float, default=None,
+              help="largest allowed task-metric drop vs fp32 on held-out frames (default: Dice/AUC 0.01, PSNR 0.5 dB)")
+@click.option("--val", "val", multiple=True, help="held-out source(s) for the accuracy gate "
+              "(default: 20% of the calibration sources' patients, kept out of calibration)")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="the bundle's source checkpoint (default: looked up by name + SHA-256 next to the bundle)")
+@click.option("-n", "--frames", "n", default=300, show_default=True, help="calibration frames")
+@click.option("--seed", default=0, show_default=True, help="sampling and split seed")
+@click.option("--recipe", type=click.Choice(["transformer", "transformer-accurate"]), default="transformer",
+              show_default=True, help="quantisation recipe (usfm_edge.calibration.recipe)")
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="also write the calibration manifest (file list + SHA-256) here")
+@click.option("--force", is_flag=True, help="keep the INT8 bundle even if the accuracy gate fails")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="INT8 bundle folder (default: NAME-int8.usfm next to BUNDLE)")
+@_handle_errors
+def quantize(bundle, calib, max_drop, val, checkpoint, n, seed, recipe, manifest, force, out):
+    """Make the INT8 bundle of an exported fp32 bundle, gated on held-out real frames.
+
+    \b
+    With the source checkpoint (found next to the bundle or given) the bundle is re-exported through the
+    export path (parity against PyTorch); without it the bundle's own fp32 ONNX/IR is quantised.
+    \b
+    Example:
+      usfm-edge quantize seg-openvino-fp32.usfm --calib busbra:PATH --calib hc18:PATH --max-drop 0.01
+    """
+    from usfm_edge.calibration import quantize_bundle
+
+    path = quantize_bundle(bundle, list(calib), out=out, max_drop=max_drop, force=force, checkpoint=checkpoint,
+                           recipe=recipe, n=n, seed=seed, val_specs=list(val) or None, manifest_out=manifest)
+    _print_bundle(path)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

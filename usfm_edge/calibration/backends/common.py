@@ -1,0 +1,236 @@
+"""What every quantisation backend shares: the graph's contract, the model body, frame feeding, Q/DQ checks.
+
+The exported graph (``export.graph.RawFrameModel``) is pre-processing (Cast, Resize, band-stop DFT MatMuls,
+normalisation) -> model body -> post-processing (Resize, Softmax, ArgMax). Only the body is quantised. The body
+is found structurally, so it works whatever the node names are: it starts at the first Conv with constant
+weights (the ViT patch embedding; band-stop MatMuls come before it) and ends at the last MatMul/Gemm/Conv with
+constant weights (the task classifier, kept float by default).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from usfm_edge.core.errors import ExportError, require
+from usfm_edge.core.preprocess import PreprocessSpec, preprocess, resize_gray
+
+__all__ = ["GraphInfo", "describe_onnx", "fit_frame", "model_input", "body_nodes", "check_qdq", "ensure_node_names",
+           "META_PREFIX"]
+
+META_PREFIX = "usfm_edge."
+_NO_BAND_STOP = {"enabled": False, "rings": None, "mask_sha256": None}
+_QLINEAR = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear",
+            "QLinearAdd", "QLinearMul", "QLinearSoftmax")
+
+
+@dataclass
+class GraphInfo:
+    """The contract of an exported graph, read from its metadata and its input/output signature.
+
+    Attributes:
+        task: ``seg``, ``cls``, ``enhance`` or ``features``.
+        labels: class names.
+        preprocess: ``PreprocessSpec.to_dict()``.
+        input_name: graph input (``frame`` for raw-frame graphs, ``x`` for bare ones).
+        raw: the input is a raw uint8 frame (pre-processing inside the graph).
+        static_hw: fixed frame ``(H, W)`` of static-shape graphs (jetson/tensorrt), else None.
+        output_names: graph outputs in order.
+        band_stop: the graph's band-stop record.
+        opset: ONNX opset (0 when unknown).
+        metadata: the ``metadata_props`` of the ONNX file.
+    """
+
+    task: str
+    labels: list[str]
+    preprocess: dict
+    input_name: str = "frame"
+    raw: bool = True
+    static_hw: tuple[int, int] | None = None
+    output_names: list[str] = field(default_factory=list)
+    band_stop: dict = field(default_factory=lambda: dict(_NO_BAND_STOP))
+    opset: int = 0
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return PreprocessSpec.from_dict(self.preprocess)
+
+
+def _meta_value(props: dict, key: str, default):
+    value = props.get(META_PREFIX + key)
+    if value is None:
+        return default
+    try:
+        return json.loads(value)
+    except (TypeError, json.JSONDecodeError):
+        return value
+
+
+def describe_onnx(path: str | Path) -> GraphInfo:
+    """Read the task, labels, pre-processing and input shape of an exported ONNX graph.
+
+    Raises:
+        ExportError: the file lacks the usfm-edge metadata (``usfm_edge.task``...).
+    """
+    onnx = require("onnx", "onnx")
+    model = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    task = _meta_value(props, "task", None)
+    if task is None:
+        raise ExportError("the ONNX graph carries no usfm_edge.task metadata: not exported by usfm-edge", path=path,
+                          hint="quantise graphs written by usfm_edge.export (they carry their pre-processing)")
+    inp = model.graph.input[0]
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in inp.type.tensor_type.shape.dim]
+    raw = inp.type.tensor_type.elem_type == 2  # uint8
+    static = tuple(dims[1:3]) if raw and len(dims) == 3 and all(dims[1:3]) else None
+    opset = max((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    return GraphInfo(task=str(task), labels=list(_meta_value(props, "labels", []) or []),
+                     preprocess=dict(_meta_value(props, "preprocess", {}) or {"img_size": 224}), input_name=inp.name,
+                     raw=raw, static_hw=static, output_names=[o.name for o in model.graph.output],
+                     band_stop=_meta_value(props, "band_stop", None) or dict(_NO_BAND_STOP), opset=opset,
+                     metadata=props)
+
+
+def fit_frame(frame: np.ndarray, hw: tuple[int, int] | None) -> np.ndarray:
+    """Resize a uint8 frame to ``hw`` (bicubic, rounded, clipped) for static-shape graphs; unchanged otherwise."""
+    if hw is None or tuple(frame.shape) == tuple(hw):
+        return frame
+    return np.clip(np.round(resize_gray(frame, tuple(hw))), 0, 255).astype(np.uint8)
+
+
+def model_input(frame: np.ndarray, info: GraphInfo) -> np.ndarray:
+    """The graph's input tensor for one frame, exactly as a bundle is fed: ``(1, H, W)`` uint8 (resized to the
+    static size of static graphs), or the normalised ``(1, 3, S, S)`` tensor of bare graphs."""
+    if info.raw:
+        return np.ascontiguousarray(fit_frame(frame, info.static_hw)[None])
+    return preprocess(frame, info.spec)[None]
+
+
+def ensure_node_names(model) -> bool:
+    """Give every unnamed node a unique name (``nodes_to_quantize`` needs names). Returns True if changed."""
+    seen, changed = set(), False
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_usfm_{i}"
+            changed = True
+        seen.add(node.name)
+    return changed
+
+
+def body_nodes(model, op_types=("MatMul", "Gemm", "Conv"), keep_last_float: bool = True) -> tuple[list[str], dict]:
+    """Names of the nodes to quantise (op types in ``op_types`` inside the model body) and a description.
+
+    Returns:
+        ``(names, info)``; ``info`` holds ``first``/``last`` body node names, ``kept_float`` (quantisable nodes
+        left float: pre-processing MatMuls, the classifier) and counts per op type.
+
+    Raises:
+        ExportError: the graph has no MatMul/Gemm/Conv with constant weights.
+    """
+    nodes = list(model.graph.node)
+    consts = {i.name for i in model.graph.initializer}
+    consts |= {o for n in nodes if n.op_type == "Constant" for o in n.output}
+    weighted = [i for i, n in enumerate(nodes) if n.op_type in op_types and any(x in consts for x in n.input[1:])]
+    if not weighted:
+        raise ExportError("no MatMul/Gemm/Conv with constant weights found: nothing to quantise")
+    convs = [i for i in weighted if nodes[i].op_type == "Conv"]
+    first, last = (convs[0] if convs else weighted[0]), weighted[-1]
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    consumers: dict[str, list[int]] = defaultdict(list)
+    for i, n in enumerate(nodes):
+        for x in n.input:
+            consumers[x].append(i)
+    down, stack = {first}, [first]
+    while stack:
+        for o in nodes[stack.pop()].output:
+            for j in consumers.get(o, []):
+                if j not in down:
+                    down.add(j)
+                    stack.append(j)
+    up, stack = {last}, [last]
+    while stack:
+        for x in nodes[stack.pop()].input:
+            j = producer.get(x)
+            if j is not None and j not in up:
+                up.add(j)
+                stack.append(j)
+    body = down & up
+    chosen = [i for i in sorted(body) if nodes[i].op_type in op_types and not (keep_last_float and i == last)]
+    kept = [nodes[i].name for i, n in enumerate(nodes) if n.op_type in op_types and i not in set(chosen)]
+    by_type: dict[str, int] = defaultdict(int)
+    for i in chosen:
+        by_type[nodes[i].op_type] += 1
+    return [nodes[i].name for i in chosen], {"first": nodes[first].name, "last": nodes[last].name,
+                                             "kept_float": kept, "quantized_by_type": dict(by_type)}
+
+
+def check_qdq(model, quantize_op_types=("MatMul", "Gemm", "Conv"), symmetric: bool = True,
+              tensorrt: bool = False, path: str | Path | None = None) -> dict:
+    """Verify a Q/DQ graph; returns a summary, raises ExportError naming the first violation.
+
+    Rules: opset >= 13; standard ONNX domain only; no QLinear*/Integer ops (QOperator format); Q/DQ outputs
+    consumed only by ``quantize_op_types`` nodes (and Shape) (LayerNorm/Softmax/GELU/Add... stay float); every zero-point
+    0 when ``symmetric``; for TensorRT also int8 only (no uint8/int32 DequantizeLinear), Conv weight scales
+    on axis 0 and MatMul weight scales on axis 1 (output channels).
+    """
+    from onnx import numpy_helper
+
+    opset = max((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset < 13:
+        raise ExportError(f"Q/DQ graph has opset {opset}; per-channel Q/DQ needs opset >= 13", path=path)
+    inits = {i.name: i for i in model.graph.initializer}
+    consumers: dict[str, list] = defaultdict(list)
+    for n in model.graph.node:
+        for x in n.input:
+            consumers[x].append(n)
+    nonzero, dtypes, quantized, axes = [], set(), set(), defaultdict(set)
+    for n in model.graph.node:
+        if n.domain not in ("", "ai.onnx"):
+            raise ExportError(f"node '{n.name}' uses domain '{n.domain}': only standard ONNX ops are allowed", path=path)
+        if n.op_type in _QLINEAR:
+            raise ExportError(f"node '{n.name}' is {n.op_type} (QOperator format); expected Q/DQ", path=path)
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if len(n.input) > 2 and n.input[2] in inits:
+            zp = numpy_helper.to_array(inits[n.input[2]])
+            dtypes.add(str(zp.dtype))
+            if np.any(zp != 0):
+                nonzero.append(n.name)
+        elif n.op_type == "DequantizeLinear" and n.input[0] in inits:
+            dtypes.add(str(numpy_helper.to_array(inits[n.input[0]]).dtype))
+        if n.op_type == "DequantizeLinear":
+            for c in consumers.get(n.output[0], []):
+                if c.op_type in ("Shape", "Size"):  # reads the shape only, not the rounded values
+                    continue
+                if c.op_type not in quantize_op_types:
+                    raise ExportError(f"a quantised tensor feeds '{c.name}' ({c.op_type}); only "
+                                      f"{'/'.join(quantize_op_types)} may be quantised", path=path)
+                quantized.add(c.name)
+                if n.input[0] in inits and inits[n.input[0]].dims and len(inits[n.input[0]].dims) > 1:
+                    axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+                    axes[c.op_type].add(int(axis))
+    if symmetric and nonzero:
+        raise ExportError(f"{len(nonzero)} Q/DQ node(s) have a non-zero zero-point (e.g. '{nonzero[0]}'); "
+                          "symmetric quantisation requires 0", path=path)
+    if tensorrt:
+        if dtypes - {"int8"}:
+            raise ExportError(f"TensorRT Q/DQ must be int8; found {sorted(dtypes)}", path=path)
+        want = {"Conv": {0}, "MatMul": {1}, "Gemm": {0, 1}}
+        for op, got in axes.items():
+            if not got <= want.get(op, got):
+                raise ExportError(f"{op} weight scales on axis {sorted(got)}; TensorRT needs the output-channel "
+                                  f"axis {sorted(want[op])}", path=path)
+    by_type: dict[str, int] = defaultdict(int)
+    for n in model.graph.node:
+        if n.name in quantized:
+            by_type[n.op_type] += 1
+    return {"opset": opset, "quantized_nodes": len(quantized), "quantized_by_type": dict(by_type),
+            "zero_point_dtypes": sorted(dtypes), "nonzero_zero_points": len(nonzero),
+            "weight_axes": {k: sorted(v) for k, v in axes.items()},
+            "qdq_nodes": sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)}
