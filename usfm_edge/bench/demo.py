@@ -28,6 +28,41 @@ def _say(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def head_circumference_table(bundle: Path, data: str) -> list[dict]:
+    """Predict each HC18 sample frame and compare the head circumference (ellipse fit, mm) with the reference."""
+    from usfm_edge.core.metrics import head_circumference_mm
+    from usfm_edge.data.readers import read_image
+    from usfm_edge.data.sources import load_records
+    from usfm_edge.runtime import Engine
+
+    rows = []
+    with Engine.open(bundle) as engine:
+        for r in load_records(data):
+            if r.hc_mm is None or not r.pixel_size_mm:
+                continue
+            res = engine.predict(read_image(r.image), pixel_spacing_mm=r.pixel_size_mm)
+            hc = head_circumference_mm(res.mask > 0, r.pixel_size_mm)
+            rows.append({"frame": r.image.name, "pixel_mm": r.pixel_size_mm, "hc_pred_mm": round(hc, 1),
+                         "hc_ref_mm": r.hc_mm, "abs_diff_mm": round(abs(hc - r.hc_mm), 1)})
+    return rows
+
+
+def _write_hc(path: Path, rows: list[dict]) -> Path:
+    from usfm_edge.core.io import atomic_write_text
+
+    lines = ["| frame | pixel mm | predicted HC mm | reference HC mm | abs. difference mm |", "|---|---|---|---|---|"]
+    lines += [f"| {r['frame']} | {r['pixel_mm']:.3f} | {r['hc_pred_mm']} | {r['hc_ref_mm']} | {r['abs_diff_mm']} |"
+              for r in rows]
+    if rows:
+        mae = sum(r["abs_diff_mm"] for r in rows) / len(rows)
+        lines.append(f"\nMean absolute difference over {len(rows)} frames: {mae:.1f} mm "
+                     "(these sample frames were part of the demo model's training set: this shows the pipeline, "
+                     "not the model's accuracy; see benchmarks/RESULTS.md for held-out numbers).")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    return atomic_write_text(path, text)
+
+
 def run_demo(out: str | Path = "demo_out", runs: int = 20, int8: bool = True) -> dict:
     """Run the demo; returns {"bundles": [...], "predictions": [...], "bench": {...}, "outputs": [...]}."""
     from usfm_edge.core.errors import ConfigError
@@ -76,6 +111,9 @@ def run_demo(out: str | Path = "demo_out", runs: int = 20, int8: bool = True) ->
         res = run_predict(bundles[name], files, pred_dir, pixel_spacing=None, progress=False)
         preds.append({"bundle": name, "out": str(pred_dir), "frames": len(res.get("records", res.get("frames", [])))})
         outputs.append(pred_dir)
+    if "hc18-openvino-int8" in bundles:
+        hc_rows = head_circumference_table(bundles["hc18-openvino-int8"], hc18)
+        outputs.append(_write_hc(out / "hc18_head_circumference.md", hc_rows))
     _say(f"benchmark {len([b for b in bundles if b.startswith('busbra')])} bundles against PyTorch fp32 ...")
     from usfm_edge.bench.latency import run_bench
     from usfm_edge.bench.report import markdown, write_all
