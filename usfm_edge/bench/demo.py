@@ -56,7 +56,7 @@ def _write_hc(path: Path, rows: list[dict]) -> Path:
     if rows:
         mae = sum(r["abs_diff_mm"] for r in rows) / len(rows)
         lines.append(f"\nMean absolute difference over {len(rows)} frames: {mae:.1f} mm "
-                     "(these sample frames were part of the demo model's training set: this shows the pipeline, "
+                     "(some sample frames may be in the demo model's training split: this shows the pipeline, "
                      "not the model's accuracy; see benchmarks/RESULTS.md for held-out numbers).")
     text = "\n".join(lines) + "\n"
     print(text)
