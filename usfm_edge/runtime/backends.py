@@ -11,6 +11,7 @@ raises ``BackendUnavailableError`` naming the extra to install when the library 
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -19,9 +20,20 @@ import numpy as np
 
 from usfm_edge.core.errors import BackendUnavailableError, BundleError, ConfigError, require
 
-__all__ = ["Backend", "OnnxRuntimeBackend", "OpenVINOBackend", "TensorRTBackend", "BACKEND_EXTRAS"]
+__all__ = ["Backend", "OnnxRuntimeBackend", "OpenVINOBackend", "TensorRTBackend", "BACKEND_EXTRAS", "available_backends",
+           "make_backend"]
 
 BACKEND_EXTRAS = {"onnxruntime": "onnx", "openvino": "openvino", "tensorrt": "tensorrt"}
+_ORDER = ("tensorrt", "openvino", "onnxruntime")
+_FILE_ROLE = {"tensorrt": "tensorrt_engine", "openvino": "openvino_xml", "onnxruntime": "onnx"}
+log = logging.getLogger(__name__)
+
+
+def available_backends() -> list[str]:
+    """Backends whose Python package is importable here (cheap: does not import them)."""
+    import importlib.util
+
+    return [b for b in _ORDER if importlib.util.find_spec(b) is not None]
 
 
 class Backend:
@@ -257,3 +269,56 @@ class TensorRTBackend(Backend):
                 self.cudart.cudaStreamDestroy(self.stream)
                 self.stream = None
             self.context = self.engine = None
+
+
+def make_backend(folder: Path, meta, backend: str = "auto", device: str = "auto", threads: int | None = None) -> Backend:
+    """Load a bundle's model on the best (or the requested) backend.
+
+    ``auto`` tries, among the model files the bundle holds, TensorRT engine > OpenVINO IR > ONNX Runtime,
+    skipping backends that are not installed and a TensorRT engine built for another GPU.
+
+    Args:
+        folder: the bundle folder.
+        meta: its ``BundleMeta``.
+        backend: ``auto``, ``tensorrt``, ``openvino`` or ``onnxruntime``.
+        device: ``auto`` (the bundle's default device when the backend is the bundle's own) or a device name.
+        threads: CPU threads.
+
+    Raises:
+        ConfigError: unknown backend name.
+        BundleError: the bundle lacks the requested model file, or the backend cannot load it.
+        BackendUnavailableError: no candidate backend is installed (names the extras).
+    """
+    folder = Path(folder)
+    names = [o.name for o in meta.outputs]
+    present = {b: (folder / meta.files[r]).is_file() for b, r in _FILE_ROLE.items() if r in meta.files}
+    if backend not in ("auto", *_ORDER):
+        raise ConfigError(f"unknown backend '{backend}'; choose auto, {', '.join(_ORDER)}")
+    if backend != "auto" and not present.get(backend):
+        have = ", ".join(b for b, ok in present.items() if ok) or "none"
+        raise BundleError(f"bundle has no model file for backend '{backend}' (usable: {have})", path=folder)
+    candidates = [backend] if backend != "auto" else [b for b in _ORDER if present.get(b)]
+    if not candidates:
+        raise BundleError("bundle holds no model file (onnx, openvino_xml or tensorrt_engine)", path=folder)
+    errors = []
+    for b in candidates:
+        dev = meta.device if (device == "auto" and b == meta.backend) else device
+        try:
+            if b == "tensorrt":
+                return TensorRTBackend(folder / meta.files["tensorrt_engine"], names, dev)
+            if b == "openvino":
+                return OpenVINOBackend(folder / meta.files["openvino_xml"], names, dev, meta.precision, threads)
+            return OnnxRuntimeBackend(folder / meta.files["onnx"], names, dev, threads,
+                                      fp16=meta.precision != "fp32")
+        except BackendUnavailableError as exc:
+            if backend != "auto":
+                raise
+            errors.append(f"{b}: {exc}")
+        except BundleError as exc:  # e.g. an engine built for another GPU: fall back to the portable files
+            if backend != "auto" or b != "tensorrt" or len(candidates) == 1:
+                raise
+            log.warning("%s; falling back to %s", exc, candidates[1])
+            errors.append(f"{b}: {exc}")
+    extras = " or ".join(f"'usfm-edge[{BACKEND_EXTRAS[b]}]'" for b in candidates)
+    raise BackendUnavailableError("no backend can run this bundle here: " + "; ".join(errors),
+                                  hint=f"pip install {extras}")

@@ -4,54 +4,69 @@
     with Engine.open("breast_seg.usfm") as engine:
         result = engine.predict(frame)            # uint8 grey/RGB array of any size, or a file path
         result.mask, result.areas_mm2
+        for r in engine.stream(read_dicom("cine.dcm").frames):   # cine loop, pipelined, in order
+            ...
 
 Raw-frame bundles do resize, filtering and normalisation inside the graph: the engine only validates the
 frame (``core.preprocess.check_frame``) and reads the outputs. ``bare`` bundles take the normalised
 ``(B, 3, S, S)`` tensor: the engine preprocesses with ``core.preprocess`` (the same resampling) and does
 the post-processing (resize back, softmax, argmax) in numpy.
+
+Every public method is safe to call from several threads at once (see ``backends``); a bad frame raises
+``InputError`` and leaves the engine usable.
 """
 
 from __future__ import annotations
 
-import logging
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from usfm_edge.core.bundle_schema import BundleMeta
-from usfm_edge.core.errors import BackendUnavailableError, BundleError, ConfigError, InputError
+from usfm_edge.core.errors import BundleError, ConfigError, DataError, InputError
 from usfm_edge.core.preprocess import PreprocessSpec, check_frame, preprocess, resize_matrix
-from usfm_edge.runtime.backends import (
-    BACKEND_EXTRAS,
-    Backend,
-    OnnxRuntimeBackend,
-    OpenVINOBackend,
-    TensorRTBackend,
-)
+from usfm_edge.runtime.backends import Backend, available_backends, make_backend
 from usfm_edge.runtime.bundle_io import read_meta, verify_bundle
-from usfm_edge.runtime.results import ClsResult, EnhanceResult, FeaturesResult, Result, SegResult, class_areas
+from usfm_edge.runtime.results import ClsResult, EnhanceResult, FeaturesResult, Result, SegResult
 
 __all__ = ["Engine", "available_backends"]
-
-log = logging.getLogger(__name__)
-
-_ORDER = ("tensorrt", "openvino", "onnxruntime")
-_FILE_ROLE = {"tensorrt": "tensorrt_engine", "openvino": "openvino_xml", "onnxruntime": "onnx"}
-
-
-def available_backends() -> list[str]:
-    """Backends whose Python package is importable here (cheap: does not import them)."""
-    import importlib.util
-
-    mods = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
-    return [b for b in _ORDER if importlib.util.find_spec(mods[b]) is not None]
 
 
 def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
+
+
+def _areas(mask: np.ndarray, labels: list[str], spacing: tuple[float, float] | None):
+    """Pixels (and mm²) per class; ``count_nonzero`` per class is ~10x faster than ``bincount`` on uint8 masks."""
+    k = max(len(labels), int(mask.max()) + 1) if mask.size else len(labels)
+    names = [labels[i] if i < len(labels) else f"class_{i}" for i in range(k)]
+    if k <= 16:
+        px = {n: int(np.count_nonzero(mask == i)) for i, n in enumerate(names)}
+    else:
+        px = {n: int(c) for n, c in zip(names, np.bincount(mask.ravel(), minlength=k))}
+    if spacing is None:
+        return px, None
+    area = float(spacing[0]) * float(spacing[1])
+    return px, {n: c * area for n, c in px.items()}
+
+
+def _spacing(value) -> tuple[float, float] | None:
+    """``None``, a number (isotropic) or ``(row, col)`` -> ``(row, col)`` floats in mm."""
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list, np.ndarray)):
+        if len(value) != 2:
+            raise ConfigError(f"pixel spacing must be one number or (row, col) in mm, got {value!r}")
+        out = (float(value[0]), float(value[1]))
+    else:
+        out = (float(value), float(value))
+    if not all(np.isfinite(v) and v > 0 for v in out):
+        raise ConfigError(f"pixel spacing must be positive and finite, got {value!r}")
+    return out
 
 
 def _resize_maps(maps: np.ndarray, hw: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
@@ -63,12 +78,20 @@ def _resize_maps(maps: np.ndarray, hw: tuple[int, int], mode: str = "bilinear") 
 
 
 class Engine:
-    """A bundle loaded on one backend; thread-safe ``predict`` / ``predict_batch``.
+    """A bundle loaded on one backend; thread-safe ``predict`` / ``predict_batch`` / ``stream``.
 
     Use :meth:`open`; the constructor takes an already created backend.
+
+    Attributes:
+        folder: the bundle folder.
+        meta: its ``usfm.json`` (``BundleMeta``).
+        backend: the loaded backend (``name``, ``device``, ``version``).
+        task: ``seg``, ``cls``, ``enhance`` or ``features``.
+        labels: class names (seg/cls).
+        max_side: longest frame side accepted (the bundle's limit, lowered by ``open(max_side=...)``).
     """
 
-    def __init__(self, folder: Path, meta: BundleMeta, backend: Backend):
+    def __init__(self, folder: Path, meta: BundleMeta, backend: Backend, max_side: int | None = None):
         self.folder = Path(folder)
         self.meta = meta
         self.backend = backend
@@ -77,6 +100,14 @@ class Engine:
         self.spec = PreprocessSpec.from_dict(meta.preprocessing)
         self.raw = bool(meta.input.raw_frame)
         self.output_names = [o.name for o in meta.outputs]
+        limits = [int(meta.input.max_side), int(self.spec.max_side)]
+        if max_side is not None:
+            if int(max_side) < int(meta.input.min_side):
+                raise ConfigError(f"max_side {max_side} is below the bundle's min_side {meta.input.min_side}")
+            limits.append(int(max_side))
+        self.max_side = min(limits)
+        self._shared: dict = {}  # threads / queues kept between streams (runtime.stream)
+        self._shared_lock = threading.Lock()
         self._mask = None
         if not self.raw and meta.band_stop.get("enabled"):
             name = meta.files.get("band_stop_mask")
@@ -87,7 +118,7 @@ class Engine:
     # -- construction ------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, backend: str = "auto", device: str = "auto", threads: int | None = None,
-             warmup: int = 1, verify: bool = True) -> Engine:
+             warmup: int = 1, verify: bool = True, *, max_side: int | None = None) -> Engine:
         """Verify a bundle, load it on a backend and warm it up.
 
         Args:
@@ -98,57 +129,31 @@ class Engine:
             threads: CPU threads for ONNX Runtime / OpenVINO (None = backend default).
             warmup: number of warm-up runs on a blank frame.
             verify: check ``SHA256SUMS`` and the schema first (``verify_bundle``).
+            max_side: refuse frames with a longer side (protects the device's memory); None = the bundle's limit.
 
         Raises:
             BundleError: corrupt, tampered or too new bundle, or a model the backend cannot load.
             BackendUnavailableError: the needed backend is not installed (names the extra).
-            ConfigError: unknown backend name.
+            ConfigError: unknown backend name or a bad ``max_side``.
         """
         folder = Path(path)
         meta = verify_bundle(folder) if verify else read_meta(folder)
-        be = cls._make_backend(folder, meta, backend, device, threads)
-        engine = cls(folder, meta, be)
-        for _ in range(max(0, int(warmup))):
-            engine.run_raw(engine._blank_input())
+        be = make_backend(folder, meta, backend, device, threads)
+        try:
+            engine = cls(folder, meta, be, max_side=max_side)
+            for _ in range(max(0, int(warmup))):
+                engine.run_raw(engine._blank_input())
+        except BaseException:
+            be.close()
+            raise
         return engine
 
-    @staticmethod
-    def _make_backend(folder: Path, meta: BundleMeta, backend: str, device: str, threads: int | None) -> Backend:
-        names = [o.name for o in meta.outputs]
-        present = {b: (folder / meta.files[r]).is_file() for b, r in _FILE_ROLE.items() if r in meta.files}
-        if backend not in ("auto", *_ORDER):
-            raise ConfigError(f"unknown backend '{backend}'; choose auto, {', '.join(_ORDER)}")
-        if backend != "auto" and not present.get(backend):
-            have = ", ".join(b for b, ok in present.items() if ok) or "none"
-            raise BundleError(f"bundle has no model file for backend '{backend}' (usable: {have})", path=folder)
-        candidates = [backend] if backend != "auto" else [b for b in _ORDER if present.get(b)]
-        if not candidates:
-            raise BundleError("bundle holds no model file (onnx, openvino_xml or tensorrt_engine)", path=folder)
-        errors = []
-        for b in candidates:
-            dev = meta.device if (device == "auto" and b == meta.backend) else device
-            try:
-                if b == "tensorrt":
-                    return TensorRTBackend(folder / meta.files["tensorrt_engine"], names, dev)
-                if b == "openvino":
-                    return OpenVINOBackend(folder / meta.files["openvino_xml"], names, dev, meta.precision, threads)
-                return OnnxRuntimeBackend(folder / meta.files["onnx"], names, dev, threads,
-                                          fp16=meta.precision != "fp32")
-            except BackendUnavailableError as exc:
-                if backend != "auto":
-                    raise
-                errors.append(f"{b}: {exc}")
-            except BundleError as exc:  # e.g. an engine built for another GPU: fall back to the portable files
-                if backend != "auto" or b != "tensorrt" or len(candidates) == 1:
-                    raise
-                log.warning("%s; falling back to %s", exc, candidates[1])
-                errors.append(f"{b}: {exc}")
-        extras = " or ".join(f"'usfm-edge[{BACKEND_EXTRAS[b]}]'" for b in candidates)
-        raise BackendUnavailableError("no backend can run this bundle here: " + "; ".join(errors),
-                                      hint=f"pip install {extras}")
-
     def close(self) -> None:
-        """Release the backend."""
+        """Release the backend and the threads kept for streaming."""
+        with self._shared_lock:
+            shared, self._shared = list(self._shared.values()), {}
+        for res in shared:
+            res.shutdown()
         if self.backend is not None:
             self.backend.close()
             self.backend = None
@@ -177,32 +182,63 @@ class Engine:
 
     def run_raw(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Run the graph on its own input tensor (uint8 ``(B, H, W)`` or normalised ``(B, 3, S, S)``)."""
-        if self.backend is None:
+        backend = self.backend
+        if backend is None:
             raise BundleError("engine is closed", path=self.folder)
-        return self.backend.run(batch)
+        return backend.run(batch)
 
     def check(self, frame) -> np.ndarray:
-        """Validate one frame against the bundle's input contract -> uint8 grey ``(H, W)``."""
+        """Validate one frame against the bundle's input contract -> C-contiguous uint8 grey ``(H, W)``.
+
+        Accepts uint8 ``(H, W)``, ``(H, W, 1|3|4)`` or ``(1|3, H, W)`` arrays in any memory layout; RGB(A)
+        becomes BT.601 luma (the graph takes grey).
+
+        Raises:
+            InputError: empty, non-uint8 (float, NaN/inf, int16, bool...), wrong shape, too small or too
+                large frames, or a size a static bundle was not exported for; the message names the problem.
+        """
+        if isinstance(frame, np.ndarray):
+            if frame.size == 0:
+                raise InputError(f"frame is empty (shape {frame.shape})")
+            if frame.dtype == np.bool_:
+                raise InputError("frame has dtype bool (a mask?); expected a uint8 grey or RGB frame")
+            if frame.dtype.kind in "fc" and not np.isfinite(frame).all():
+                raise InputError(f"frame ({frame.dtype}) contains NaN or infinite values; expected a uint8 frame",
+                                 hint="fix the source of the frame; the engine never guesses a value for NaN")
         gray = check_frame(frame, self.spec)
         h, w = gray.shape
         inp = self.meta.input
-        if min(h, w) < inp.min_side or max(h, w) > inp.max_side:
-            raise InputError(f"frame is {h}x{w}; this bundle accepts sides {inp.min_side}..{inp.max_side} px")
+        if min(h, w) < inp.min_side:
+            raise InputError(f"frame is {h}x{w}; this bundle needs sides of at least {inp.min_side} px")
+        if max(h, w) > self.max_side:
+            raise InputError(f"frame is {h}x{w}, larger than the configured maximum side {self.max_side} px",
+                             hint="crop or downsample the frame, or open the engine with a larger max_side")
         if inp.static_hw is not None and [h, w] != list(inp.static_hw):
             sh, sw = inp.static_hw
             raise InputError(f"frame is {h}x{w} but this bundle has static shapes for {sh}x{sw} frames",
                              hint="export again with frame_size=(H, W) of your scanner, or use the 'onnx' target")
         return gray
 
-    def _load(self, item, spacing):
+    def load(self, item, pixel_spacing_mm=None) -> tuple[np.ndarray, tuple[float, float] | None]:
+        """A frame or a file path -> ``(checked grey frame, spacing)``.
+
+        Files are read with ``usfm_edge.data.readers`` (a DICOM gives its first frame and its own pixel
+        spacing, which wins over ``pixel_spacing_mm``; iterate ``read_dicom(path).frames`` for a cine loop).
+
+        Raises:
+            InputError: the frame is unusable.
+            DataError: the file cannot be read.
+        """
+        spacing = _spacing(pixel_spacing_mm)
         if isinstance(item, (str, Path)):
             from usfm_edge.data.readers import is_dicom, read_dicom, read_image
 
-            if is_dicom(item):
+            if Path(item).is_file() and is_dicom(item):
                 d = read_dicom(item)
-                return d.frames[0], spacing if spacing is not None else d.pixel_spacing_mm
-            return read_image(item), spacing
-        return item, spacing
+                item, spacing = d.frames[0], (d.pixel_spacing_mm or spacing)
+            else:
+                item = read_image(item)
+        return self.check(item), spacing
 
     # -- prediction ----------------------------------------------------------------------------------
     def predict(self, frame, pixel_spacing_mm: float | tuple[float, float] | None = None) -> Result:
@@ -210,16 +246,20 @@ class Engine:
 
         Args:
             frame: uint8 grey ``(H, W)`` or RGB ``(H, W, 3)`` array of any size, or an image/DICOM path.
-            pixel_spacing_mm: ``(row, col)`` or isotropic spacing for seg areas in mm² (DICOM files carry it).
+            pixel_spacing_mm: ``(row, col)`` or isotropic spacing for seg areas in mm² (a DICOM's own wins).
 
         Returns:
-            ``SegResult``, ``ClsResult``, ``EnhanceResult`` or ``FeaturesResult``.
+            ``SegResult``, ``ClsResult``, ``EnhanceResult`` or ``FeaturesResult``; ``timing_ms`` covers
+            preprocessing, inference and post-processing of the frame.
 
         Raises:
             InputError: the frame is unusable (the engine stays usable).
             DataError: the path cannot be read.
         """
-        return self.predict_batch([frame], pixel_spacing_mm)[0]
+        gray, spacing = self.load(frame, pixel_spacing_mm)
+        t0 = time.perf_counter()
+        out = self._infer([gray])
+        return self._result({k: v[0] for k, v in out.items()}, spacing, (time.perf_counter() - t0) * 1000.0)
 
     def predict_batch(self, frames: Iterable, pixel_spacing_mm: float | tuple[float, float] | None = None,
                       batch_size: int = 8) -> list[Result]:
@@ -232,17 +272,16 @@ class Engine:
 
         Returns:
             one result per frame, in order.
+
+        Raises:
+            InputError: a frame is unusable (the message starts with its index); nothing is run.
         """
         loaded = []
         for i, item in enumerate(frames):
-            raw, spacing = self._load(item, pixel_spacing_mm)
             try:
-                gray = self.check(raw)
-            except InputError as exc:
-                raise InputError(f"frame {i}: {exc.message}", hint=exc.hint) from None
-            if spacing is not None and not isinstance(spacing, (tuple, list)):
-                spacing = (float(spacing), float(spacing))
-            loaded.append((gray, tuple(spacing) if spacing is not None else None))
+                loaded.append(self.load(item, pixel_spacing_mm))
+            except (InputError, DataError) as exc:
+                raise type(exc)(f"frame {i}: {exc.message}", path=exc.path, hint=exc.hint) from None
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (g, _) in enumerate(loaded):
             groups.setdefault(g.shape, []).append(i)
@@ -258,13 +297,39 @@ class Engine:
                     results[i] = self._result({k: v[j] for k, v in outs.items()}, loaded[i][1], per)
         return results  # type: ignore[return-value]
 
-    def _infer(self, grays: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-        """Frames of one size -> final per-frame outputs (post-processed to frame size)."""
+    def stream(self, frames: Iterable, pixel_spacing_mm: float | tuple[float, float] | None = None, *,
+               depth: int | None = None, on_error: str = "raise") -> Iterator:
+        """Predict a sequence of frames (a cine loop, a camera, a folder) with a pipeline; results in order.
+
+        Reading and checking the next frames, inference and the caller's work on earlier results overlap
+        (OpenVINO: an ``AsyncInferQueue`` of ``depth`` requests; ONNX Runtime / TensorRT: a worker thread);
+        see :mod:`usfm_edge.runtime.stream`.
+
+        Args:
+            frames: any iterable of arrays, paths, or ``(frame, pixel_spacing_mm)`` pairs, e.g. the frames
+                of ``read_dicom(path).frames``. Each frame is copied, so a reused camera buffer is safe.
+            pixel_spacing_mm: spacing for frames without their own.
+            depth: frames in flight (None = 2, or OpenVINO's optimal number of requests if larger).
+            on_error: ``raise`` (stop at a bad frame, after yielding the results before it) or ``yield``
+                (yield the ``InputError``/``DataError`` in the bad frame's place and go on).
+
+        Yields:
+            one result per frame, in input order.
+        """
+        from usfm_edge.runtime.stream import stream_results
+
+        return stream_results(self, frames, pixel_spacing_mm, depth=depth, on_error=on_error)
+
+    def _prepare(self, grays: Sequence[np.ndarray]) -> np.ndarray:
+        """Checked grey frames of one size -> the graph's input batch."""
         if self.raw:
-            return self.run_raw(np.stack(grays))
-        x = np.stack([self._preprocess(g) for g in grays])
-        outs = self.run_raw(x)
-        hw = grays[0].shape
+            return grays[0][None] if len(grays) == 1 else np.stack(grays)
+        return np.stack([self._preprocess(g) for g in grays])
+
+    def _finish(self, outs: dict[str, np.ndarray], hw: tuple[int, int]) -> dict[str, np.ndarray]:
+        """Graph outputs -> final per-frame outputs at frame size (numpy post-processing of bare bundles)."""
+        if self.raw:
+            return outs
         if self.task == "seg":
             logits = _resize_maps(outs["logits"], hw)
             return {"probs": _softmax(logits, 1).astype(np.float32), "mask": logits.argmax(1).astype(np.uint8)}
@@ -274,6 +339,10 @@ class Engine:
             img = _resize_maps(outs["restored"][:, 0], hw)
             return {"restored": np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)}
         return outs
+
+    def _infer(self, grays: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """Frames of one size -> final per-frame outputs (post-processed to frame size)."""
+        return self._finish(self.run_raw(self._prepare(grays)), grays[0].shape)
 
     def _preprocess(self, gray: np.ndarray) -> np.ndarray:
         if self._mask is None:
@@ -291,7 +360,7 @@ class Engine:
     def _result(self, out: dict[str, np.ndarray], spacing, ms: float) -> Result:
         if self.task == "seg":
             mask = np.ascontiguousarray(out["mask"])
-            px, mm2 = class_areas(mask, self.labels, spacing)
+            px, mm2 = _areas(mask, self.labels, spacing)
             return SegResult(mask=mask, probs=np.ascontiguousarray(out["probs"], dtype=np.float32), labels=self.labels,
                              areas_px=px, areas_mm2=mm2, pixel_spacing_mm=spacing, timing_ms=ms)
         if self.task == "cls":

@@ -1,0 +1,278 @@
+"""``usfm-edge predict``: run a bundle over PNG/JPEG/DICOM files, folders and cine loops; write overlays + tables.
+
+    usfm-edge predict hc18-seg.usfm scans/ cine.dcm --out predictions --pixel-spacing 0.12
+
+Writes into ``--out`` (each file atomically: temporary file + rename):
+
+* ``overlays/<name>.png``: seg: each class's contour (and a light tint) in its colour with areas (and the head
+  circumference) written on the frame; cls: the label and its probability; enhance: input and enhanced frames
+  side by side. Frames of a cine loop get ``_fNNNN`` suffixes.
+* ``results.json``: the bundle, backend, one record per frame and the files that could not be read.
+* ``results.csv``: one row per frame: file, frame, per-class areas in px and mm², head circumference (HC18-style
+  models), label/probability (cls), timing_ms.
+* ``features.npy`` for ``features`` bundles (one row per frame, in the order of ``results.csv``).
+
+Pixel spacing: a DICOM's own spacing wins; ``--pixel-spacing`` serves the other files. HC18-style models are
+recognised by a label containing ``fetal_head`` or a note in ``usfm.json`` mentioning HC18 / head circumference;
+the circumference (mm) is the ellipse fit of the head mask (``core.metrics.head_circumference_mm``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+from collections import deque
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from usfm_edge.core.errors import DataError, InputError
+from usfm_edge.core.io import atomic_save_npy, atomic_write_bytes, atomic_write_json, atomic_write_text
+
+__all__ = ["run_predict", "expand_inputs", "hc_label_index"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
+
+
+def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given; folders expanded recursively to image/DICOM files (DICOMs without a suffix too), sorted.
+
+    Raises:
+        DataError: a path does not exist, or a folder holds no readable file.
+    """
+    from usfm_edge.data.readers import is_dicom
+
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and (
+                f.suffix.lower() in IMAGE_SUFFIXES or (f.suffix == "" and is_dicom(f))))
+            if not found:
+                raise DataError("folder holds no PNG/JPEG/BMP/TIFF/DICOM files", path=p)
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise DataError("input not found", path=p)
+    return out
+
+
+def hc_label_index(meta) -> int | None:
+    """Class index of the fetal head for HC18-style bundles (label or ``usfm.json`` notes), else None."""
+    if meta.task != "seg":
+        return None
+    for i, name in enumerate(meta.labels):
+        if "fetal_head" in name.lower().replace(" ", "_").replace("-", "_"):
+            return i
+    notes = " ".join(str(n) for n in meta.notes).lower()
+    if any(key in notes for key in ("hc18", "head circumference", "fetal_head", "fetal head")):
+        return 1 if len(meta.labels) > 1 else None
+    return None
+
+
+def _hc(mask: np.ndarray, k: int, spacing) -> tuple[float | None, str | None]:
+    from usfm_edge.core.metrics import head_circumference_mm
+
+    if spacing is None:
+        return None, "pixel spacing unknown: give --pixel-spacing or a DICOM with PixelSpacing"
+    dy, dx = spacing
+    if abs(dy - dx) > 0.01 * max(dy, dx):
+        return None, f"anisotropic pixel spacing {dy}x{dx} mm: the ellipse fit needs square pixels"
+    head = mask == k
+    if not head.any():
+        return None, "no fetal head segmented"
+    return round(head_circumference_mm(head, (dy + dx) / 2.0), 3), None
+
+
+class _Names:
+    """Unique overlay file names: ``stem.png``, ``stem_f0003.png`` for cine frames, ``stem-2.png`` on clashes."""
+
+    def __init__(self):
+        self.used: set[str] = set()
+
+    def __call__(self, path: Path, frame: int, n_frames: int) -> str:
+        base = path.stem if n_frames == 1 else f"{path.stem}_f{frame:04d}"
+        name, k = f"{base}.png", 2
+        while name in self.used:
+            name, k = f"{base}-{k}.png", k + 1
+        self.used.add(name)
+        return name
+
+
+def _frames_of(files: list[Path], spacing, pending: deque, read_errors: deque) -> Iterator:
+    """Runs in the stream's loader thread: every frame of every file, as ``(frame, spacing)``; notes each in ``pending``."""
+    from usfm_edge.data.readers import is_dicom, iter_frames, read_dicom
+
+    for f in files:
+        try:
+            if is_dicom(f):
+                d = read_dicom(f)
+                frames, sp = d.frames, d.pixel_spacing_mm
+                source = "dicom" if sp is not None else None
+            else:
+                frames, sp, source = [fr for _, fr in iter_frames(f)], None, None
+        except DataError as exc:
+            read_errors.append({"file": str(f), "frame": None, "error": exc.message})
+            continue
+        if sp is None and spacing is not None:
+            sp, source = spacing, "option"
+        for i, frame in enumerate(frames):
+            pending.append((f, i, len(frames), frame, sp, source))
+            yield frame, sp
+
+
+def _record(result, f: Path, i: int, n: int, sp, source, hc_index) -> dict:
+    h, w = (result.mask.shape if result.task == "seg" else (result.image.shape if result.task == "enhance" else (0, 0)))
+    rec: dict = {"file": str(f), "frame": i, "frames_in_file": n, "timing_ms": round(float(result.timing_ms), 3),
+                 "pixel_spacing_mm": list(sp) if sp is not None else None, "pixel_spacing_source": source}
+    if result.task == "seg":
+        rec.update(height=h, width=w, areas_px=result.areas_px,
+                   areas_mm2={k: round(v, 4) for k, v in result.areas_mm2.items()} if result.areas_mm2 else None)
+        if hc_index is not None:
+            rec["hc_mm"], rec["hc_note"] = _hc(result.mask, hc_index, sp)
+    elif result.task == "cls":
+        rec.update(label=result.label_name, prob=round(float(result.probs[result.label]), 6),
+                   probs={n_: round(float(p), 6) for n_, p in zip(result.labels, result.probs)})
+    elif result.task == "features":
+        rec["feature_norm"] = round(float(np.linalg.norm(result.features)), 6)
+    return rec
+
+
+def _overlay(result, frame: np.ndarray, rec: dict, labels: list[str]) -> np.ndarray | None:
+    from usfm_edge.runtime import overlay
+
+    gray = frame
+    if result.task == "seg":
+        lines = []
+        for name in labels[1:]:
+            px = rec["areas_px"].get(name, 0)
+            mm2 = (rec["areas_mm2"] or {}).get(name)
+            lines.append(f"{name}: {px} px" + (f" = {mm2:.1f} mm2" if mm2 is not None else ""))
+        if "hc_mm" in rec:
+            lines.append(f"HC {rec['hc_mm']:.1f} mm" if rec["hc_mm"] is not None else f"HC: {rec['hc_note']}")
+        return overlay.seg_overlay(gray, result.mask, labels, lines)
+    if result.task == "cls":
+        return overlay.cls_overlay(gray, result.label_name, rec["prob"], result.probs, result.labels)
+    if result.task == "enhance":
+        return overlay.enhance_overlay(gray, result.image)
+    return None
+
+
+def _csv(records: list[dict], task: str, labels: list[str], hc: bool) -> str:
+    cols = ["file", "frame"]
+    if task == "seg":
+        cols += [f"area_px_{n}" for n in labels] + [f"area_mm2_{n}" for n in labels] + (["hc_mm"] if hc else [])
+    elif task == "cls":
+        cols += ["label", "prob"] + [f"prob_{n}" for n in labels]
+    elif task == "features":
+        cols += ["feature_norm"]
+    cols += ["timing_ms", "overlay"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in records:
+        row = dict(r)
+        for n in labels:
+            row[f"area_px_{n}"] = (r.get("areas_px") or {}).get(n)
+            row[f"area_mm2_{n}"] = (r.get("areas_mm2") or {}).get(n)
+            row[f"prob_{n}"] = (r.get("probs") or {}).get(n)
+        writer.writerow(row)
+    return buf.getvalue()
+
+
+def _drain(src: deque, dst: list) -> int:
+    n = 0
+    while src:
+        dst.append(src.popleft())
+        n += 1
+    return n
+
+
+def run_predict(bundle: str | Path, inputs: Sequence[str | Path], out: str | Path, backend: str = "auto",
+                device: str = "auto", pixel_spacing: float | None = None, threads: int | None = None,
+                overlays: bool = True, progress: bool = True) -> dict:
+    """Predict every frame of ``inputs`` with ``bundle`` and write overlays, ``results.json`` and ``results.csv``.
+
+    Args:
+        bundle: the ``NAME.usfm`` folder.
+        inputs: files and folders (PNG/JPEG/BMP/TIFF/DICOM, multi-frame DICOM cine).
+        out: output folder (created).
+        backend: ``auto``, ``onnxruntime``, ``openvino`` or ``tensorrt``.
+        device: backend device (``auto``, ``cpu``, ``gpu``...).
+        pixel_spacing: isotropic mm per pixel for files without their own (DICOM) spacing.
+        threads: backend CPU threads.
+        overlays: write the overlay PNGs.
+        progress: show a click progress bar (on stderr).
+
+    Returns:
+        the ``results.json`` content.
+
+    Raises:
+        DataError: an input could not be read or a frame was unusable (raised after every other frame was
+            predicted and the outputs written; the message counts the failures).
+        BundleError, BackendUnavailableError: the bundle cannot be opened.
+    """
+    import click
+
+    from usfm_edge.runtime.engine import Engine
+
+    out = Path(out)
+    files = expand_inputs(inputs)
+    spacing = None if pixel_spacing is None else (float(pixel_spacing), float(pixel_spacing))
+    engine = Engine.open(bundle, backend=backend, device=device, threads=threads)
+    hc_index = hc_label_index(engine.meta)
+    records: list[dict] = []
+    errors: list[dict] = []
+    features: list[np.ndarray] = []
+    names = _Names()
+    pending: deque = deque()
+    read_errors: deque = deque()  # appended by the stream's loader thread
+    bar = click.progressbar(length=len(files), label="predict", file=sys.stderr if progress else io.StringIO(),
+                            show_pos=True)
+    done_files = 0
+
+    def advance(n: int) -> None:
+        nonlocal done_files
+        bar.update(n)
+        done_files += n
+
+    with engine, bar:
+        source = _frames_of(files, spacing, pending, read_errors)
+        for result in engine.stream(source, on_error="yield"):
+            f, i, n, frame, sp, src = pending.popleft()
+            advance(_drain(read_errors, errors) + (i == n - 1))
+            if isinstance(result, (InputError, DataError)):
+                errors.append({"file": str(f), "frame": i, "error": result.message})
+                continue
+            rec = _record(result, f, i, n, sp, src, hc_index)
+            if overlays:
+                picture = _overlay(result, frame, rec, engine.labels)
+                if picture is not None:
+                    from usfm_edge.runtime.overlay import png_bytes
+
+                    name = names(f, i, n)
+                    atomic_write_bytes(out / "overlays" / name, png_bytes(picture))
+                    rec["overlay"] = f"overlays/{name}"
+            if result.task == "features":
+                rec["feature_row"] = len(features)
+                features.append(result.features)
+            records.append(rec)
+        _drain(read_errors, errors)
+        advance(len(files) - done_files)
+        backend_name = engine.backend.name
+    summary = {"bundle": str(bundle), "name": engine.meta.name, "task": engine.task, "labels": engine.labels,
+               "backend": backend_name, "precision": engine.meta.precision,
+               "head_circumference": hc_index is not None, "files": len(files), "frames": len(records),
+               "errors": errors, "mean_timing_ms": round(float(np.mean([r["timing_ms"] for r in records])), 3)
+               if records else None, "records": records}
+    if features:
+        atomic_save_npy(out / "features.npy", np.stack(features))
+    atomic_write_json(out / "results.json", summary)
+    atomic_write_text(out / "results.csv", _csv(records, engine.task, engine.labels, hc_index is not None))
+    if errors:
+        raise DataError(f"{len(errors)} input(s) failed, {len(records)} frame(s) predicted; the failures are listed "
+                        f"in results.json: " + "; ".join(f"{e['file']}[{e['frame']}]: {e['error']}" for e in errors[:3]),
+                        path=out / "results.json")
+    return summary
