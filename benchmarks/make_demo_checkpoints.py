@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from usfm_edge.bench.demo import DEMO_CHECKPOINTS, checkpoints_dir
 from usfm_edge.models.tasks import load_task_model, save_task_checkpoint
