@@ -102,6 +102,8 @@ def test_recipe_translations():
     assert trt["extra_options"]["ActivationSymmetric"] and not trt["extra_options"]["QuantizeBias"]
     assert r.activations_symmetric("onnxruntime") and not r.activations_symmetric("openvino")
     assert r.max_drop_for("seg") == 0.01 and r.max_drop_for("enhance") == 0.5
+    assert r.in_float_scope("/model/head/ppm.0/ppm.0.0/MatMul") and r.in_float_scope("/model/aux_head/Conv")
+    assert not r.in_float_scope("/model/blocks.0/attn/MatMul") and r.to_dict()["float_scopes"] == list(r.float_scopes)
     with pytest.raises(ConfigError, match="destroys"):
         QuantRecipe(quantize_op_types=("MatMul", "Add"))
 
@@ -123,14 +125,13 @@ def test_import_stays_light():
 
 
 # -- a model worth quantising -----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def seg_ckpt(tmp_path_factory) -> Path:
+def _trained_seg_ckpt(path: Path, **head) -> Path:
     from usfm_edge.core.preprocess import preprocess
     from usfm_edge.data.sources import load_records, read_record_mask
     from usfm_edge.models.tasks import build_task_model, save_task_checkpoint
 
     torch.manual_seed(0)
-    model = build_task_model("seg", "usfm_vit_test", img_size=64, num_classes=2)
+    model = build_task_model("seg", "usfm_vit_test", img_size=64, num_classes=2, **head)
     recs = [r for s in SPECS for r in load_records(s)]
     x = torch.from_numpy(np.stack([preprocess(read_image(r.image), model.preprocess) for r in recs]))
     y = torch.from_numpy(np.stack([read_record_mask(r, (64, 64)) > 0 for r in recs]).astype(np.int64))
@@ -148,7 +149,17 @@ def seg_ckpt(tmp_path_factory) -> Path:
             opt.step()
     finally:
         torch.set_num_threads(threads)
-    return save_task_checkpoint(model.eval(), tmp_path_factory.mktemp("ckpt") / "seg.safetensors")
+    return save_task_checkpoint(model.eval(), path)
+
+
+@pytest.fixture(scope="module")
+def seg_ckpt(tmp_path_factory) -> Path:
+    return _trained_seg_ckpt(tmp_path_factory.mktemp("ckpt") / "seg.safetensors")
+
+
+@pytest.fixture(scope="module")
+def upernet_ckpt(tmp_path_factory) -> Path:
+    return _trained_seg_ckpt(tmp_path_factory.mktemp("ckpt") / "seg-upernet.safetensors", head="upernet")
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +180,7 @@ def _qdq_rules(model_path: Path, tensorrt: bool) -> dict:
     head = [n for n in model.graph.node if n.op_type == "Conv" and n.name.endswith("cls_seg/Conv")]
     assert head and not set(head[0].input) & dq, "the task classifier stays float"
     for n in model.graph.node:  # LayerNorm / Softmax / GELU / Add read float tensors only
-        if n.op_type in ("LayerNormalization", "Softmax", "Erf", "Add", "Resize"):
+        if n.op_type in ("LayerNormalization", "Softmax", "Erf", "Add", "Resize", "Concat", "Shape"):
             assert not set(n.input) & dq, n.name
     return summary
 
@@ -200,6 +211,46 @@ def test_qdq_bundles_pass_gate_and_parity(seg_ckpt, target, tmp_path):
         res = engine.predict(read_image(SAMPLE / "busbra" / "Images" / "bus_0090-l.png").copy()
                              if target == "onnx" else np.zeros((64, 64), np.uint8) + 90)
         assert res.mask.dtype == np.uint8
+
+
+@pytest.mark.parametrize("target", ["onnx", "jetson"])
+def test_upernet_qdq_bundles(upernet_ckpt, target, tmp_path):
+    """UperNet's PPM input feeds pooling MatMuls and a Concat, its FPN levels a Conv and a Resize: a shared
+    Q/DQ pair used to reach the Concat ("a quantised tensor feeds '/model/head/Concat_8'"); the head stays float."""
+    from usfm_edge.export import export
+
+    out = export(upernet_ckpt, target, "int8", out=tmp_path / f"upernet-{target}-int8",
+                 quantizer=make_quantizer(SPECS, max_drop=0.02))
+    meta = json.loads((out / "usfm.json").read_text())
+    assert meta["precision"] == "int8" and meta["parity"]["passed"]
+    gate = meta["calibration"]["report"]["gate"]
+    assert gate["passed"] and abs(gate["drop"]) <= 0.02 and gate["fidelity"]["probs"]["centred_cosine_mean"] > 0.95
+    summary = _qdq_rules(out / "model.onnx", tensorrt=target == "jetson")
+    assert summary["weight_axes"] == {"Conv": [0], "MatMul": [1]}
+    model = onnx.load(str(out / "model.onnx"))
+    dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    head = [n for n in model.graph.node if n.name.startswith("/model/head/")]
+    assert any(n.op_type == "Concat" for n in head) and not [n.name for n in head if set(n.input) & dq]
+
+
+def test_shared_qdq_never_reaches_float_ops(upernet_ckpt, tmp_path):
+    """With the head quantised too (no float scope), the quantiser's shared Q/DQ pairs are split: Concat, Resize
+    and Shape read the float tensor, the graph passes the TensorRT Q/DQ rules."""
+    from usfm_edge.calibration.backends.ort_qdq import quantize_onnx_qdq
+    from usfm_edge.export import export
+
+    fp32 = export(upernet_ckpt, "onnx", "fp32", out=tmp_path / "upernet-onnx-fp32")
+    frames = build_calibration_set([BUSBRA], n=8, min_frames=4).frames
+    path, details = quantize_onnx_qdq(fp32 / "model.onnx", frames, QuantRecipe(float_scopes=()), tmp_path / "w",
+                                      backend="tensorrt")
+    assert details["qdq"]["float_consumers_rewired"] > 0 and any("float tensor" in n for n in details["notes"])
+    assert details["qdq"]["quantized_by_type"]["Conv"] > 5  # the PPM/FPN convs were quantised this time
+    model = onnx.load(str(path))
+    dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    assert all(n.op_type in ("MatMul", "Gemm", "Conv") for n in model.graph.node if set(n.input) & dq)
+    used = {x for n in model.graph.node for x in n.input}
+    assert all(o in used for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+               for o in n.output)
 
 
 def _crushed_folder(tmp_path: Path) -> str:

@@ -10,6 +10,19 @@ The transformer preset (``QuantRecipe()``) and why (reference/perf-baseline.md ย
   plus an ignored scope covering everything outside the model body.
 * **The last layer (the task classifier) stays float** (NNCF/ModelOpt ViT practice: the head is small and
   its errors go straight to the output).
+* **The task head stays float** (``float_scopes``: every node whose name starts with ``/model/head/`` or
+  ``/model/aux_head/``, i.e. the seg/enhance decoder and UperNet's auxiliary FCN head; the cls head is the last
+  layer anyway). The INT8 time is in the ViT body's MatMuls; the decoder is small next to it at these sizes and
+  sensitive: on a UperNet seg model trained for 20 steps, quantising its PPM/FPN convs gave mask Dice 0.50
+  against fp32 (parity fails, ``onnx`` and ``jetson``), float head: parity passes, centred cosine 1.00.
+* **Only quantised ops read quantised tensors.** ORT's QDQ quantiser puts one Q/DQ pair on an activation and
+  hands its DequantizeLinear output to *every* consumer, so a tensor feeding both a quantised Conv/MatMul and
+  a Concat/Resize (UperNet's PPM input, its FPN levels) had the float ops compute on rounded values, and
+  ``check_qdq`` refused the graph ("a quantised tensor feeds '/model/head/Concat_8' (Concat)").
+  ``DedicatedQDQPair`` does not cure it (a lone quantised consumer still shares its pair with the rest), so
+  after quantisation ``common.float_path_for_unquantized`` gives every other consumer (Shape included) the
+  original float tensor back: exactly the fp32 computation on the float path, Q/DQ only in front of
+  MatMul/Gemm/Conv (TensorRT's rules: zero-point 0, standard ops, per-channel axes, are checked after it).
 * **Per-channel symmetric int8 weights** (axis 0 for Conv, axis 1 = output channels for MatMul [in, out]).
 * **Activations**: symmetric int8 (zero-point 0) for ``onnx`` (S8S8 QDQ is ORT's first choice and the only
   form its CUDA/TensorRT providers accept) and **required** for TensorRT; NNCF's ``MIXED`` preset
@@ -57,6 +70,7 @@ class QuantRecipe:
         quantize_op_types: ONNX op types whose inputs are quantised.
         float_op_types: op types that must never consume a quantised tensor (checked on Q/DQ output).
         keep_last_layer_float: leave the last MatMul/Gemm/Conv (the task classifier) in float.
+        float_scopes: node-name prefixes never quantised (the task head and UperNet's auxiliary head).
         per_channel: per-output-channel weight scales.
         symmetric_weights: zero-point 0 for weights.
         symmetric_activations: zero-point 0 for activations; None = per backend (onnx/tensorrt yes, openvino no).
@@ -82,6 +96,7 @@ class QuantRecipe:
     float_op_types: tuple[str, ...] = ("LayerNormalization", "Softmax", "Erf", "Gelu", "Add", "Sub", "Div",
                                        "Pow", "Sqrt", "ReduceMean", "Resize", "ArgMax", "Sigmoid", "Tanh")
     keep_last_layer_float: bool = True
+    float_scopes: tuple[str, ...] = ("/model/head/", "/model/aux_head/")
     per_channel: bool = True
     symmetric_weights: bool = True
     symmetric_activations: bool | None = None
@@ -109,6 +124,10 @@ class QuantRecipe:
         if bad:
             raise ConfigError(f"only MatMul, Gemm and Conv may be quantised in a ViT, not {sorted(bad)} "
                               "(quantising Add/Softmax/LayerNorm destroys it: perf-baseline ยง5)")
+
+    def in_float_scope(self, name: str) -> bool:
+        """True when a node (ONNX node / OpenVINO friendly name) lies under one of ``float_scopes``."""
+        return any(name.startswith(p) for p in self.float_scopes)
 
     def replace(self, **changes) -> QuantRecipe:
         """A copy with some fields changed."""

@@ -20,7 +20,7 @@ from usfm_edge.core.errors import ExportError, require
 from usfm_edge.core.preprocess import PreprocessSpec, preprocess, resize_gray
 
 __all__ = ["GraphInfo", "describe_onnx", "fit_frame", "model_input", "body_nodes", "check_qdq", "ensure_node_names",
-           "META_PREFIX"]
+           "float_path_for_unquantized", "META_PREFIX"]
 
 META_PREFIX = "usfm_edge."
 _NO_BAND_STOP = {"enabled": False, "rings": None, "mask_sha256": None}
@@ -168,6 +168,54 @@ def body_nodes(model, op_types=("MatMul", "Gemm", "Conv"), keep_last_float: bool
         by_type[nodes[i].op_type] += 1
     return [nodes[i].name for i in chosen], {"first": nodes[first].name, "last": nodes[last].name,
                                              "kept_float": kept, "quantized_by_type": dict(by_type)}
+
+
+def float_path_for_unquantized(model, quantize_op_types=("MatMul", "Gemm", "Conv")) -> list[dict]:
+    """Give every consumer that is not a quantised op back the float tensor a shared Q/DQ pair took from it.
+
+    ONNX Runtime's QDQ quantiser puts one QuantizeLinear/DequantizeLinear pair on a quantised activation and
+    rewires *all* its consumers to the DequantizeLinear output (``DedicatedQDQPair`` only splits the pair among
+    several quantised consumers; a lone one still shares it). When a tensor feeds a MatMul/Conv and also a
+    Concat, Resize, Add... (UperNet: the PPM input feeds the pooling MatMuls and the PPM Concat, each FPN level
+    feeds its Conv and the top-down Resize), those float ops would compute on rounded values. This rewires them
+    to the QuantizeLinear's float input (exactly the fp32 graph's tensor), so only ``quantize_op_types`` (and
+    nothing else, Shape/Size included) read a DequantizeLinear output. Weight DequantizeLinears (no
+    QuantizeLinear before them) are left alone. Q/DQ nodes left without consumers are removed.
+
+    Returns:
+        one dict per rewired input: ``node``, ``op``, ``from`` (the DQ output), ``to`` (the float tensor).
+    """
+    nodes = list(model.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    outputs = {o.name for o in model.graph.output}
+    float_of = {}  # DQ output -> float tensor before its QuantizeLinear
+    for n in nodes:
+        if n.op_type == "DequantizeLinear":
+            q = producer.get(n.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                float_of[n.output[0]] = q.input[0]
+    changed = []
+    for n in nodes:
+        if n.op_type in quantize_op_types or n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for k, x in enumerate(n.input):
+            if x in float_of:
+                n.input[k] = float_of[x]
+                changed.append({"node": n.name, "op": n.op_type, "from": x, "to": float_of[x]})
+    freed: set[str] = set()
+    while True:  # drop Q/DQ nodes nobody reads any more (a DQ left only with the rewired consumers)
+        used = {x for n in model.graph.node for x in n.input} | outputs
+        dead = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            freed.update(n.input[1:])
+            model.graph.node.remove(n)
+    used = {x for n in model.graph.node for x in n.input} | outputs
+    for init in [i for i in model.graph.initializer if i.name in freed and i.name not in used]:
+        model.graph.initializer.remove(init)
+    return changed
 
 
 def check_qdq(model, quantize_op_types=("MatMul", "Gemm", "Conv"), symmetric: bool = True,

@@ -23,6 +23,7 @@ from usfm_edge.calibration.backends.common import (
     check_qdq,
     describe_onnx,
     ensure_node_names,
+    float_path_for_unquantized,
     model_input,
 )
 from usfm_edge.core.errors import ExportError, require
@@ -98,6 +99,13 @@ def quantize_onnx_qdq(onnx_fp32: str | Path, frames, recipe, workdir: str | Path
     prepped = _pre_process(src, workdir / "fp32_prep.onnx", notes)
     names, body = body_nodes(onnx.load(str(prepped), load_external_data=False), recipe.quantize_op_types,
                              recipe.keep_last_layer_float)
+    scoped = [n for n in names if recipe.in_float_scope(n)]
+    names = [n for n in names if not recipe.in_float_scope(n)]
+    if not names:  # an empty nodes_to_quantize would make ORT quantise every node
+        raise ExportError(f"nothing left to quantise outside the float scopes {list(recipe.float_scopes)}",
+                          path=onnx_fp32)
+    body["kept_float"] = body["kept_float"] + scoped
+    body["float_scoped"] = len(scoped)
     out = workdir / out_name
     opts = recipe.ort_options(backend)
     try:
@@ -106,8 +114,13 @@ def quantize_onnx_qdq(onnx_fp32: str | Path, frames, recipe, workdir: str | Path
     except Exception as exc:  # noqa: BLE001 - ORT raises plain Exceptions
         raise ExportError(f"ONNX Runtime quantisation failed: {type(exc).__name__}: {exc}", path=onnx_fp32) from exc
     qmodel = onnx.load(str(out))
+    rewired = float_path_for_unquantized(qmodel, recipe.quantize_op_types)
+    if rewired:
+        notes.append(f"{len(rewired)} input(s) of non-quantised ops read the float tensor again instead of a "
+                     f"shared DequantizeLinear (e.g. '{rewired[0]['node']}' ({rewired[0]['op']}))")
     summary = check_qdq(qmodel, recipe.quantize_op_types, symmetric=recipe.activations_symmetric(backend),
                         tensorrt=backend == "tensorrt", path=out)
+    summary["float_consumers_rewired"] = len(rewired)
     keep = {p.key: p.value for p in model.metadata_props}
     keep["usfm_edge.precision"] = "int8"
     keep["usfm_edge.quantizer"] = f"onnxruntime.quantization ({backend} recipe '{recipe.name}')"
