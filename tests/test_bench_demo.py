@@ -74,3 +74,14 @@ def test_bench_cli_smoke(demo_bundle, tmp_path, sample_dir):
 def test_bench_needs_something():
     r = CliRunner().invoke(main, ["bench"])
     assert r.exit_code == 2 and "nothing to benchmark" in r.output
+
+
+def test_evaluate_static_shape_bundle_on_frames_of_any_size(tmp_path, sample_dir):
+    from usfm_edge.bench.demo import DEMO_CHECKPOINTS, checkpoints_dir
+    from usfm_edge.evaluation.evaluate import evaluate
+    from usfm_edge.export import export
+
+    bundle = export(checkpoints_dir() / DEMO_CHECKPOINTS["busbra"], target="jetson", out=tmp_path / "j.usfm")
+    res = evaluate(bundle, f"busbra:{sample_dir / 'busbra'}", split="all", limit=3)
+    assert res["frames_resized_to"] == [128, 128] and res["precision"] == "fp16"
+    assert 0.0 <= res["metrics"]["dice"] <= 1.0 and res["metrics"]["n"] == 3

@@ -155,6 +155,43 @@ class TorchPredictor:
         return FeaturesResult(features=out[0].cpu().numpy(), timing_ms=ms)
 
 
+class StaticSizeAdapter:
+    """Score a static-shape bundle (jetson / tensorrt, one frame size) on frames of any size.
+
+    Frames are resized to the bundle's size (the resampling of ``core.preprocess``, rounded back to uint8) and
+    the mask / restored frame is resized back (nearest neighbour), as a scanner feeding a fixed
+    acquisition size would see it. Classification results need no resizing.
+    """
+
+    def __init__(self, engine, static_hw: tuple[int, int]):
+        self.engine, self.static_hw = engine, tuple(static_hw)
+        self.task, self.labels = engine.task, getattr(engine, "labels", [])
+
+    @staticmethod
+    def _nearest(a: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+        ys = (np.arange(hw[0]) * a.shape[-2] // hw[0]).astype(int)
+        xs = (np.arange(hw[1]) * a.shape[-1] // hw[1]).astype(int)
+        return np.ascontiguousarray(a[..., ys[:, None], xs[None, :]])
+
+    def predict(self, frame: np.ndarray):
+        from usfm_edge.core.preprocess import check_frame, resize_gray
+
+        gray = check_frame(frame)
+        if gray.shape == self.static_hw:
+            return self.engine.predict(gray)
+        small = np.clip(np.round(resize_gray(gray, self.static_hw)), 0, 255).astype(np.uint8)
+        res = self.engine.predict(small)
+        if hasattr(res, "mask"):
+            res.mask = self._nearest(res.mask, gray.shape)
+            res.probs = self._nearest(res.probs, gray.shape)
+        elif hasattr(res, "image"):
+            res.image = self._nearest(res.image, gray.shape)
+        return res
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
 def open_predictor(path: str | Path, backend: str = "auto", device: str = "auto"):
     """A checkpoint (``.safetensors``) -> TorchPredictor; a bundle folder -> ``runtime.Engine``. Returns (predictor, task, info)."""
     path = Path(path)
@@ -162,7 +199,12 @@ def open_predictor(path: str | Path, backend: str = "auto", device: str = "auto"
         from usfm_edge.runtime import Engine
 
         eng = Engine.open(path, backend=backend, device=device)
-        return eng, eng.task, {"kind": "bundle", "backend": getattr(eng.backend, "name", "?"), "precision": eng.meta.precision}
+        static = eng.meta.input.static_hw
+        info = {"kind": "bundle", "backend": getattr(eng.backend, "name", "?"), "precision": eng.meta.precision}
+        if static:
+            info["frames_resized_to"] = list(static)
+            return StaticSizeAdapter(eng, static), eng.task, info
+        return eng, eng.task, info
     from usfm_edge.models.tasks import load_task_model
 
     model = load_task_model(path)

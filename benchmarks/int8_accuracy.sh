@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# fp32 vs INT8 accuracy of the demo models on the held-out patients of the full datasets (same split as training).
+#   bash benchmarks/int8_accuracy.sh [DATA_ROOT=../shared/data] [OUT=runs/int8_accuracy]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA="${1:-../shared/data}"; OUT="${2:-runs/int8_accuracy}"; LIMIT="${LIMIT:-150}"
+mkdir -p "$OUT"
+for ds in busbra hc18; do
+  ck="usfm_edge/assets/checkpoints/${ds}_seg_tiny.safetensors"
+  [ -d "$OUT/$ds-openvino-fp32.usfm" ] || usfm-edge export "$ck" --target openvino -o "$OUT/$ds-openvino-fp32.usfm"
+  for t in openvino onnx jetson; do
+    [ -d "$OUT/$ds-$t-int8.usfm" ] || usfm-edge export "$ck" --target $t -p int8 --calib "$ds:$DATA/$ds" -o "$OUT/$ds-$t-int8.usfm"
+  done
+  for b in "$ck" "$OUT/$ds"-*.usfm; do
+    name=$(basename "$b"); name="${name%.usfm}"; name="${name%.safetensors}"
+    usfm-edge evaluate "$b" --data "$ds:$DATA/$ds" --split val --limit "$LIMIT" --json "$OUT/eval-$ds-$name.json" > /dev/null
+    echo "evaluated $name on $ds"
+  done
+done
+python - "$OUT" <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+print("| model | variant | backend | precision | Dice | HD95 px | HC MAE mm | n |")
+print("|---|---|---|---|---|---|---|---|")
+for f in sorted(out.glob("eval-*.json")):
+    r = json.loads(f.read_text()); m = r["metrics"]
+    hc = f"{m['hc_mae_mm']:.2f}" if "hc_mae_mm" in m else "-"
+    print(f"| {f.stem.split('-')[1]} | {f.stem.split('-', 2)[2]} | {r['backend']} | {r['precision']} | {m['dice']:.4f} | {m['hd95']:.1f} | {hc} | {m['n']} |")
+PY
