@@ -10,21 +10,30 @@ from pathlib import Path
 import numpy as np
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+def atomic_write_with(path: str | Path, write) -> Path:
+    """Call ``write(tmp_path)`` on a temporary sibling of ``path``, then rename it into place.
+
+    A crash or an exception leaves ``path`` untouched and no temporary file behind; the result gets the usual
+    permissions (``0666 & ~umask``; ``mkstemp`` alone would leave 0600).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        write(tmp)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write_with(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

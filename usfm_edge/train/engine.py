@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -264,18 +262,9 @@ def save_training_state(path: str | Path, *, model: nn.Module, optimizer: torch.
         "config": config,
         "extra": extra or {},
     }
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    from usfm_edge.core.io import atomic_write_with
+
+    return atomic_write_with(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
