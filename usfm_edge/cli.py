@@ -142,25 +142,6 @@ def convert_weights(src, dst, model, half):
 
 
 # ---------------------------------------------------------------------------------------- features
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
-
-
-def expand_inputs(paths) -> list[Path]:
-    """Files as given, folders expanded recursively to their image/DICOM files (sorted)."""
-    from usfm_edge.core.errors import DataError
-
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise DataError("folder holds no PNG/JPEG/BMP/TIFF/DICOM files", path=p)
-            out.extend(found)
-        else:
-            out.append(p)
-    return out
-
-
 @main.command(context_settings=CONTEXT)
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="output .npy")
@@ -186,6 +167,7 @@ def features(images, output, checkpoint, model, pool, batch_size):
     from usfm_edge.data.readers import iter_frames
     from usfm_edge.models import create_model
     from usfm_edge.models.checkpoint import read_checkpoint
+    from usfm_edge.runtime.predict_cli import expand_inputs
 
     if checkpoint is None:
         click.secho("warning: no --checkpoint given: features come from RANDOM weights", fg="yellow", err=True)

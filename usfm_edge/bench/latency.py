@@ -177,7 +177,7 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
         torch_bf16: add a PyTorch bf16 row (useful on GPUs and CPUs with native bf16).
     """
     from usfm_edge.data.readers import read_image
-    from usfm_edge.evaluation.evaluate import evaluate_predictor, select_records
+    from usfm_edge.evaluation.evaluate import StaticSizeAdapter, evaluate_predictor, select_records
 
     if not bundles and torch_ckpt is None:
         raise ConfigError("nothing to benchmark: give bundles and/or --torch CKPT")
@@ -224,7 +224,8 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
             if metric is None:
                 continue
             try:
-                res = evaluate_predictor(_StaticAdapter(v), held, task)
+                pred = v.predictor if v.static_hw is None else StaticSizeAdapter(v.predictor, v.static_hw)
+                res = evaluate_predictor(pred, held, task)
             except Exception as exc:
                 skipped.append({"bundle": v.name, "reason": f"accuracy: {type(exc).__name__}: {exc}"})
                 continue
@@ -235,24 +236,3 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
     return {"machine": machine_info(), "rows": [asdict(r) for r in rows], "skipped": skipped,
             "settings": {"threads": threads, "runs": runs, "warmup": warmup, "batches": list(batches), "data": data,
                          "eval_frames": eval_frames, "device": device, "peak_rss_mb": _rss_mb("VmHWM")}}
-
-
-class _StaticAdapter:
-    """Lets static-shape bundles be scored on frames of any size: resize in, resize the outputs back."""
-
-    def __init__(self, v: _Variant):
-        self.v = v
-
-    def predict(self, frame):
-        if self.v.static_hw is None:
-            return self.v.predictor.predict(frame)
-        from usfm_edge.runtime.results import SegResult
-
-        res = self.v.predictor.predict(_frames_for(self.v, [frame])[0])
-        if isinstance(res, SegResult):
-            h, w = frame.shape[:2]
-            mh, mw = res.mask.shape
-            ys = (np.arange(h) * mh // h).astype(int)
-            xs = (np.arange(w) * mw // w).astype(int)
-            res.mask = np.ascontiguousarray(res.mask[ys[:, None], xs[None, :]])
-        return res

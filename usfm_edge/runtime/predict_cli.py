@@ -30,10 +30,10 @@ import numpy as np
 
 from usfm_edge.core.errors import DataError, InputError
 from usfm_edge.core.io import atomic_save_npy, atomic_write_bytes, atomic_write_json, atomic_write_text
+from usfm_edge.data.readers import IMAGE_SUFFIXES
 
 __all__ = ["run_predict", "expand_inputs", "hc_label_index"]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 
 
 def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
