@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 
 def _dilate(mask: np.ndarray) -> np.ndarray:
@@ -76,6 +75,8 @@ def _convex_fill(points_yx: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
             chain.append(p)
         return chain
 
+    from PIL import Image, ImageDraw  # only annotations need Pillow; the runtime's HC path does not
+
     hull = half(pts)[:-1] + half(pts[::-1])[:-1]
     canvas = Image.new("L", (shape[1], shape[0]), 0)
     if len(hull) >= 3:
@@ -109,6 +110,37 @@ def fill_outline_mask(outline: np.ndarray) -> np.ndarray:
         filled = _convex_fill(np.argwhere(wall), wall.shape) | wall
     outer_layer = wall & _dilate(~filled)  # drop the outline's outer layer: the edge runs mid-line
     return (filled & ~outer_layer).astype(np.uint8)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a 2-D boolean mask (union-find over row runs, pure numpy)."""
+    mask = np.asarray(mask) > 0
+    runs, parent, prev = [], [], []  # run = (row, start, end)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for y, row in enumerate(mask):
+        d = np.diff(np.r_[0, row.astype(np.int8), 0])
+        cur = []
+        for s, e in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1)):
+            idx = len(runs)
+            runs.append((y, s, e))
+            parent.append(idx)
+            for j in prev:  # 8-connectivity: overlap including diagonal neighbours
+                if runs[j][1] <= e and s <= runs[j][2]:
+                    parent[find(j)] = find(idx)
+            cur.append(idx)
+        prev = cur
+    roots = np.array([find(i) for i in range(len(runs))], dtype=np.int64)
+    best = int(np.argmax(np.bincount(roots, weights=[e - s for _, s, e in runs]))) if runs else -1
+    out = np.zeros_like(mask)
+    for (y, s, e), r in zip(runs, roots):
+        out[y, s:e] |= bool(r == best)
+    return out
 
 
 def _boundary(mask: np.ndarray) -> np.ndarray:
@@ -168,7 +200,7 @@ def _ellipse_from_conic(pts_yx: np.ndarray) -> tuple[float, float, float, float,
     return float(x0 * scale + mx), float(y0 * scale + my), float(axes.max()), float(axes.min()), theta
 
 
-def fit_ellipse(mask: np.ndarray) -> tuple[float, float, float, float, float]:
+def fit_ellipse(mask: np.ndarray, largest_component: bool = False) -> tuple[float, float, float, float, float]:
     """Fit an ellipse to a filled binary mask.
 
     Boundary pixels inside the image are fitted with a direct least-squares conic fit, which stays right
@@ -176,6 +208,8 @@ def fit_ellipse(mask: np.ndarray) -> tuple[float, float, float, float, float]:
 
     Args:
         mask: (H, W) array, non-zero inside the object.
+        largest_component: keep only the largest 8-connected component first (drops the spurious blobs of a
+            predicted mask; reference masks are one component).
 
     Returns:
         (cx, cy, a, b, theta): centre in pixels (x = column), semi-axes a >= b in pixels (measured to the
@@ -185,8 +219,10 @@ def fit_ellipse(mask: np.ndarray) -> tuple[float, float, float, float, float]:
         ValueError: the mask is empty.
     """
     mask = np.asarray(mask) > 0
-    if not mask.any():
-        raise ValueError("cannot fit an ellipse to an empty mask")
+    if mask.ndim != 2 or not mask.any():
+        raise ValueError("cannot fit an ellipse to an empty or non-2-D mask")
+    if largest_component:
+        mask = globals()["largest_component"](mask)
     pts = _boundary(mask)
     h, w = mask.shape
     keep = (pts[:, 0] > 0) & (pts[:, 0] < h - 1) & (pts[:, 1] > 0) & (pts[:, 1] < w - 1)
@@ -204,15 +240,19 @@ def ellipse_perimeter(a: float, b: float) -> float:
     return math.pi * (a + b) * (1 + 3 * h / (10 + math.sqrt(4 - 3 * h)))
 
 
-def head_circumference_mm(mask: np.ndarray, pixel_size_mm: float) -> float:
+def head_circumference_mm(mask: np.ndarray, pixel_size_mm: float, largest_component: bool = False) -> float:
     """Head circumference of a (filled) fetal head mask, as the HC18 challenge measures it.
 
     Args:
         mask: (H, W) filled head mask (non-zero inside).
         pixel_size_mm: size of one (square) pixel in mm.
+        largest_component: fit the largest 8-connected component only (use for predicted masks).
 
     Returns:
         Perimeter of the fitted ellipse (Ramanujan) in mm.
+
+    Raises:
+        ValueError: the mask is empty.
     """
-    _, _, a, b, _ = fit_ellipse(mask)
+    _, _, a, b, _ = fit_ellipse(mask, largest_component=largest_component)
     return ellipse_perimeter(a, b) * float(pixel_size_mm)

@@ -28,6 +28,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from usfm_edge.core.geometry import fit_ellipse
+from usfm_edge.core.geometry import head_circumference_mm as _geometry_hc
+
 __all__ = ["dice", "iou", "hd95", "seg_metrics", "accuracy", "balanced_accuracy", "roc_auc", "f1", "cls_metrics",
            "psnr", "ssim", "enhance_metrics", "ellipse_fit", "head_circumference_mm", "hc_metrics"]
 
@@ -278,109 +281,22 @@ def enhance_metrics(preds: Sequence[np.ndarray], targets: Sequence[np.ndarray], 
 
 
 # -- head circumference (HC18) ----------------------------------------------------------------------------
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 8-connected component of a 2-D mask (union-find over row runs)."""
-    runs, parent, prev = [], [], []  # run = (row, start, end)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for y, row in enumerate(mask):
-        d = np.diff(np.r_[0, row.astype(np.int8), 0])
-        cur = []
-        for s, e in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1)):
-            idx = len(runs)
-            runs.append((y, s, e))
-            parent.append(idx)
-            for j in prev:  # 8-connectivity: overlap including diagonal neighbours
-                if runs[j][1] <= e and s <= runs[j][2]:
-                    parent[find(j)] = find(idx)
-            cur.append(idx)
-        prev = cur
-    roots = np.array([find(i) for i in range(len(runs))], dtype=np.int64)
-    best = int(np.argmax(np.bincount(roots, weights=[e - s for _, s, e in runs]))) if runs else -1
-    out = np.zeros_like(mask)
-    for (y, s, e), r in zip(runs, roots):
-        out[y, s:e] |= bool(r == best)
-    return out
-
-
-def _fit_conic(pts: np.ndarray) -> tuple[float, float, float, float, float] | None:
-    """Direct least-squares ellipse fit (Fitzgibbon; Halir & Flusser's stable form) to (x, y) points."""
-    if len(pts) < 6:
-        return None
-    centre, scale = pts.mean(0), pts.std() or 1.0
-    x, y = ((pts - centre) / scale).T
-    d1, d2 = np.stack([x * x, x * y, y * y], 1), np.stack([x, y, np.ones_like(x)], 1)
-    s1, s2, s3 = d1.T @ d1, d1.T @ d2, d2.T @ d2
-    try:
-        tm = -np.linalg.solve(s3, s2.T)
-        m = s1 + s2 @ tm
-        vecs = np.real(np.linalg.eig(np.stack([m[2] / 2.0, -m[1], m[0] / 2.0]))[1])  # C^-1 M, C: 4ac - b^2
-        ok = 4 * vecs[0] * vecs[2] - vecs[1] ** 2 > 0
-        a, b, c = vecs[:, int(np.argmax(ok))]
-        d, e, f = tm @ np.array([a, b, c])
-        q = np.array([[a, b / 2], [b / 2, c]])  # A x^2 + B xy + C y^2 + D x + E y + F = 0
-        x0, y0 = np.linalg.solve(2 * q, [-d, -e])
-    except np.linalg.LinAlgError:
-        return None
-    f0 = f + (d * x0 + e * y0) / 2.0  # the conic's value at the centre
-    lam, vec = np.linalg.eigh(q)
-    if not ok.any() or np.any(-f0 / lam <= 0):
-        return None
-    axes = np.sqrt(-f0 / lam) * scale
-    theta = math.atan2(vec[1, int(np.argmax(axes))], vec[0, int(np.argmax(axes))])
-    return float(x0 * scale + centre[0]), float(y0 * scale + centre[1]), float(axes.max()), float(axes.min()), theta
-
-
-def _fit_moments(mask: np.ndarray) -> tuple[float, float, float, float, float]:
-    yx = np.argwhere(mask).astype(np.float64)
-    cy, cx = yx.mean(0)
-    cov = np.cov((yx - (cy, cx)).T, bias=True) + np.eye(2) / 12.0  # + variance of a unit pixel
-    lam, vec = np.linalg.eigh(cov)
-    b, a = 2.0 * np.sqrt(np.maximum(lam, 0.0))  # a filled ellipse has variance semi_axis^2 / 4
-    return float(cx), float(cy), float(a), float(b), math.atan2(vec[0, 1], vec[1, 1])
-
-
+# One implementation of the ellipse fit and the circumference, in core.geometry; these are the prediction-side
+# conventions (largest component only, empty mask -> 0.0).
 def ellipse_fit(mask: np.ndarray, largest_component: bool = True) -> tuple[float, float, float, float, float]:
-    """Fit an ellipse to a filled binary mask.
+    """:func:`usfm_edge.core.geometry.fit_ellipse` keeping only the largest component by default.
 
-    The contour pixels that are not on the image border (where a head cut by the frame is not its true edge)
-    are fitted by direct least squares; their centres lie half a pixel inside the mask edge, so half a pixel is
-    added to both semi-axes. Falls back to the second moments of the filled region when the fit fails.
-
-    Args:
-        mask: (H, W), non-zero inside (an empty mask raises ValueError).
-        largest_component: keep only the largest 8-connected component (drops spurious blobs of a prediction).
-
-    Returns:
-        ``(cx, cy, a, b, theta)``: centre in pixels (x = column), semi-axes ``a >= b`` in pixels, angle of the
-        major axis from the x axis in radians (y pointing down).
+    Returns ``(cx, cy, a, b, theta)``: centre in pixels (x = column), semi-axes ``a >= b`` in pixels, angle of
+    the major axis in radians. Raises ValueError on an empty mask.
     """
-    m = np.asarray(mask) > 0
-    if m.ndim != 2 or not m.any():
-        raise ValueError("ellipse_fit needs a non-empty 2-D mask")
-    if largest_component:
-        m = _largest_component(m)
-    h, w = m.shape
-    yx = np.argwhere(_boundary(m))
-    yx = yx[(yx[:, 0] > 0) & (yx[:, 0] < h - 1) & (yx[:, 1] > 0) & (yx[:, 1] < w - 1)]
-    fit = _fit_conic(yx[:, ::-1].astype(np.float64))
-    if fit is None or fit[2] > 4 * max(h, w):
-        return _fit_moments(m)
-    cx, cy, a, b, theta = fit
-    return cx, cy, a + 0.5, b + 0.5, theta
+    return fit_ellipse(mask, largest_component=largest_component)
 
 
 def head_circumference_mm(mask: np.ndarray, pixel_size_mm: float) -> float:
-    """Circumference of the ellipse fitted to ``mask`` (Ramanujan's approximation) in mm; 0.0 if empty."""
+    """Circumference (mm) of the ellipse fitted to the largest component of a predicted mask; 0.0 if empty."""
     if not np.any(np.asarray(mask) > 0):
         return 0.0
-    _, _, a, b, _ = ellipse_fit(mask)
-    return float(math.pi * (3 * (a + b) - math.sqrt((3 * a + b) * (a + 3 * b))) * pixel_size_mm)
+    return _geometry_hc(mask, pixel_size_mm, largest_component=True)
 
 
 def hc_metrics(pred_masks: Sequence[np.ndarray], pixel_sizes: Sequence[float], ref_hc_mm: Sequence[float]) -> dict:

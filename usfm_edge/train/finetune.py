@@ -67,6 +67,8 @@ class FinetuneConfig:
         img_size: model input side.
         label_fraction: fraction of the training patients whose labels are used (1.0 = all).
         val_fraction, split_seed: the patient-level held-out split (keep them fixed across runs).
+        label_seed: seed of the labelled subset (default ``split_seed``); vary it to measure how much the
+            choice of labelled patients matters.
         epochs, batch_size, accum_steps: schedule; lr is per 256 images (scaled by the total batch / 256).
         min_lr, warmup_epochs, weight_decay, layer_decay, clip_grad, drop_path: optimisation (USFM: lr decay
             0.65, wd 0.05, clip 5, drop path 0.1).
@@ -86,6 +88,7 @@ class FinetuneConfig:
     label_fraction: float = 1.0
     val_fraction: float = 0.2
     split_seed: int = 0
+    label_seed: int | None = None
     epochs: int = 30
     batch_size: int = 16
     accum_steps: int = 1
@@ -129,7 +132,8 @@ finetune_options: list[Option] = [
     Option("--img-size", "img_size", int, "model input side in pixels"),
     Option("--label-fraction", "label_fraction", float, "fraction of training patients with labels"),
     Option("--val-fraction", "val_fraction", float, "fraction of patients held out for validation"),
-    Option("--split-seed", "split_seed", int, "seed of the patient split and label subset"),
+    Option("--split-seed", "split_seed", int, "seed of the patient split (and of the label subset by default)"),
+    Option("--label-seed", "label_seed", int, "seed of the labelled subset of training patients (default: split seed)"),
     Option("--epochs", "epochs", int, "epochs"),
     Option("--batch-size", "batch_size", int, "images per micro-batch per process"),
     Option("--accum-steps", "accum_steps", int, "micro-batches per optimiser step"),
@@ -216,7 +220,8 @@ def _splits(cfg: FinetuneConfig):
         raise ConfigError("no data: pass --data SOURCE")
     train, val = patient_split(records, val_fraction=cfg.val_fraction, seed=cfg.split_seed)
     if cfg.label_fraction < 1.0:
-        train = label_fraction(train, cfg.label_fraction, seed=cfg.split_seed)
+        train = label_fraction(train, cfg.label_fraction,
+                               seed=cfg.split_seed if cfg.label_seed is None else cfg.label_seed)
     return records, train, val
 
 
@@ -304,6 +309,7 @@ def fit_finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: str | Path | 
         config_dict = to_dict(cfg)
         extra_meta = {"preprocess": spec.to_dict(), "finetune": config_dict,
                       "split": {"val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed,
+                                "label_seed": cfg.label_seed,
                                 "train_images": len(train), "val_images": len(val),
                                 "train_patients": len({(r.organ, r.patient) for r in train})}}
         logger = JsonlLogger(out / "log.jsonl", enabled=info.is_main)
