@@ -12,6 +12,7 @@ _LAZY = {
     "load_pretrain_config": "usfm_edge.train.config",
     "run_pretrain": "usfm_edge.train.pretrain",
     "train_one_epoch": "usfm_edge.train.engine",
+    "run_epochs": "usfm_edge.train.engine",
     "init_distributed": "usfm_edge.train.dist",
     "DistInfo": "usfm_edge.train.dist",
 }

@@ -1,4 +1,5 @@
-"""The training loop: one ``train_one_epoch`` with explicit arguments, plus training-state checkpoints.
+"""The training loop: ``train_one_epoch`` with explicit arguments, the shared epoch loop ``run_epochs``, and
+training-state checkpoints.
 
 The engine knows nothing about the CLI or the task: the model returns ``(loss, pred, parts)`` and the loop
 does lr schedule, autocast, gradient accumulation (DDP ``no_sync`` on all but the last micro-step),
@@ -31,7 +32,7 @@ from usfm_edge.train.dist import DistInfo, all_reduce_mean
 from usfm_edge.train.optim import set_lr
 
 __all__ = ["NonFiniteLossError", "TrainState", "JsonlLogger", "cpu_supports_bf16", "autocast_dtype",
-           "train_one_epoch", "rng_state", "set_rng_state", "save_training_state", "load_training_state"]
+           "train_one_epoch", "run_epochs", "rng_state", "set_rng_state", "save_training_state", "load_training_state"]
 
 
 class NonFiniteLossError(UsfmEdgeError):
@@ -206,6 +207,58 @@ def train_one_epoch(
             break
     return False
 
+
+
+def run_epochs(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    sampler,
+    *,
+    state: TrainState,
+    epochs: int,
+    batch_size: int,
+    last_step: int,
+    time_limit_min: float | None = None,
+    progress: bool = False,
+    on_epoch_end: Callable[[TrainState, bool, Any], None] | None = None,
+    **epoch_kwargs,
+) -> None:
+    """The epoch loop shared by pretraining and fine-tuning, resumable at any step.
+
+    Runs :func:`train_one_epoch` from ``state`` (epoch, position) until ``epochs`` are done, ``last_step`` is
+    reached or ``time_limit_min`` passes; ``sampler.set_epoch(epoch, start_sample)`` positions the data.
+
+    Args:
+        model, loader, optimizer: as for :func:`train_one_epoch` (``epoch_kwargs`` are passed on to it).
+        sampler: has ``set_epoch(epoch, skip)``.
+        progress: show a tqdm bar (main process only: the caller decides).
+        on_epoch_end: ``fn(state, done, bar)`` after each epoch (or the stop inside one), before the epoch
+            counter advances; ``done`` says the loop ends after it (used for validation and best checkpoints).
+    """
+    bar = None
+    if progress:
+        import sys
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=last_step, initial=min(state.step, last_step), unit="step", dynamic_ncols=True,
+                   file=sys.stderr)
+    start = time.time()
+    deadline = start + 60.0 * time_limit_min if time_limit_min else None
+    try:
+        while state.epoch < epochs and state.step < last_step:
+            sampler.set_epoch(state.epoch, state.position * batch_size)
+            stop = train_one_epoch(model, loader, optimizer, state=state, max_steps=last_step, deadline=deadline,
+                                   progress=bar, start_time=start, **epoch_kwargs)
+            if on_epoch_end is not None:
+                on_epoch_end(state, stop or state.epoch + 1 >= epochs or state.step >= last_step, bar)
+            if stop:
+                break
+            state.epoch, state.position = state.epoch + 1, 0
+    finally:
+        if bar is not None:
+            bar.close()
 
 def _past(deadline: float | None, info: DistInfo) -> bool:
     """Has the deadline passed? All ranks agree (rank 0's clock decides), so no rank stops alone."""

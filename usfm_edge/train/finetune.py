@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,9 +42,9 @@ from usfm_edge.train.engine import (
     TrainState,
     autocast_dtype,
     load_training_state,
+    run_epochs,
     save_training_state,
     set_rng_state,
-    train_one_epoch,
 )
 from usfm_edge.train.optim import cosine_lr, scaled_lr
 
@@ -329,47 +328,31 @@ def fit_finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: str | Path | 
                 save_training_state(out / CHECKPOINT, model=model, optimizer=optimizer, state=st, config=config_dict,
                                     extra={"history": json.dumps(history), "best_score": best_score})
 
-        last_step = min(total_steps, cfg.max_steps or total_steps)
-        bar = None
-        if progress and info.is_main:
-            from tqdm import tqdm
-
-            bar = tqdm(total=last_step, initial=min(state.step, last_step), unit="step", dynamic_ncols=True,
-                       file=sys.stderr)
-        start = time.time()
-        deadline = start + 60.0 * cfg.time_limit_min if cfg.time_limit_min else None
         metrics: dict = {}
-        try:
-            while state.epoch < cfg.epochs and state.step < last_step:
-                sampler.set_epoch(state.epoch, state.position * cfg.batch_size)
-                stop = train_one_epoch(
-                    net, loader, optimizer, state=state, device=info.device,
-                    lr_at=lambda s: cosine_lr(s, total_steps, warmup, peak_lr, cfg.min_lr),
-                    steps_in_epoch=steps_per_epoch, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad,
-                    amp_dtype=amp, dist_info=info, images_per_step=total_batch, max_steps=last_step,
-                    deadline=deadline, log_every=cfg.log_every, logger=logger, save_every=cfg.save_every,
-                    checkpoint_fn=checkpoint, progress=bar, start_time=start)
-                finished_epoch = not stop
-                done = stop or state.epoch + 1 >= cfg.epochs or state.step >= last_step
-                if info.is_main and (done or (state.epoch + 1) % cfg.eval_every == 0):
-                    metrics = _evaluate(model, val, cfg.task, cfg.eval_limit, info.device)
-                    history.append({"epoch": state.epoch, "step": state.step, **metrics})
-                    logger.log(event="eval", epoch=state.epoch, step=state.step, **metrics)
-                    score = metrics[PRIMARY[cfg.task]]
-                    if score > best_score:
-                        best_score = score
-                        save_task_checkpoint(model, out / BEST, extra={**extra_meta, "metrics": metrics,
-                                                                       "epoch": state.epoch, "step": state.step})
-                    if bar is not None:
-                        bar.write(f"[finetune] epoch {state.epoch}: " + ", ".join(
-                            f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-                if finished_epoch:
-                    state.epoch, state.position = state.epoch + 1, 0
-                if stop:
-                    break
-        finally:
+
+        def end_of_epoch(st, done: bool, bar) -> None:
+            nonlocal metrics, best_score
+            if not info.is_main or not (done or (st.epoch + 1) % cfg.eval_every == 0):
+                return
+            metrics = _evaluate(model, val, cfg.task, cfg.eval_limit, info.device)
+            history.append({"epoch": st.epoch, "step": st.step, **metrics})
+            logger.log(event="eval", epoch=st.epoch, step=st.step, **metrics)
+            score = metrics[PRIMARY[cfg.task]]
+            if score > best_score:
+                best_score = score
+                save_task_checkpoint(model, out / BEST, extra={**extra_meta, "metrics": metrics,
+                                                               "epoch": st.epoch, "step": st.step})
             if bar is not None:
-                bar.close()
+                bar.write(f"[finetune] epoch {st.epoch}: " + ", ".join(
+                    f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+
+        run_epochs(net, loader, optimizer, sampler, state=state, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                   last_step=min(total_steps, cfg.max_steps or total_steps), time_limit_min=cfg.time_limit_min,
+                   progress=progress and info.is_main, on_epoch_end=end_of_epoch, device=info.device,
+                   lr_at=lambda s: cosine_lr(s, total_steps, warmup, peak_lr, cfg.min_lr),
+                   steps_in_epoch=steps_per_epoch, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad,
+                   amp_dtype=amp, dist_info=info, images_per_step=total_batch, log_every=cfg.log_every,
+                   logger=logger, save_every=cfg.save_every, checkpoint_fn=checkpoint)
         if info.is_main:
             checkpoint(state)
             save_task_checkpoint(model, out / LAST, extra={**extra_meta, "metrics": metrics, "step": state.step})

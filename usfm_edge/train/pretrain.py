@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,9 +40,9 @@ from usfm_edge.train.engine import (
     TrainState,
     autocast_dtype,
     load_training_state,
+    run_epochs,
     save_training_state,
     set_rng_state,
-    train_one_epoch,
 )
 from usfm_edge.train.optim import build_optimizer, cosine_lr, scaled_lr
 
@@ -208,31 +207,13 @@ def _fit(cfg: PretrainConfig, out: Path, resume, progress: bool, info: DistInfo)
                                 extra={"organs": sampler.base.names, "world_size": info.world_size})
             export_encoder(model, cfg, out / ENCODER, st)
 
-    last_step = min(total_steps, cfg.max_steps or total_steps)
-    bar = None
-    if progress and info.is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=last_step, initial=min(state.step, last_step), unit="step", dynamic_ncols=True,
-                   file=sys.stderr)
-    start = time.time()
-    deadline = start + 60.0 * cfg.time_limit_min if cfg.time_limit_min else None
-    try:
-        while state.epoch < cfg.epochs and state.step < last_step:
-            sampler.set_epoch(state.epoch, state.position * cfg.batch_size)
-            stop = train_one_epoch(
-                net, loader, optimizer, state=state, device=info.device,
-                lr_at=lambda s: cosine_lr(s, total_steps, warmup_steps, peak_lr, cfg.min_lr),
-                steps_in_epoch=steps_per_epoch, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad,
-                amp_dtype=amp, dist_info=info, images_per_step=total_batch, max_steps=last_step,
-                deadline=deadline, log_every=cfg.log_every, logger=logger, save_every=cfg.save_every,
-                checkpoint_fn=checkpoint, progress=bar, start_time=start)
-            if stop:
-                break
-            state.epoch, state.position = state.epoch + 1, 0
-    finally:
-        if bar is not None:
-            bar.close()
+    run_epochs(net, loader, optimizer, sampler, state=state, epochs=cfg.epochs, batch_size=cfg.batch_size,
+               last_step=min(total_steps, cfg.max_steps or total_steps), time_limit_min=cfg.time_limit_min,
+               progress=progress and info.is_main, device=info.device,
+               lr_at=lambda s: cosine_lr(s, total_steps, warmup_steps, peak_lr, cfg.min_lr),
+               steps_in_epoch=steps_per_epoch, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad, amp_dtype=amp,
+               dist_info=info, images_per_step=total_batch, log_every=cfg.log_every, logger=logger,
+               save_every=cfg.save_every, checkpoint_fn=checkpoint)
     checkpoint(state)
     if info.distributed:
         torch.distributed.barrier()
