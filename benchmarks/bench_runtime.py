@@ -39,7 +39,10 @@ SAMPLE = ROOT / "usfm_edge" / "assets" / "sample"
 
 
 def rss_mb() -> float:
-    """Resident set size of this process in MB (``VmRSS``)."""
+    """Resident set size of this process in MB (``VmRSS``).
+
+    Deliberately not ``usfm_edge.bench.latency.rss_mb``: the cold-start child measures before importing any
+    usfm_edge module."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024.0

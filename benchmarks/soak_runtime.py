@@ -28,15 +28,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from usfm_edge.bench.latency import process_rss_mb as rss_mb  # noqa: E402
+
 SAMPLE = ROOT / "usfm_edge" / "assets" / "sample"
-
-
-def rss_mb() -> float:
-    """Resident set size of this process in MB (``VmRSS``)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def make_bundle(work: Path, preset: str) -> Path:

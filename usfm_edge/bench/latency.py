@@ -49,7 +49,8 @@ class BenchRow:
     extra: dict = field(default_factory=dict)
 
 
-def _rss_mb(key: str = "VmRSS") -> float:
+def process_rss_mb(key: str = "VmRSS") -> float:
+    """Resident set size (``VmRSS``) or its peak (``VmHWM``) of this process in MB; nan where /proc is missing."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(key + ":"):
@@ -119,12 +120,12 @@ def _frames_for(variant: _Variant, frames: list[np.ndarray]) -> list[np.ndarray]
 def _open_bundle(path: Path, threads: int, device: str, backend: str) -> _Variant:
     from usfm_edge.runtime import Engine
 
-    before = _rss_mb()
+    before = process_rss_mb()
     eng = Engine.open(path, backend=backend, device=device, threads=threads)
     meta = eng.meta
     static = tuple(meta.input.static_hw) if meta.input.static_hw else None
     return _Variant(path.name.removesuffix(".usfm"), eng, getattr(eng.backend, "name", backend), meta.precision,
-                    meta.target, device, _dir_size_mb(path), _rss_mb() - before, static)
+                    meta.target, device, _dir_size_mb(path), process_rss_mb() - before, static)
 
 
 def _open_torch(ckpt: Path, threads: int, device: str, bf16: bool = False) -> _Variant:
@@ -134,7 +135,7 @@ def _open_torch(ckpt: Path, threads: int, device: str, bf16: bool = False) -> _V
     from usfm_edge.models.tasks import load_task_model
 
     torch.set_num_threads(threads)
-    before = _rss_mb()
+    before = process_rss_mb()
     model = load_task_model(ckpt)
     dev = "cuda" if device in ("cuda", "GPU") and torch.cuda.is_available() else "cpu"
     pred = TorchPredictor(model, device=dev)
@@ -145,7 +146,7 @@ def _open_torch(ckpt: Path, threads: int, device: str, bf16: bool = False) -> _V
         pred.graph._model = lambda x: inner(x.to(torch.bfloat16)).float()  # noqa: E731
     name = f"pytorch-{'bf16' if bf16 else 'fp32'}"
     return _Variant(name, pred, "torch", "bf16" if bf16 else "fp32", "pytorch", dev, ckpt.stat().st_size / 1e6,
-                    _rss_mb() - before, None)
+                    process_rss_mb() - before, None)
 
 
 def _time_once(v: _Variant, frames: list[np.ndarray]) -> float:
@@ -235,4 +236,4 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
                     r.extra = {k: res[k] for k in ("iou", "hd95", "accuracy", "ssim", "hc_mae_mm") if k in res}
     return {"machine": machine_info(), "rows": [asdict(r) for r in rows], "skipped": skipped,
             "settings": {"threads": threads, "runs": runs, "warmup": warmup, "batches": list(batches), "data": data,
-                         "eval_frames": eval_frames, "device": device, "peak_rss_mb": _rss_mb("VmHWM")}}
+                         "eval_frames": eval_frames, "device": device, "peak_rss_mb": process_rss_mb("VmHWM")}}
