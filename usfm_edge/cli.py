@@ -360,6 +360,9 @@ def _parse_hw(ctx, param, value):
               help="default: the target's (fp32 for onnx/openvino, fp16 for jetson/tensorrt)")
 @click.option("--calib", "calib", multiple=True, help="INT8 calibration source(s): busbra:PATH, folder:PATH, ...")
 @click.option("--max-drop", type=float, default=None, help="INT8: largest allowed task-metric drop vs fp32")
+@click.option("--max-hc-increase", type=float, default=None,
+              help="INT8 of a fetal-head model gated on HC18-style frames: largest allowed rise of the mean "
+                   "absolute head-circumference error in mm (default: reported only)")
 @click.option("--img-size", type=int, default=None, help="model input size (backbone-only checkpoints)")
 @click.option("--task", type=click.Choice(["seg", "cls", "enhance", "features"]), default=None,
               help="expected task (a backbone-only checkpoint exports as features)")
@@ -374,7 +377,7 @@ def _parse_hw(ctx, param, value):
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="bundle folder (default: NAME-TARGET-PRECISION.usfm)")
 @_handle_errors
-def export(checkpoint, target, precision, calib, max_drop, img_size, task, frame_size, band_stop, bare, verify_data,
+def export(checkpoint, target, precision, calib, max_drop, max_hc_increase, img_size, task, frame_size, band_stop, bare, verify_data,
            dla_core, workspace_gb, force, out):
     """Export a checkpoint to a verified bundle (model files, usfm.json, SHA256SUMS) for one target.
 
@@ -411,8 +414,10 @@ def export(checkpoint, target, precision, calib, max_drop, img_size, task, frame
             raise click.BadParameter("INT8 needs a real ultrasound calibration set: pass --calib SOURCE",
                                      param_hint="--calib")
         from usfm_edge.calibration import make_quantizer
+        from usfm_edge.calibration.recipe import get_recipe
 
-        kwargs["quantizer"] = make_quantizer(list(calib), max_drop=max_drop, force=force)
+        recipe = get_recipe(None).replace(max_hc_increase_mm=max_hc_increase)
+        kwargs["quantizer"] = make_quantizer(list(calib), max_drop=max_drop, force=force, recipe=recipe)
     path = run_export(checkpoint, **kwargs)
     _print_bundle(path)
 
@@ -539,6 +544,9 @@ def demo(out, runs, no_int8):
               help="calibration source(s) of real frames: busbra:PATH, hc18:PATH, folder:PATH@organ (repeatable)")
 @click.option("--max-drop", type=float, default=None,
               help="largest allowed task-metric drop vs fp32 on held-out frames (default: Dice/AUC 0.01, PSNR 0.5 dB)")
+@click.option("--max-hc-increase", type=float, default=None,
+              help="INT8 of a fetal-head model gated on HC18-style frames: largest allowed rise of the mean "
+                   "absolute head-circumference error in mm (default: reported only)")
 @click.option("--val", "val", multiple=True, help="held-out source(s) for the accuracy gate "
               "(default: 20% of the calibration sources' patients, kept out of calibration)")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -553,7 +561,7 @@ def demo(out, runs, no_int8):
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="INT8 bundle folder (default: NAME-int8.usfm next to BUNDLE)")
 @_handle_errors
-def quantize(bundle, calib, max_drop, val, checkpoint, n, seed, recipe, manifest, force, out):
+def quantize(bundle, calib, max_drop, max_hc_increase, val, checkpoint, n, seed, recipe, manifest, force, out):
     """Make the INT8 bundle of an exported fp32 bundle, gated on held-out real frames.
 
     \b
@@ -564,9 +572,10 @@ def quantize(bundle, calib, max_drop, val, checkpoint, n, seed, recipe, manifest
       usfm-edge quantize seg-openvino-fp32.usfm --calib busbra:PATH --calib hc18:PATH --max-drop 0.01
     """
     from usfm_edge.calibration import quantize_bundle
+    from usfm_edge.calibration.recipe import get_recipe
 
     path = quantize_bundle(bundle, list(calib), out=out, max_drop=max_drop, force=force, checkpoint=checkpoint,
-                           recipe=recipe, n=n, seed=seed, val_specs=list(val) or None, manifest_out=manifest)
+                           recipe=get_recipe(recipe).replace(max_hc_increase_mm=max_hc_increase), n=n, seed=seed, val_specs=list(val) or None, manifest_out=manifest)
     _print_bundle(path)
 
 

@@ -7,8 +7,10 @@ raw cosine and **centred** cosine (the fp32 mean output over the evaluation fram
 sides first: raw cosine hides damage, reference/perf-baseline.md §2), and for seg the agreement (Dice) of the
 int8 mask with the fp32 mask.
 
-The gate fails when the primary metric drops by more than ``max_drop`` (fp32 - int8, absolute) or the mean
-centred cosine of the main output falls below ``recipe.min_centred_cosine``. On failure,
+The gate fails when the primary metric drops by more than ``max_drop`` (fp32 - int8, absolute), the mean
+centred cosine of the main output falls below ``recipe.min_centred_cosine``, or (HC18-style records with a
+reference head circumference, when ``recipe.max_hc_increase_mm`` is set) the mean absolute head-circumference
+error grows by more than that many mm; the HC change is always reported as ``hc_increase_mm``. On failure,
 :func:`sensitivity_report` lists the layers that add most error (int8 vs fp32 intermediate outputs, one run
 of each graph on a few frames): the first candidates to keep in float.
 """
@@ -219,6 +221,13 @@ def accuracy_gate(fp32_path: str | Path, int8_path: str | Path, info: GraphInfo,
         if max_drop is not None and drop > max_drop:
             failures.append(f"{metric} drop {drop:.4f} > max_drop {max_drop} "
                             f"(fp32 {scores[0][metric]:.4f}, int8 {scores[1][metric]:.4f})")
+    hc_increase = None
+    if all("hc_mae_mm" in sc for sc in scores):  # fetal-head records with a reference circumference (HC18)
+        hc_increase = float(scores[1]["hc_mae_mm"]) - float(scores[0]["hc_mae_mm"])
+        limit = getattr(recipe, "max_hc_increase_mm", None)
+        if limit is not None and hc_increase > limit:
+            failures.append(f"head-circumference error up {hc_increase:.2f} mm > {limit} mm "
+                            f"(fp32 {scores[0]['hc_mae_mm']:.2f}, int8 {scores[1]['hc_mae_mm']:.2f} mm)")
     main = fid.get(_MAIN.get(task, ""), {})
     cc = main.get("centred_cosine_mean")
     if cc is not None and cc < recipe.min_centred_cosine:
@@ -231,6 +240,7 @@ def accuracy_gate(fp32_path: str | Path, int8_path: str | Path, info: GraphInfo,
 
     return {"passed": not failures, "failures": failures, "task": task, "metric": metric,
             "fp32": pick(scores[0]), "int8": pick(scores[1]), "drop": None if drop is None else round(drop, 5),
+            "hc_increase_mm": None if hc_increase is None else round(hc_increase, 3),
             "max_drop": max_drop, "min_centred_cosine": recipe.min_centred_cosine, "fidelity": fid,
             "frames": len(preds[0].outputs), "scored_frames": len(scored) if metric else 0,
             "held_out_patients": len({(r.organ, r.patient) for r in records}),

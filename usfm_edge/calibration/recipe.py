@@ -37,7 +37,9 @@ The transformer preset (``QuantRecipe()``) and why (reference/perf-baseline.md Â
   seg head's feature upsampling), which cost another 0.2 of centred cosine on the test model.
 * **Accuracy**: the gate (``gate.py``) refuses a task-metric drop above ``max_drop`` (default per task:
   Dice/AUC 0.01 absolute, PSNR 0.5 dB) or a mean centred cosine below ``min_centred_cosine``; on OpenVINO a
-  failed gate first retries with NNCF accuracy control (reverts the most harmful layers to float).
+  failed gate first retries with NNCF accuracy control (reverts the most harmful layers to float). For
+  fetal-head models scored on HC18 frames, ``max_hc_increase_mm`` (``--max-hc-increase``) also bounds the rise
+  of the mean absolute head-circumference error; the rise is reported either way.
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ class QuantRecipe:
         fast_bias_correction: NNCF's fast bias correction.
         max_drop: largest allowed drop of the task metric; None = ``DEFAULT_MAX_DROP[task]``.
         min_centred_cosine: smallest allowed mean centred cosine (int8 vs fp32) of the main output.
+        max_hc_increase_mm: for fetal-head models scored on records with a reference head circumference (HC18):
+            largest allowed increase of the mean absolute HC error, in mm (None = report only).
         accuracy_control: NNCF accuracy control: ``auto`` (retry with it when the gate fails and held-out
             frames with labels exist), ``always`` or ``never``.
         gate_frames: most held-out frames the gate evaluates.
@@ -109,6 +113,7 @@ class QuantRecipe:
     fast_bias_correction: bool = True
     max_drop: float | None = None
     min_centred_cosine: float = 0.80
+    max_hc_increase_mm: float | None = None
     accuracy_control: str = "auto"
     gate_frames: int = 48
     sensitivity_top_k: int = 5
