@@ -7,7 +7,8 @@ patient-level split as fine-tuning (seed 0, 20% of patients held out):
 
 - ``busbra-cls``: benign vs malignant from the mean of the final patch tokens -> held-out AUC;
 - ``busbra-seg`` / ``hc18-seg``: per 16x16 patch token, the fraction of the patch inside the lesion / head ->
-  held-out patch-level Dice (patches predicted >= 0.5 vs patches >= 50% inside the reference mask).
+  held-out patch-level AUC (threshold-free: patches >= 50% inside the reference mask are positives) and Dice
+  on the patch grid, thresholded where the training patients' Dice is best.
 
 Encoders: ``random`` (the preset's initialisation, seed 0) and any checkpoint (``usfm-edge`` encoder,
 ``USFM_latest.pth``, SimMIM), all at the same input size.
@@ -100,6 +101,11 @@ def _patch_dice(pred: np.ndarray, frac: np.ndarray) -> float:
     return float(np.mean(np.where(den > 0, 2 * inter / np.maximum(den, 1), 1.0)))
 
 
+def _best_threshold(pred: np.ndarray, frac: np.ndarray) -> float:
+    grid = np.quantile(pred, np.linspace(0.05, 0.95, 37))
+    return float(max(grid, key=lambda t: _patch_dice(pred - t + 0.5, frac)))
+
+
 def probe(encoders: list[str], size: int, model: str, limit: int | None) -> dict:
     import torch
 
@@ -138,9 +144,12 @@ def probe(encoders: list[str], size: int, model: str, limit: int | None) -> dict
             ptr, pva = d["ftr"].reshape(n, -1), d["fva"].reshape(len(hva), -1)
             gpatch = np.repeat(d["gtr"], p_)
             lam = _choose_lambda(htr.reshape(-1, dim), ptr.reshape(-1), gpatch,
-                                 lambda p, y, _, k=p_: _patch_dice(p.reshape(-1, k), y.reshape(-1, k)))
-            pred = _ridge_predict(_ridge_fit(htr.reshape(-1, dim), ptr.reshape(-1), lam), hva.reshape(-1, dim))
-            row[f"{name}-seg_patch_dice"] = _patch_dice(pred.reshape(-1, p_), pva)
+                                 lambda p, y, _: roc_auc(p, (y >= 0.5).astype(int)))
+            model_ = _ridge_fit(htr.reshape(-1, dim), ptr.reshape(-1), lam)
+            thr = _best_threshold(_ridge_predict(model_, htr.reshape(-1, dim)).reshape(-1, p_), ptr)
+            pred = _ridge_predict(model_, hva.reshape(-1, dim))
+            row[f"{name}-seg_patch_auc"] = roc_auc(pred, (pva.reshape(-1) >= 0.5).astype(int))
+            row[f"{name}-seg_patch_dice"] = _patch_dice(pred.reshape(-1, p_) - thr + 0.5, pva)
             row[f"{name}-seg_lambda"] = lam
         row["seconds"] = round(time.time() - t0, 1)
         results[enc_name] = row
