@@ -10,6 +10,10 @@ patient-level split as fine-tuning (seed 0, 20% of patients held out):
   held-out patch-level AUC (threshold-free: patches >= 50% inside the reference mask are positives) and Dice
   on the patch grid, thresholded where the training patients' Dice is best.
 
+Also reported: the effective rank of the held-out patch tokens (``exp`` of the entropy of the normalised
+singular values, after centring), a collapse check: an encoder that maps every patch to a few directions
+(e.g. only its mean brightness) has a low rank whatever the probe.
+
 Encoders: ``random`` (the preset's initialisation, seed 0) and any checkpoint (``usfm-edge`` encoder,
 ``USFM_latest.pth``, SimMIM), all at the same input size.
 
@@ -50,6 +54,12 @@ def _frames(records, size: int, want_mask: bool):
             area = np.bincount(ys, minlength=g)[:, None] * np.bincount(xs_, minlength=g)[None, :]
             fracs.append(cnt / area)
     return np.stack(xs).astype(np.float32), (np.stack(fracs) if want_mask else None)
+
+
+def _group_ids(records) -> np.ndarray:
+    """Stable integer id per (organ, patient) (Python's str hash changes between processes)."""
+    ids: dict = {}
+    return np.array([ids.setdefault((r.organ, r.patient), len(ids)) for r in records])
 
 
 def _features(encoder, x: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -101,6 +111,15 @@ def _patch_dice(pred: np.ndarray, frac: np.ndarray) -> float:
     return float(np.mean(np.where(den > 0, 2 * inter / np.maximum(den, 1), 1.0)))
 
 
+def effective_rank(tokens: np.ndarray) -> float:
+    """``exp(entropy(s / sum(s)))`` of the singular values ``s`` of centred ``(n, D)`` features (1 .. D)."""
+    f = tokens.reshape(-1, tokens.shape[-1]).astype(np.float64)
+    s = np.linalg.svd(f - f.mean(0), compute_uv=False)
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
 def _best_threshold(pred: np.ndarray, frac: np.ndarray) -> float:
     grid = np.quantile(pred, np.linspace(0.05, 0.95, 37))
     return float(max(grid, key=lambda t: _patch_dice(pred - t + 0.5, frac)))
@@ -124,7 +143,7 @@ def probe(encoders: list[str], size: int, model: str, limit: int | None) -> dict
         xtr, ftr = _frames(tr, size, seg)
         xva, fva = _frames(va, size, seg)
         data[name] = dict(tr=tr, va=va, xtr=xtr, xva=xva, ftr=ftr, fva=fva,
-                          gtr=np.array([hash((r.organ, r.patient)) for r in tr]))
+                          gtr=_group_ids(tr))
     results = {}
     for enc_name in encoders:
         torch.manual_seed(0)
@@ -151,6 +170,7 @@ def probe(encoders: list[str], size: int, model: str, limit: int | None) -> dict
             row[f"{name}-seg_patch_auc"] = roc_auc(pred, (pva.reshape(-1) >= 0.5).astype(int))
             row[f"{name}-seg_patch_dice"] = _patch_dice(pred.reshape(-1, p_) - thr + 0.5, pva)
             row[f"{name}-seg_lambda"] = lam
+            row[f"{name}-effective_rank"] = effective_rank(hva)
         row["seconds"] = round(time.time() - t0, 1)
         results[enc_name] = row
         print(json.dumps({enc_name: row}), flush=True)
