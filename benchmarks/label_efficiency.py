@@ -131,8 +131,11 @@ def report(args) -> None:
             lines.append(f"| {exp} | {metric} | {int(fr * 100)}% | {len(seeds)} | {_mean_sd(s_vals)} | "
                          f"{_mean_sd(p_vals)} | {diff}{hc} | {better} |")
         ax.set_xscale("log")
-        ax.set_xticks([10, 25, 100])
-        ax.set_xticklabels(["10%", "25%", "100%"])
+        ax.set_xticks([100 * f for f in fracs])
+        ax.set_xticklabels([f"{100 * f:g}%" for f in fracs])
+        ax.minorticks_off()
+        if len(fracs) == 1:
+            ax.set_xlim(100 * fracs[0] * 0.9, 100 * fracs[0] * 1.1)
         ax.set_xlabel("labelled training patients")
         ax.set_ylabel(metric + " (mean +- sd over seeds)")
         ax.set_title(exp, fontsize=10)
