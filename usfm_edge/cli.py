@@ -343,6 +343,12 @@ def _target_names() -> list[str]:
     return list_targets()
 
 
+_MAX_HC_INCREASE = click.option(
+    "--max-hc-increase", type=float, default=None,
+    help="INT8 of a fetal-head model gated on HC18-style frames: largest allowed rise of the mean absolute "
+         "head-circumference error in mm (default: reported only)")
+
+
 def _parse_hw(ctx, param, value):
     if value is None:
         return None
@@ -360,9 +366,7 @@ def _parse_hw(ctx, param, value):
               help="default: the target's (fp32 for onnx/openvino, fp16 for jetson/tensorrt)")
 @click.option("--calib", "calib", multiple=True, help="INT8 calibration source(s): busbra:PATH, folder:PATH, ...")
 @click.option("--max-drop", type=float, default=None, help="INT8: largest allowed task-metric drop vs fp32")
-@click.option("--max-hc-increase", type=float, default=None,
-              help="INT8 of a fetal-head model gated on HC18-style frames: largest allowed rise of the mean "
-                   "absolute head-circumference error in mm (default: reported only)")
+@_MAX_HC_INCREASE
 @click.option("--img-size", type=int, default=None, help="model input size (backbone-only checkpoints)")
 @click.option("--task", type=click.Choice(["seg", "cls", "enhance", "features"]), default=None,
               help="expected task (a backbone-only checkpoint exports as features)")
@@ -377,8 +381,8 @@ def _parse_hw(ctx, param, value):
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="bundle folder (default: NAME-TARGET-PRECISION.usfm)")
 @_handle_errors
-def export(checkpoint, target, precision, calib, max_drop, max_hc_increase, img_size, task, frame_size, band_stop, bare, verify_data,
-           dla_core, workspace_gb, force, out):
+def export(checkpoint, target, precision, calib, max_drop, max_hc_increase, img_size, task, frame_size, band_stop,
+           bare, verify_data, dla_core, workspace_gb, force, out):
     """Export a checkpoint to a verified bundle (model files, usfm.json, SHA256SUMS) for one target.
 
     \b
@@ -544,9 +548,7 @@ def demo(out, runs, no_int8):
               help="calibration source(s) of real frames: busbra:PATH, hc18:PATH, folder:PATH@organ (repeatable)")
 @click.option("--max-drop", type=float, default=None,
               help="largest allowed task-metric drop vs fp32 on held-out frames (default: Dice/AUC 0.01, PSNR 0.5 dB)")
-@click.option("--max-hc-increase", type=float, default=None,
-              help="INT8 of a fetal-head model gated on HC18-style frames: largest allowed rise of the mean "
-                   "absolute head-circumference error in mm (default: reported only)")
+@_MAX_HC_INCREASE
 @click.option("--val", "val", multiple=True, help="held-out source(s) for the accuracy gate "
               "(default: 20% of the calibration sources' patients, kept out of calibration)")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -575,7 +577,8 @@ def quantize(bundle, calib, max_drop, max_hc_increase, val, checkpoint, n, seed,
     from usfm_edge.calibration.recipe import get_recipe
 
     path = quantize_bundle(bundle, list(calib), out=out, max_drop=max_drop, force=force, checkpoint=checkpoint,
-                           recipe=get_recipe(recipe).replace(max_hc_increase_mm=max_hc_increase), n=n, seed=seed, val_specs=list(val) or None, manifest_out=manifest)
+                           recipe=get_recipe(recipe).replace(max_hc_increase_mm=max_hc_increase), n=n, seed=seed,
+                           val_specs=list(val) or None, manifest_out=manifest)
     _print_bundle(path)
 
 

@@ -108,13 +108,9 @@ def _frames_for(variant: _Variant, frames: list[np.ndarray]) -> list[np.ndarray]
     """Static-shape bundles (jetson/tensorrt) accept only their frame size: resize (nearest) to it."""
     if variant.static_hw is None:
         return frames
-    h, w = variant.static_hw
-    out = []
-    for f in frames:
-        ys = (np.arange(h) * f.shape[0] // h).astype(int)
-        xs = (np.arange(w) * f.shape[1] // w).astype(int)
-        out.append(np.ascontiguousarray(f[ys[:, None], xs[None, :]]))
-    return out
+    from usfm_edge.core.preprocess import resize_nearest
+
+    return [resize_nearest(f, variant.static_hw, centred=False) for f in frames]
 
 
 def _open_bundle(path: Path, threads: int, device: str, backend: str) -> _Variant:

@@ -27,7 +27,7 @@ import numpy as np
 
 from usfm_edge.calibration.backends.common import GraphInfo, fit_frame
 from usfm_edge.core.bundle_schema import BundleMeta, InputContract, TensorSpec
-from usfm_edge.core.preprocess import resize_matrix
+from usfm_edge.core.preprocess import resize_matrix, resize_nearest
 from usfm_edge.data.readers import read_image
 
 __all__ = ["GatePredictor", "accuracy_gate", "sensitivity_report", "fidelity", "centred_cosines"]
@@ -81,7 +81,7 @@ class GatePredictor:
         res = self.engine.predict(fit_frame(frame, self.info.static_hw))
         if self.info.static_hw is not None and tuple(self.info.static_hw) != (h, w):
             if self.task == "seg":
-                res = dataclasses.replace(res, mask=_nearest(res.mask, (h, w)), probs=_bilinear(res.probs, (h, w)))
+                res = dataclasses.replace(res, mask=resize_nearest(res.mask, (h, w)), probs=_bilinear(res.probs, (h, w)))
             elif self.task == "enhance":
                 img = np.clip(np.round(_bilinear(res.image.astype(np.float32), (h, w))), 0, 255)
                 res = dataclasses.replace(res, image=img.astype(np.uint8))
@@ -90,12 +90,6 @@ class GatePredictor:
 
     def close(self) -> None:
         self.engine.close()
-
-
-def _nearest(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    rows = np.minimum((np.arange(hw[0]) + 0.5) * mask.shape[0] / hw[0], mask.shape[0] - 1).astype(int)
-    cols = np.minimum((np.arange(hw[1]) + 0.5) * mask.shape[1] / hw[1], mask.shape[1] - 1).astype(int)
-    return np.ascontiguousarray(mask[rows][:, cols])
 
 
 def _bilinear(a: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -224,7 +218,7 @@ def accuracy_gate(fp32_path: str | Path, int8_path: str | Path, info: GraphInfo,
     hc_increase = None
     if all("hc_mae_mm" in sc for sc in scores):  # fetal-head records with a reference circumference (HC18)
         hc_increase = float(scores[1]["hc_mae_mm"]) - float(scores[0]["hc_mae_mm"])
-        limit = getattr(recipe, "max_hc_increase_mm", None)
+        limit = recipe.max_hc_increase_mm
         if limit is not None and hc_increase > limit:
             failures.append(f"head-circumference error up {hc_increase:.2f} mm > {limit} mm "
                             f"(fp32 {scores[0]['hc_mae_mm']:.2f}, int8 {scores[1]['hc_mae_mm']:.2f} mm)")

@@ -112,7 +112,7 @@ def fill_outline_mask(outline: np.ndarray) -> np.ndarray:
     return (filled & ~outer_layer).astype(np.uint8)
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
+def keep_largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 8-connected component of a 2-D boolean mask (union-find over row runs, pure numpy)."""
     mask = np.asarray(mask) > 0
     runs, parent, prev = [], [], []  # run = (row, start, end)
@@ -222,7 +222,7 @@ def fit_ellipse(mask: np.ndarray, largest_component: bool = False) -> tuple[floa
     if mask.ndim != 2 or not mask.any():
         raise ValueError("cannot fit an ellipse to an empty or non-2-D mask")
     if largest_component:
-        mask = globals()["largest_component"](mask)
+        mask = keep_largest_component(mask)
     pts = _boundary(mask)
     h, w = mask.shape
     keep = (pts[:, 0] > 0) & (pts[:, 0] < h - 1) & (pts[:, 1] > 0) & (pts[:, 1] < w - 1)

@@ -121,6 +121,30 @@ def resize_gray(frame: np.ndarray, out_hw: tuple[int, int], interpolation="bicub
     return wh @ frame.astype(np.float32) @ ww.T
 
 
+def fit_frame(frame: np.ndarray, hw: tuple[int, int] | None) -> np.ndarray:
+    """Resize a uint8 frame to ``hw`` (bicubic, rounded, clipped) for static-shape graphs; unchanged when ``hw`` is
+    None or already the frame's size."""
+    if hw is None or tuple(frame.shape) == tuple(hw):
+        return frame
+    return np.clip(np.round(resize_gray(frame, tuple(hw))), 0, 255).astype(np.uint8)
+
+
+def resize_nearest(a: np.ndarray, hw: tuple[int, int], centred: bool = True) -> np.ndarray:
+    """Nearest-neighbour resize of the last two axes (label maps, masks), C-contiguous.
+
+    ``centred``: sample at pixel centres (``(i + 0.5) * in / out``, the half-pixel convention of the training
+    masks and the INT8 gate); False: ``i * in // out`` (top-left aligned, used to map static-shape bundle outputs
+    back to the frame in evaluation and benchmarks).
+    """
+    (h, w), (oh, ow) = a.shape[-2:], hw
+    if centred:
+        ys = np.minimum(((np.arange(oh) + 0.5) * h / oh).astype(np.int64), h - 1)
+        xs = np.minimum(((np.arange(ow) + 0.5) * w / ow).astype(np.int64), w - 1)
+    else:
+        ys, xs = np.arange(oh) * h // oh, np.arange(ow) * w // ow
+    return np.ascontiguousarray(a[..., ys[:, None], xs[None, :]])
+
+
 def check_frame(frame, spec: PreprocessSpec | None = None, name: str = "frame") -> np.ndarray:
     """Validate one raw frame and return it as a C-contiguous uint8 (H, W) grey array.
 

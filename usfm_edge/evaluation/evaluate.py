@@ -167,25 +167,18 @@ class StaticSizeAdapter:
         self.engine, self.static_hw = engine, tuple(static_hw)
         self.task, self.labels = engine.task, getattr(engine, "labels", [])
 
-    @staticmethod
-    def _nearest(a: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-        ys = (np.arange(hw[0]) * a.shape[-2] // hw[0]).astype(int)
-        xs = (np.arange(hw[1]) * a.shape[-1] // hw[1]).astype(int)
-        return np.ascontiguousarray(a[..., ys[:, None], xs[None, :]])
-
     def predict(self, frame: np.ndarray):
-        from usfm_edge.core.preprocess import check_frame, resize_gray
+        from usfm_edge.core.preprocess import check_frame, fit_frame, resize_nearest
 
         gray = check_frame(frame)
         if gray.shape == self.static_hw:
             return self.engine.predict(gray)
-        small = np.clip(np.round(resize_gray(gray, self.static_hw)), 0, 255).astype(np.uint8)
-        res = self.engine.predict(small)
+        res = self.engine.predict(fit_frame(gray, self.static_hw))
         if hasattr(res, "mask"):
-            res.mask = self._nearest(res.mask, gray.shape)
-            res.probs = self._nearest(res.probs, gray.shape)
+            res.mask = resize_nearest(res.mask, gray.shape, centred=False)
+            res.probs = resize_nearest(res.probs, gray.shape, centred=False)
         elif hasattr(res, "image"):
-            res.image = self._nearest(res.image, gray.shape)
+            res.image = resize_nearest(res.image, gray.shape, centred=False)
         return res
 
     def __getattr__(self, name):

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from usfm_edge.core.errors import DataError
+from usfm_edge.core.preprocess import fit_frame  # noqa: F401 (re-exported: the parity check feeds static graphs)
 
 __all__ = ["cosine", "centred_cosine", "mask_dice", "compare_outputs", "run_parity", "default_frames", "fit_frame"]
 
@@ -71,15 +72,6 @@ def compare_outputs(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]
             m["pixel_agreement"] = float(np.mean(np.asarray(r) == np.asarray(g)))
         out[name] = m
     return out
-
-
-def fit_frame(frame: np.ndarray, hw: tuple[int, int] | None) -> np.ndarray:
-    """Resize a uint8 frame to ``hw`` (bicubic, rounded) for static-shape bundles; unchanged when ``hw`` is None."""
-    if hw is None or tuple(frame.shape) == tuple(hw):
-        return frame
-    from usfm_edge.core.preprocess import resize_gray
-
-    return np.clip(np.round(resize_gray(frame, tuple(hw))), 0, 255).astype(np.uint8)
 
 
 def default_frames(n: int = 4) -> list[np.ndarray]:

@@ -208,7 +208,6 @@ def train_one_epoch(
     return False
 
 
-
 def run_epochs(
     model: nn.Module,
     loader: Iterable,
@@ -259,6 +258,7 @@ def run_epochs(
     finally:
         if bar is not None:
             bar.close()
+
 
 def _past(deadline: float | None, info: DistInfo) -> bool:
     """Has the deadline passed? All ranks agree (rank 0's clock decides), so no rank stops alone."""

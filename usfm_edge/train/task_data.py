@@ -19,18 +19,11 @@ import torch
 from torch.utils.data import Dataset
 
 from usfm_edge.core.errors import ConfigError
-from usfm_edge.core.preprocess import PreprocessSpec, resize_gray
+from usfm_edge.core.preprocess import PreprocessSpec, resize_gray, resize_nearest
 from usfm_edge.data.readers import read_image
 from usfm_edge.data.sources import Record, read_record_mask
 
 _SALT = 0x7A5C
-
-
-def _nearest(mask: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    h, w = mask.shape
-    ys = np.minimum(((np.arange(out_hw[0]) + 0.5) * h / out_hw[0]).astype(np.int64), h - 1)
-    xs = np.minimum(((np.arange(out_hw[1]) + 0.5) * w / out_hw[1]).astype(np.int64), w - 1)
-    return mask[ys[:, None], xs[None, :]]
 
 
 def random_crop_box(h: int, w: int, rng: np.random.Generator, scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -105,7 +98,7 @@ class TaskDataset(Dataset):
             img = np.clip(gain * img ** gamma, 0.0, 1.0)
         img = np.ascontiguousarray(img, dtype=np.float32)
         if self.task == "seg":
-            m = _nearest(self._mask(index)[top:top + ch, left:left + cw], (s, s))
+            m = resize_nearest(self._mask(index)[top:top + ch, left:left + cw], (s, s))
             m = m[:, ::-1] if flip else m
             return torch.from_numpy(self._normalise(img)), torch.from_numpy(np.ascontiguousarray(m).astype(np.int64))
         if self.task == "cls":

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from usfm_edge.core.errors import ExportError, require
-from usfm_edge.core.preprocess import PreprocessSpec, preprocess, resize_gray
+from usfm_edge.core.preprocess import PreprocessSpec, fit_frame, preprocess
 
 __all__ = ["GraphInfo", "describe_onnx", "fit_frame", "model_input", "body_nodes", "check_qdq", "ensure_node_names",
            "float_path_for_unquantized", "META_PREFIX"]
@@ -95,13 +95,6 @@ def describe_onnx(path: str | Path) -> GraphInfo:
                      raw=raw, static_hw=static, output_names=[o.name for o in model.graph.output],
                      band_stop=_meta_value(props, "band_stop", None) or dict(_NO_BAND_STOP), opset=opset,
                      metadata=props)
-
-
-def fit_frame(frame: np.ndarray, hw: tuple[int, int] | None) -> np.ndarray:
-    """Resize a uint8 frame to ``hw`` (bicubic, rounded, clipped) for static-shape graphs; unchanged otherwise."""
-    if hw is None or tuple(frame.shape) == tuple(hw):
-        return frame
-    return np.clip(np.round(resize_gray(frame, tuple(hw))), 0, 255).astype(np.uint8)
 
 
 def model_input(frame: np.ndarray, info: GraphInfo) -> np.ndarray:
