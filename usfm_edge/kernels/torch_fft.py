@@ -76,8 +76,8 @@ def _triton_available(x: torch.Tensor) -> bool:
     return True
 
 
-# Frames per rfft2/irfft2 call. One call over a large batch runs out of cache: on the 2-core AVX2 VM,
-# 64 frames of 224x224 took 30.6 ms in one call and 13.0 ms in chunks of 8 (benchmarks/bench_kernels.py).
+# Elements per rfft2/irfft2 call (8 frames of 224x224). One call over a large batch runs out of cache;
+# benchmarks/bench_kernels.py times both ("no chunks" row) side by side.
 _CHUNK_ELEMENTS = 8 * 224 * 224
 
 
