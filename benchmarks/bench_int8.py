@@ -62,7 +62,7 @@ def data_specs() -> tuple[list[str], str]:
     return [f"busbra:{SAMPLE / 'busbra'}", f"hc18:{SAMPLE / 'hc18'}"], "bundled sample (small)"
 
 
-def build_model(preset: str, checkpoint: str | None):
+def build_model(preset: str, checkpoint: str | None, task: str = "seg"):
     import torch
 
     from usfm_edge.models.tasks import build_task_model, load_task_model
@@ -70,7 +70,8 @@ def build_model(preset: str, checkpoint: str | None):
     if checkpoint:
         return load_task_model(checkpoint)
     torch.manual_seed(0)
-    return build_task_model("seg", PRESETS[preset], num_classes=2, img_size=224).eval()
+    kw = {"num_classes": 2} if task == "seg" else {}
+    return build_task_model(task, PRESETS[preset], img_size=224, **kw).eval()
 
 
 def make_bundles(model, work: Path, specs: list[str], n_calib: int, force: bool,
@@ -122,7 +123,10 @@ def run_variant_fn(name: str, bundle: Path | None, model, threads: int):
 
         def fn(x):
             with torch.inference_mode():
-                probs, mask = graph(torch.from_numpy(x))
+                out = graph(torch.from_numpy(x))
+            if model.task == "features":
+                return {"features": out.numpy()}
+            probs, mask = out
             return {"probs": probs.numpy(), "mask": mask.numpy()}
 
         return fn, lambda: None
@@ -158,7 +162,8 @@ def bench_preset(preset: str, args, specs: list[str], work: Path) -> dict:
     from usfm_edge.runtime import Engine
 
     print(f"[{preset}] building bundles ...", flush=True)
-    model = build_model(preset, args.checkpoint)
+    model = build_model(preset, args.checkpoint, args.task)
+    main = "probs" if model.task == "seg" else "features"
     bundles = make_bundles(model, work / preset, specs, args.calib_frames, args.force, args.reuse)
     records = held_out(specs, args.eval_frames)
     frames = [read_image(r.image) for r in records]
@@ -183,8 +188,9 @@ def bench_preset(preset: str, args, specs: list[str], work: Path) -> dict:
     base = float(np.median(times["PyTorch eager fp32"]))
     rows = []
     for name, _, _ in VARIANTS:
-        raw, cc = centred([o["probs"][0] for o in ref], [o["probs"][0] for o in outs[name]], grid)
-        agree = float(np.mean([np.mean(a["mask"] == b["mask"]) for a, b in zip(ref, outs[name])]))
+        raw, cc = centred([o[main][0] for o in ref], [o[main][0] for o in outs[name]], grid)
+        agree = float(np.mean([np.mean(a["mask"] == b["mask"]) for a, b in zip(ref, outs[name])])) \
+            if main == "probs" else float("nan")
         med = float(np.median(times[name]))
         size = sum(f.stat().st_size for f in bundles[name].iterdir() if f.suffix in (".onnx", ".bin")) / 1e6 \
             if name in bundles else sum(p.numel() * 4 for p in model.parameters()) / 1e6
@@ -199,12 +205,12 @@ def bench_preset(preset: str, args, specs: list[str], work: Path) -> dict:
                 row["gate"] = {k: gate.get(k) for k in ("passed", "metric", "fp32", "int8", "drop", "failures")}
         rows.append(row)
     dice = {}
-    if args.checkpoint:
+    if args.checkpoint and model.task == "seg":
         for name in ("OpenVINO fp32 (f32 hint)", "ORT int8 (Q/DQ)", "OpenVINO int8 (NNCF)"):
             with Engine.open(bundles[name], device="cpu", threads=args.threads) as eng:
                 dice[name] = evaluate_predictor(eng, [r for r in records if r.mask is not None], "seg")["dice"]
     counters = perf_counters(bundles["OpenVINO int8 (NNCF)"] / "model.xml", timing_frame, args.threads)
-    return {"preset": preset, "model": PRESETS[preset], "weights": args.checkpoint or "random (seed 0)",
+    return {"preset": preset, "model": PRESETS[preset], "task": model.task, "output": main, "weights": args.checkpoint or "random (seed 0)",
             "timing_frame_hw": list(timing_frame.shape), "eval_frames": len(frames), "rows": rows,
             "dice_vs_ground_truth": dice, "openvino_int8_perf_counters": counters}
 
@@ -220,7 +226,7 @@ def markdown(result: dict) -> str:
              f"{m['nncf']}, onnx {m['onnx']}. Threads {result['threads']}, batch 1, {result['runs']} interleaved "
              f"runs per variant. Calibration/held-out data: {result['data']}.", ""]
     for p in result["presets"]:
-        lines += [f"## {p['model']} seg (weights: {p['weights']}), frame {p['timing_frame_hw'][0]}x"
+        lines += [f"## {p['model']} {p.get('task', 'seg')} (weights: {p['weights']}), frame {p['timing_frame_hw'][0]}x"
                   f"{p['timing_frame_hw'][1]}, fidelity on {p['eval_frames']} held-out real frames", "",
                   "| variant | median ms | p90 ms | speed-up vs PyTorch fp32 | cos raw | cos centred mean / min | "
                   "mask agreement | model MB | INT8 gate |", "|---|---|---|---|---|---|---|---|---|"]
@@ -249,6 +255,9 @@ def markdown(result: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=["tiny"], choices=list(PRESETS))
+    ap.add_argument("--task", default="seg", choices=["seg", "features"],
+                    help="seg: ViT + official-width UperNet head; features: the bare backbone (cls-token embedding), "
+                         "the model the perf-baseline targets are set for")
     ap.add_argument("--checkpoint", default=None, help="seg task checkpoint (accuracy needs trained weights)")
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)

@@ -79,15 +79,19 @@ def summary(times: list[float], per: int) -> dict:
 # ----------------------------------------------------------------------------- workers (own process each)
 
 
-def _unchunked(fn):
-    """Run ``fn`` with the torch path's cache-sized chunking switched off (one rfft2/irfft2 call per batch)."""
+def _with_chunking(fn, chunks: bool, pool: bool):
+    """Run ``fn`` with the torch path's chunking (``chunks``) and its thread-pool form (``pool``) on or off."""
     import usfm_edge.kernels.torch_fft as tf
 
-    saved, tf._CHUNK_ELEMENTS = tf._CHUNK_ELEMENTS, 1 << 62
+    saved = tf._CHUNK_ELEMENTS, tf._POOL_CHUNK_ELEMENTS
+    if not chunks:
+        tf._CHUNK_ELEMENTS = 1 << 62
+    if not pool:
+        tf._POOL_CHUNK_ELEMENTS = 1 << 62
     try:
         return fn()
     finally:
-        tf._CHUNK_ELEMENTS = saved
+        tf._CHUNK_ELEMENTS, tf._POOL_CHUNK_ELEMENTS = saved
 
 
 def worker_torch(cfg: dict) -> dict:
@@ -110,9 +114,12 @@ def worker_torch(cfg: dict) -> dict:
     fns = {
         "numpy loop (reference: fft2/ifft2, float64)": numpy_loop,
         "numpy loop (rfft2/irfft2, half mask)": numpy_rfft_loop,
-        "torch fft (batched rfft2, fp32)": lambda: band_stop_filter(xt, mt, impl="fft", symmetric=True),
-        "torch fft, one rfft2 call for the batch (no chunks)": lambda: _unchunked(
-            lambda: band_stop_filter(xt, mt, impl="fft", symmetric=True)),
+        "torch fft (default: chunks of 4 frames on a thread pool, fp32)": lambda: band_stop_filter(
+            xt, mt, impl="fft", symmetric=True),
+        "torch fft, chunks of 8 frames, serial": lambda: _with_chunking(
+            lambda: band_stop_filter(xt, mt, impl="fft", symmetric=True), chunks=True, pool=False),
+        "torch fft, one call for the batch (no chunks)": lambda: _with_chunking(
+            lambda: band_stop_filter(xt, mt, impl="fft", symmetric=True), chunks=False, pool=False),
         "torch matmul (batched, fp32)": lambda: band_stop_filter(xt, mt, impl="matmul"),
     }
     ref = np.stack(numpy_loop())

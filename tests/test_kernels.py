@@ -225,16 +225,31 @@ def test_any_real_mask_matches_reference(impl):
     np.testing.assert_allclose(y, band_stop_filter_np(x, m), atol=1e-10)
 
 
+@pytest.mark.parametrize("path", ["serial", "pool"])
 @pytest.mark.parametrize("shared", [True, False])
-def test_chunked_fft_path_matches_reference_and_gradients(monkeypatch, frames, shared):
-    """Large batches are filtered in cache-sized chunks; results and gradients must not change."""
+def test_chunked_fft_path_matches_reference_and_gradients(monkeypatch, frames, shared, path):
+    """Large batches are filtered in cache-sized chunks (serially, or concurrently on a thread pool without
+    autograd); results and gradients must not change, and torch's thread count is restored."""
     import usfm_edge.kernels.torch_fft as tf
 
     x = np.concatenate([frames[(96, 128)]] * 3)  # 9 real frames
     masks = masks_for(96, 128, len(x), seed=7)
     m = masks[0] if shared else masks
     monkeypatch.setattr(tf, "_CHUNK_ELEMENTS", 2 * 96 * 128)  # chunks of 2 frames -> 5 chunks, last one odd
-    y = band_stop_filter(torch.from_numpy(x), torch.from_numpy(m), symmetric=True).numpy()
+    monkeypatch.setattr(tf, "_POOL_CHUNK_ELEMENTS", 2 * 96 * 128 if path == "pool" else 10**9)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        calls = []
+        monkeypatch.setattr(torch, "set_num_threads", lambda n, _orig=torch.set_num_threads: (calls.append(n),
+                                                                                               _orig(n)))
+        y = band_stop_filter(torch.from_numpy(x), torch.from_numpy(m), symmetric=True).numpy()
+        assert calls == ([1, 2] if path == "pool" else [])
+        assert torch.get_num_threads() == 2
+    finally:
+        monkeypatch.undo()
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(tf, "_CHUNK_ELEMENTS", 2 * 96 * 128)
     for b in range(len(x)):
         ref = band_stop_filter_np(x[b].astype(np.float64), masks[0] if shared else masks[b])
         np.testing.assert_allclose(y[b], ref, atol=ATOL32)
