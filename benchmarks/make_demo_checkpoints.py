@@ -1,7 +1,9 @@
 """Turn fine-tuning runs into the bundled demo checkpoints (fp16 safetensors, <= 20 MB each).
 
-    python benchmarks/make_demo_checkpoints.py --busbra runs/labeleff/busbra-seg-pretrained-100/best.safetensors \
-        --hc18 runs/labeleff/hc18-seg-pretrained-100/best.safetensors
+    python benchmarks/make_demo_checkpoints.py --busbra runs/busbra_seg_v2/best.safetensors \
+        --hc18 runs/hc18_seg_v2/best.safetensors
+
+(the two ``usfm-edge finetune`` runs are in ``benchmarks/RESULTS.md`` §8).
 
 The provenance (source run, its config and validation metrics) is kept in each file's metadata and in
 ``usfm_edge/assets/checkpoints/README.md``.
@@ -25,7 +27,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# Demo checkpoints", "",
              "Tiny USFM backbones (`usfm_vit_tiny_patch16_224` architecture) with a light segmentation head, fine-tuned",
-             "on real data by `benchmarks/label_efficiency.py` (commands in `benchmarks/RESULTS.md`), stored as fp16.",
+             "on real data by `usfm-edge finetune` (commands in `benchmarks/RESULTS.md` §8), stored as fp16.",
              "They exist to demonstrate and test export, INT8 and the runtime; they are small research models, not",
              "medical devices. Training data licences: BUS-BRA (MIT-style), HC18 (CC BY 4.0); see `../sample/README.md`.", ""]
     for key, src in (("busbra", args.busbra), ("hc18", args.hc18)):

@@ -253,6 +253,31 @@ def test_shared_qdq_never_reaches_float_ops(upernet_ckpt, tmp_path):
                for o in n.output)
 
 
+@pytest.mark.parametrize("n", [16, 17])
+def test_ort_calibration_uses_every_frame(fp32_bundle, tmp_path, n):
+    """Min/max ranges come from ALL calibration frames: the same scales whatever the frame order. (ORT's
+    CalibMaxIntermediateOutputs drops all but the last len % N frames, and fails when N divides the count.)"""
+    from onnx import numpy_helper
+
+    from usfm_edge.calibration.backends.ort_qdq import quantize_onnx_qdq
+
+    frames = build_calibration_set(SPECS, n=n, min_frames=4).frames
+    assert len(frames) == n
+
+    def scales(order):
+        path, _ = quantize_onnx_qdq(fp32_bundle / "model.onnx", [frames[i] for i in order], QuantRecipe(),
+                                    tmp_path / f"w{order[0]}")
+        model = onnx.load(str(path))
+        inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        return {n.input[0]: float(inits[n.input[1]]) for n in model.graph.node
+                if n.op_type == "QuantizeLinear" and inits.get(n.input[1], np.zeros(2)).size == 1}
+
+    forward, backward = scales(list(range(n))), scales(list(range(n))[::-1])
+    assert len(forward) >= 10 and forward.keys() == backward.keys()
+    for name, scale in forward.items():  # equal up to the float rounding of a sum taken in another order
+        assert scale == pytest.approx(backward[name], rel=1e-5), name
+
+
 def _crushed_folder(tmp_path: Path) -> str:
     """Real frames with intensities crushed into a narrow mid-grey band: wrong activation ranges."""
     d = tmp_path / "crushed"

@@ -352,3 +352,22 @@ def test_write_bundle_one_step(bundles, tmp_path):
         (tmp_path / "other.usfm" / "keep.txt").write_text("user data")
         write_bundle(tmp_path / "other", meta, {"model.onnx": src / "model.onnx"})
     assert (tmp_path / "other.usfm" / "keep.txt").exists()
+
+
+def test_parity_mask_dice_ignores_specks_not_regions():
+    """A 5-pixel blob losing 2 pixels is not a conversion fault (pixel agreement 99.998%); a region is scored."""
+    from usfm_edge.export.parity import compare_outputs, mask_dice
+
+    ref = np.zeros((298, 277), np.uint8)
+    ref[100, 100:105] = 1  # 5 px: below 0.1% of the frame
+    got = ref.copy()
+    got[100, 103:105] = 0
+    assert mask_dice(ref, got) > 0.9999  # background only
+    assert mask_dice(ref, got, min_fraction=0) == pytest.approx(0.875, abs=1e-4)
+    m = compare_outputs({"mask": ref}, {"mask": got})["mask"]
+    assert m["dice"] > 0.9999 and m["pixel_agreement"] == pytest.approx(1 - 2 / ref.size)
+    ref[50:150, 50:150] = 1  # a 100x100 lesion, shifted by 10 px in the bundle: really different
+    got = np.zeros_like(ref)
+    got[60:160, 50:150] = 1
+    n = ref.size  # lesion Dice 0.9; background Dice (n - 11000) / (n - 10000)
+    assert mask_dice(ref, got) == pytest.approx((0.9 + (n - 11000) / (n - 10000)) / 2)

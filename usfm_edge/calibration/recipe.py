@@ -176,8 +176,10 @@ class QuantRecipe:
             extra["CalibPercentile"] = float(self.percentile)
         if self.calibration_method == "mean_minmax":
             extra["CalibMovingAverage"] = True
-        if self.calibration_method in ("minmax", "mean_minmax"):
-            extra["CalibMaxIntermediateOutputs"] = 16  # merge ranges every 16 frames: bounded memory (ViT-B)
+        # Never set CalibMaxIntermediateOutputs: ORT (<= 1.32 at least) empties its buffer every N frames
+        # WITHOUT merging the ranges (microsoft/onnxruntime PR #20226 was closed unmerged), so only the last
+        # len(frames) % N frames would calibrate, and none when N divides the count ("No data is collected").
+        # MinMax keeps only per-frame Reduce{Min,Max} results, so holding every frame costs little memory.
         return {"quant_format": QuantFormat.QDQ, "op_types_to_quantize": list(self.quantize_op_types),
                 "per_channel": self.per_channel, "reduce_range": self.reduce_range and not trt,
                 "activation_type": QuantType.QInt8 if (sym_act or trt) else QuantType.QUInt8,
