@@ -83,15 +83,14 @@ def _with_chunking(fn, chunks: bool, pool: bool):
     """Run ``fn`` with the torch path's chunking (``chunks``) and its thread-pool form (``pool``) on or off."""
     import usfm_edge.kernels.torch_fft as tf
 
-    saved = tf._CHUNK_ELEMENTS, tf._POOL_CHUNK_ELEMENTS
+    saved = tf._CHUNK_ELEMENTS, tf._USE_POOL
     if not chunks:
         tf._CHUNK_ELEMENTS = 1 << 62
-    if not pool:
-        tf._POOL_CHUNK_ELEMENTS = 1 << 62
+    tf._USE_POOL = pool
     try:
         return fn()
     finally:
-        tf._CHUNK_ELEMENTS, tf._POOL_CHUNK_ELEMENTS = saved
+        tf._CHUNK_ELEMENTS, tf._USE_POOL = saved
 
 
 def worker_torch(cfg: dict) -> dict:
@@ -114,7 +113,7 @@ def worker_torch(cfg: dict) -> dict:
     fns = {
         "numpy loop (reference: fft2/ifft2, float64)": numpy_loop,
         "numpy loop (rfft2/irfft2, half mask)": numpy_rfft_loop,
-        "torch fft (default: chunks of 4 frames on a thread pool, fp32)": lambda: band_stop_filter(
+        "torch fft (default: chunks of 8 frames on a thread pool, fp32)": lambda: band_stop_filter(
             xt, mt, impl="fft", symmetric=True),
         "torch fft, chunks of 8 frames, serial": lambda: _with_chunking(
             lambda: band_stop_filter(xt, mt, impl="fft", symmetric=True), chunks=True, pool=False),

@@ -236,7 +236,7 @@ def test_chunked_fft_path_matches_reference_and_gradients(monkeypatch, frames, s
     masks = masks_for(96, 128, len(x), seed=7)
     m = masks[0] if shared else masks
     monkeypatch.setattr(tf, "_CHUNK_ELEMENTS", 2 * 96 * 128)  # chunks of 2 frames -> 5 chunks, last one odd
-    monkeypatch.setattr(tf, "_POOL_CHUNK_ELEMENTS", 2 * 96 * 128 if path == "pool" else 10**9)
+    monkeypatch.setattr(tf, "_USE_POOL", path == "pool")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
