@@ -56,7 +56,8 @@ def test_bench_cli_smoke(demo_bundle, tmp_path, sample_dir):
                                   "--threads", "1", "--data", f"busbra:{sample_dir / 'busbra'}", "--json", str(out),
                                   "--md", str(tmp_path / "bench.md"), "--plot", str(tmp_path / "bench.png")])
     assert r.exit_code == 0, r.output
-    for col in ("p50 ms", "p90 ms", "p99 ms", "frames/s", "speed-up vs PyTorch fp32", "size MB", "RSS MB", "task metric"):
+    for col in ("p50 ms", "p90 ms", "p99 ms", "frames/s", "speed-up vs PyTorch fp32", "size MB", "peak RSS MB",
+                "RSS added MB", "task metric"):
         assert col in r.output
     res = json.loads(out.read_text())
     rows = {row["name"]: row for row in res["rows"]}
@@ -64,6 +65,7 @@ def test_bench_cli_smoke(demo_bundle, tmp_path, sample_dir):
     for row in rows.values():
         assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] and row["fps"] > 0
         assert row["metric"] == "dice" and 0.0 <= row["metric_value"] <= 1.0
+        assert 50 < row["peak_rss_mb"] < 4000  # a fresh process holding the interpreter, the backend and the model
     assert rows["pytorch-fp32"]["ratio_vs_torch"] == pytest.approx(1.0)
     # fp32 bundle and PyTorch run the same graph: the same task metric on the same frames
     assert rows[bundle.name.removesuffix(".usfm")]["metric_value"] == pytest.approx(rows["pytorch-fp32"]["metric_value"],

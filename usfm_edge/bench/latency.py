@@ -7,8 +7,9 @@ PyTorch fp32 are therefore meaningful even where absolute times drift (they do b
 
 Latency is end to end for one call: raw uint8 frame(s) in, task outputs at the frame's size out
 (``Engine.predict_batch``), i.e. what scanner software pays. Memory is the resident-set growth when the
-variant is opened and warmed up (one process holds all variants, so this is an estimate per engine), and
-the process peak (VmHWM). The task metric is computed with ``evaluation.evaluate_predictor`` on held-out
+variant is opened (one process holds all variants and reuses memory freed by earlier ones, so this is a
+lower bound), and, with ``memory=True``, each variant's peak resident set in a process of its own
+(``bench.memprobe``: interpreter and libraries included, what an embedding application holds). The task metric is computed with ``evaluation.evaluate_predictor`` on held-out
 real frames: the same code path for every variant.
 """
 
@@ -45,6 +46,7 @@ class BenchRow:
     size_mb: float | None
     rss_mb: float
     metric: str | None = None
+    peak_rss_mb: float | None = None
     metric_value: float | None = None
     extra: dict = field(default_factory=dict)
 
@@ -99,9 +101,10 @@ def _dir_size_mb(path: Path) -> float:
 
 
 class _Variant:
-    def __init__(self, name, predictor, backend, precision, target, device, size_mb, rss_mb, static_hw):
+    def __init__(self, name, predictor, backend, precision, target, device, size_mb, rss_mb, static_hw, path=None):
         self.name, self.predictor, self.backend, self.precision = name, predictor, backend, precision
         self.target, self.device, self.size_mb, self.rss_mb, self.static_hw = target, device, size_mb, rss_mb, static_hw
+        self.path = path
 
 
 def _frames_for(variant: _Variant, frames: list[np.ndarray]) -> list[np.ndarray]:
@@ -121,7 +124,7 @@ def _open_bundle(path: Path, threads: int, device: str, backend: str) -> _Varian
     meta = eng.meta
     static = tuple(meta.input.static_hw) if meta.input.static_hw else None
     return _Variant(path.name.removesuffix(".usfm"), eng, getattr(eng.backend, "name", backend), meta.precision,
-                    meta.target, device, _dir_size_mb(path), process_rss_mb() - before, static)
+                    meta.target, device, _dir_size_mb(path), process_rss_mb() - before, static, path)
 
 
 def _open_torch(ckpt: Path, threads: int, device: str, bf16: bool = False) -> _Variant:
@@ -142,7 +145,7 @@ def _open_torch(ckpt: Path, threads: int, device: str, bf16: bool = False) -> _V
         pred.graph._model = lambda x: inner(x.to(torch.bfloat16)).float()  # noqa: E731
     name = f"pytorch-{'bf16' if bf16 else 'fp32'}"
     return _Variant(name, pred, "torch", "bf16" if bf16 else "fp32", "pytorch", dev, ckpt.stat().st_size / 1e6,
-                    process_rss_mb() - before, None)
+                    process_rss_mb() - before, None, ckpt)
 
 
 def _time_once(v: _Variant, frames: list[np.ndarray]) -> float:
@@ -158,7 +161,7 @@ def _time_once(v: _Variant, frames: list[np.ndarray]) -> float:
 def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, data: str | None = None,
               batches: tuple[int, ...] = (1,), threads: int = 2, runs: int = 30, warmup: int = 3,
               eval_frames: int = 16, device: str = "cpu", backend: str = "auto", torch_bf16: bool = False,
-              progress=None) -> dict:
+              progress=None, memory: bool = True) -> dict:
     """Benchmark bundles (and a PyTorch checkpoint) side by side; returns {"machine", "rows", "settings"}.
 
     Args:
@@ -172,6 +175,7 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
         device: ``cpu`` or an accelerator (``cuda`` for ORT CUDA / TensorRT and PyTorch, ``GPU`` / ``NPU`` for
             OpenVINO); variants that cannot use it are reported as skipped.
         torch_bf16: add a PyTorch bf16 row (useful on GPUs and CPUs with native bf16).
+        memory: measure each variant's peak RSS in a process of its own (``bench.memprobe``, a few s each).
     """
     from usfm_edge.data.readers import read_image
     from usfm_edge.evaluation.evaluate import StaticSizeAdapter, evaluate_predictor, select_records
@@ -213,6 +217,16 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
             rows.append(BenchRow(v.name, v.backend, v.precision, v.target, v.device, batch, p50,
                                  float(np.percentile(t, 90)), float(np.percentile(t, 99)), 1000.0 * batch / p50,
                                  float(ref / p50) if ref is not None else None, v.size_mb, v.rss_mb))
+    if memory:
+        from usfm_edge.bench.memprobe import isolated_peak_rss_mb
+
+        for v in variants:
+            kind, path = ("torch", torch_ckpt) if v.backend == "torch" else ("bundle", v.path)
+            peak = None if v.precision == "bf16" else isolated_peak_rss_mb(kind, path, records[0].image, threads,
+                                                                           device, backend)
+            for r in rows:
+                if r.name == v.name:
+                    r.peak_rss_mb = peak
     if eval_frames:
         held = select_records(data, split="val", limit=eval_frames)
         for v in variants:

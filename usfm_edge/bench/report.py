@@ -19,15 +19,19 @@ def markdown(result: dict, command: str | None = None) -> str:
                  f"{s['warmup']} warm-up, interleaved; device {s['device']}.\n")
     lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + "\n")
     lines.append("| variant | backend | precision | batch | p50 ms | p90 ms | p99 ms | frames/s | speed-up vs PyTorch fp32 "
-                 "| size MB | RSS MB | task metric |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+                 "| size MB | peak RSS MB | RSS added MB | task metric |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         ratio = f"{r['ratio_vs_torch']:.2f}x" if r["ratio_vs_torch"] else "-"
         metric = f"{r['metric']} {r['metric_value']:.4f}" if r.get("metric_value") is not None else "-"
         size = f"{r['size_mb']:.1f}" if r["size_mb"] is not None else "-"
+        peak = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") is not None else "-"
         lines.append(f"| {r['name']} | {r['backend']} | {r['precision']} | {r['batch']} | {r['p50_ms']:.1f} | "
                      f"{r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['fps']:.1f} | {ratio} | {size} | "
-                     f"{r['rss_mb']:.0f} | {metric} |")
+                     f"{peak} | {r['rss_mb']:.0f} | {metric} |")
+    lines.append("\npeak RSS: the variant alone in a fresh process (interpreter and libraries included, 3 runs on "
+                 "a real frame); RSS added: growth of the shared benchmark process when the variant was opened "
+                 "(a lower bound: memory freed by earlier variants is reused).")
     for sk in result.get("skipped", []):
         lines.append(f"\nSkipped {sk['bundle']}: {sk['reason']}")
     return "\n".join(lines) + "\n"
