@@ -87,3 +87,22 @@ def test_evaluate_static_shape_bundle_on_frames_of_any_size(tmp_path, sample_dir
     res = evaluate(bundle, f"busbra:{sample_dir / 'busbra'}", split="all", limit=3)
     assert res["frames_resized_to"] == [128, 128] and res["precision"] == "fp16"
     assert 0.0 <= res["metrics"]["dice"] <= 1.0 and res["metrics"]["n"] == 3
+
+
+def test_bench_on_a_missing_device_skips_with_reasons(demo_bundle, tmp_path, sample_dir):
+    """`--device cuda` on a machine without CUDA: every variant is reported as skipped, none silently runs on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the skip path is not reachable")
+    ckpt, bundle = demo_bundle
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(main, ["bench", str(bundle), "--torch", str(ckpt), "--device", "cuda", "--runs", "2",
+                                  "--eval-frames", "0", "--no-memory", "--data", f"busbra:{sample_dir / 'busbra'}",
+                                  "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["rows"] == []
+    reasons = {s["bundle"]: s["reason"] for s in res["skipped"]}
+    assert "CUDA" in reasons[str(bundle)] and "sees no CUDA device" in reasons[f"{ckpt} (PyTorch fp32)"]
+    assert "Skipped" in r.output

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from usfm_edge.core.errors import ConfigError
+from usfm_edge.core.errors import BackendUnavailableError, ConfigError
 
 PRIMARY = {"seg": "dice", "cls": "auc", "enhance": "psnr", "features": None}
 
@@ -133,10 +133,14 @@ def _open_torch(ckpt: Path, threads: int, device: str, bf16: bool = False) -> _V
     from usfm_edge.evaluation.evaluate import TorchPredictor
     from usfm_edge.models.tasks import load_task_model
 
+    if device != "cpu" and not (device == "cuda" and torch.cuda.is_available()):
+        why = (f"torch {torch.__version__} sees no CUDA device" if device == "cuda" else
+               f"the PyTorch reference runs on cpu or cuda, not on OpenVINO's {device!r}")
+        raise BackendUnavailableError(f"PyTorch on {device!r}: {why}", hint="use --device cpu for the CPU rows")
     torch.set_num_threads(threads)
     before = process_rss_mb()
     model = load_task_model(ckpt)
-    dev = "cuda" if device in ("cuda", "GPU") and torch.cuda.is_available() else "cpu"
+    dev = device
     pred = TorchPredictor(model, device=dev)
     if bf16:
         pred.graph.model = pred.graph.model.to(torch.bfloat16)
@@ -190,9 +194,12 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
     frames_all = [read_image(r.image) for r in records[:8]]
     variants, skipped = [], []
     if torch_ckpt is not None:
-        variants.append(_open_torch(Path(torch_ckpt), threads, device))
-        if torch_bf16:
-            variants.append(_open_torch(Path(torch_ckpt), threads, device, bf16=True))
+        for bf16 in (False, True) if torch_bf16 else (False,):
+            try:  # never a silent fallback to the CPU: a device torch cannot use is reported as skipped
+                variants.append(_open_torch(Path(torch_ckpt), threads, device, bf16=bf16))
+            except BackendUnavailableError as exc:
+                skipped.append({"bundle": f"{torch_ckpt} (PyTorch {'bf16' if bf16 else 'fp32'})",
+                                "reason": f"{type(exc).__name__}: {exc}"})
     for b in bundles:
         try:
             variants.append(_open_bundle(Path(b), threads, device, backend))
@@ -210,7 +217,7 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
         for _ in it:
             for v in variants:
                 times[v.name].append(_time_once(v, inputs[v.name]))
-        ref = np.median(times[variants[0].name]) if torch_ckpt is not None else None
+        ref = np.median(times["pytorch-fp32"]) if "pytorch-fp32" in times else None
         for v in variants:
             t = np.asarray(times[v.name])
             p50 = float(np.median(t))
