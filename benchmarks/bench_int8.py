@@ -29,8 +29,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-PRESETS = {"tiny": "usfm_vit_tiny_patch16_224", "small": "usfm_vit_small_patch16_224",
-           "base": "usfm_vit_base_patch16_224"}
+from usfm_edge.models.registry import sizes  # noqa: E402
+
+PRESETS = sizes()  # tiny / small / base -> preset name
 SHARED = ROOT.parent / "shared" / "data"
 SAMPLE = ROOT / "usfm_edge" / "assets" / "sample"
 VARIANTS = [("PyTorch eager fp32", None, None), ("ORT fp32", "onnx", "fp32"), ("ORT int8 (Q/DQ)", "onnx", "int8"),

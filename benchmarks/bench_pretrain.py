@@ -29,11 +29,12 @@ import torch
 from usfm_edge.core.preprocess import PreprocessSpec
 from usfm_edge.data import load_records, read_image, sample_dir
 from usfm_edge.models.mim import MimConfig, build_mim
+from usfm_edge.models.registry import sizes
 from usfm_edge.train.engine import cpu_supports_bf16
 from usfm_edge.train.masking import MimTransform
 from usfm_edge.train.optim import build_optimizer
 
-PRESETS = ["usfm_vit_tiny_patch16_224", "usfm_vit_small_patch16_224", "usfm_vit_base_patch16_224"]
+PRESETS = list(sizes().values())  # tiny, small, base
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

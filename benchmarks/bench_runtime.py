@@ -32,9 +32,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from usfm_edge.models.registry import sizes  # noqa: E402
 
-PRESETS = {"tiny": "usfm_vit_tiny_patch16_224", "small": "usfm_vit_small_patch16_224",
-           "base": "usfm_vit_base_patch16_224"}
+PRESETS = sizes()  # tiny / small / base -> preset name
 SAMPLE = ROOT / "usfm_edge" / "assets" / "sample"
 
 

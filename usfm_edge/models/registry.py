@@ -15,6 +15,13 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in PRESETS if fnmatch.fnmatch(n, pattern))
 
 
+def sizes() -> dict[str, str]:
+    """The ViT-B/16-family presets by size: ``{"tiny": "usfm_vit_tiny_patch16_224", "small": ..., "base": ...}``."""
+    names = list_models("usfm_vit_*_patch16_224")
+    order = {"tiny": 0, "small": 1, "base": 2}
+    return {n.split("_")[2]: n for n in sorted(names, key=lambda n: order.get(n.split("_")[2], 9))}
+
+
 def model_args(name: str, **overrides) -> dict:
     """The full constructor arguments of a preset, with overrides applied."""
     if name not in PRESETS:
