@@ -4,6 +4,7 @@ The latency benchmark holds every variant in one process, where memory freed by 
 next, so per-variant growth there is not a peak. This probe starts a fresh interpreter, opens ONE bundle
 (or the PyTorch checkpoint), runs it on a real frame a few times and reports the process's peak resident set
 (``VmHWM``): what scanner software embedding that variant would hold, interpreter and libraries included.
+On a GPU this is host memory only (device memory is not counted).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _probe(kind: str, path: str, frame_path: str, threads: int, device: str, bac
         from usfm_edge.models.tasks import load_task_model
 
         torch.set_num_threads(threads)
-        predictor = TorchPredictor(load_task_model(path), device="cpu")
+        predictor = TorchPredictor(load_task_model(path), device="cuda" if device == "cuda" else "cpu")
         for _ in range(3):
             predictor.predict(frame)
     else:
