@@ -3,6 +3,7 @@
 # Writes everything into $OUT (default ./gpu_results): logs, JSON and Markdown tables.
 #
 #   bash benchmarks/gpu_check.sh              # on the GPU machine, from the repository root
+#   DEVICE=cpu SMALL=1 bash benchmarks/gpu_check.sh   # dry run of the same code on a CPU (tests/test_gpu_check.py)
 #
 # Steps (each is skipped, with the reason written to the log, when its dependency is missing):
 #   1. environment: nvidia-smi, torch/CUDA, triton, onnxruntime providers, tensorrt
@@ -18,6 +19,7 @@ OUT="${OUT:-$PWD/gpu_results}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
+export DEVICE="${DEVICE:-cuda}" SMALL="${SMALL:-0}" OUT
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$OUT/gpu_check.log"; }
 step() { local name="$1" limit="$2"; shift 2; log "start $name (limit ${limit}s)";
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?; log "end $name rc=$rc"; tail -n 25 "$OUT/$name.log"; }
@@ -46,19 +48,20 @@ import json, os, time, numpy as np, torch
 from usfm_edge.kernels.rings import BandStopMaskGenerator
 from usfm_edge.kernels.reference import band_stop_filter_np
 from usfm_edge.kernels.torch_fft import band_stop_filter
-dev = "cuda"
+dev, n = os.environ["DEVICE"], 8 if os.environ["SMALL"] == "1" else 64
+sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 gen = BandStopMaskGenerator(224)
 rng = np.random.default_rng(0)
-x = torch.rand(64, 1, 224, 224, device=dev)
-m = torch.from_numpy(np.stack([gen(rng) for _ in range(64)]))[:, None].to(dev)
+x = torch.rand(n, 1, 224, 224, device=dev)
+m = torch.from_numpy(np.stack([gen(rng) for _ in range(n)]))[:, None].to(dev)
 xn, mn = x.cpu().numpy(), m.cpu().numpy()
-res = {}
-def t(fn, n=30):
+res = {"device": dev, "frames": n}
+def t(fn, reps=30):
     for _ in range(3): fn()
-    torch.cuda.synchronize(); s = time.perf_counter()
-    for _ in range(n): fn()
-    torch.cuda.synchronize(); return (time.perf_counter() - s) / n * 1000
-res["numpy_loop_ms"] = t(lambda: [band_stop_filter_np(xn[i, 0], mn[i, 0]) for i in range(64)], 3)
+    sync(); s = time.perf_counter()
+    for _ in range(reps): fn()
+    sync(); return (time.perf_counter() - s) / reps * 1000
+res["numpy_loop_ms"] = t(lambda: [band_stop_filter_np(xn[i, 0], mn[i, 0]) for i in range(n)], 3)
 for impl in ("fft", "triton", "matmul"):
     try:
         res[f"torch_{impl}_ms"] = t(lambda: band_stop_filter(x, m, impl=impl))
@@ -67,38 +70,45 @@ for impl in ("fft", "triton", "matmul"):
     except Exception as e:
         res[f"torch_{impl}"] = f"failed: {e}"
 print(json.dumps(res, indent=1))
-json.dump(res, open(os.path.join(os.environ.get("OUT", "."), "kernels_gpu.json"), "w"), indent=1)
+json.dump(res, open(os.path.join(os.environ["OUT"], "kernels_gpu.json"), "w"), indent=1)
 PY
 
 step pretrain_gpu 180 "$PY" - <<'PY'
 import json, os, time, torch
 from usfm_edge.models.mim import build_mim, MimConfig
 res = []
-for preset, batch in (("usfm_vit_tiny_patch16_224", 256), ("usfm_vit_small_patch16_224", 256), ("usfm_vit_base_patch16_224", 128)):
+dev, small = os.environ["DEVICE"], os.environ["SMALL"] == "1"
+sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+runs = (("usfm_vit_tiny_patch16_224", 2),) if small else (
+    ("usfm_vit_tiny_patch16_224", 256), ("usfm_vit_small_patch16_224", 256), ("usfm_vit_base_patch16_224", 128))
+for preset, batch in runs:
     for amp in (None, torch.bfloat16):
-        model = build_mim(preset, 224, MimConfig(), 0.1).cuda()
+        model = build_mim(preset, 224, MimConfig(), 0.1).to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        img = torch.randn(batch, 3, 224, 224, device="cuda")
-        smask = (torch.rand(batch, 196, device="cuda") < 0.6).to(torch.uint8)
-        fmask = torch.ones(batch, 224, 224, device="cuda")
+        img = torch.randn(batch, 3, 224, 224, device=dev)
+        smask = (torch.rand(batch, 196, device=dev) < 0.6).to(torch.uint8)
+        fmask = torch.ones(batch, 224, 224, device=dev)
         def step():
-            with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+            with torch.autocast(dev, dtype=amp or torch.float32, enabled=amp is not None):
                 loss, _, _ = model(img, smask, fmask)
             loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-        for _ in range(3): step()
-        torch.cuda.synchronize(); s = time.perf_counter()
-        for _ in range(10): step()
-        torch.cuda.synchronize(); dt = (time.perf_counter() - s) / 10
+        reps = 2 if small else 10
+        for _ in range(1 if small else 3): step()
+        sync(); s = time.perf_counter()
+        for _ in range(reps): step()
+        sync(); dt = (time.perf_counter() - s) / reps
         res.append({"preset": preset, "amp": "bf16" if amp else "fp32", "batch": batch, "images_per_s": batch / dt})
         print(res[-1], flush=True)
-        del model, opt; torch.cuda.empty_cache()
-json.dump(res, open(os.path.join(os.environ.get("OUT", "."), "pretrain_gpu.json"), "w"), indent=1)
+        del model, opt
+        if dev == "cuda": torch.cuda.empty_cache()
+json.dump(res, open(os.path.join(os.environ["OUT"], "pretrain_gpu.json"), "w"), indent=1)
 PY
 
 CKPT=usfm_edge/assets/checkpoints/busbra_seg_tiny.safetensors
 step export 180 bash -c "$PY -m usfm_edge.cli export $CKPT --target onnx -o $OUT/b/seg-onnx-fp32.usfm && \
   $PY -m usfm_edge.cli export $CKPT --target tensorrt --precision fp16 -o $OUT/b/seg-trt-fp16.usfm"
-step bench 150 "$PY" -m usfm_edge.cli bench "$OUT"/b/*.usfm --torch "$CKPT" --torch-bf16 --device cuda --batch 1,16 \
-  --runs 50 --json "$OUT/bench_gpu.json" --md "$OUT/bench_gpu.md"
+if [ "$SMALL" = 1 ]; then BENCH_ARGS="--batch 1 --runs 3 --eval-frames 2"; else BENCH_ARGS="--batch 1,16 --runs 50"; fi
+step bench 150 "$PY" -m usfm_edge.cli bench "$OUT"/b/*.usfm --torch "$CKPT" --torch-bf16 --device "$DEVICE" $BENCH_ARGS \
+  --json "$OUT/bench_gpu.json" --md "$OUT/bench_gpu.md"
 rm -rf "$OUT/b"
 log "done; results in $OUT"
