@@ -145,7 +145,8 @@ def main(argv=None) -> int:
         f"`{report['command']}` ({report['date']})", "",
         f"Machine: {m['cpu']}, {m['cores']} threads, torch {m['torch']} ({m['torch_cpu_capability']}), "
         f"native bf16: {m['native_bf16']}; load average {load_before:.1f} before / {m['load_average_1min']:.1f} "
-        "after (other jobs share the cores: compare rows, not runs). Image {args.img_size} px; median of {args.rounds} interleaved rounds "
+        f"after (other jobs share the cores: compare rows, not runs). Image {args.img_size} px; median of "
+        f"{args.rounds} interleaved rounds "
         f"of {args.steps} steps (min-max in brackets). A step = corruption + forward + spatial/Fourier loss + "
         "backward + clip + AdamW.", "",
         "| preset | precision | batch | images/s | s/step | vs fp32 |", "|---|---|---|---|---|---|"]
