@@ -90,7 +90,9 @@ def plot_reconstructions(checkpoint: Path, out: Path, data: list[str] | None = N
     both, _ = model.corrupt(img, sm, fm)
     loss, pred, parts = model(img, sm, fm)
     cols = [("original", img), ("spatial mask (mean-padded)", spatial_only), ("band-stop filtered", freq_only),
-            ("model input", both), ("reconstruction", pred)]
+            ("model input", both),
+            ("reconstruction" + (" (patch stats of the original)" if cfg.mim.norm_target else ""),
+             model.denormalize(pred, img))]
     fig, axes = plt.subplots(len(records), len(cols), figsize=(2.4 * len(cols), 2.4 * len(records)), squeeze=False)
     for i, rec in enumerate(records):
         for j, (title, x) in enumerate(cols):

@@ -142,6 +142,29 @@ def test_loss_decreases_on_real_frames(frames):
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses
 
 
+def test_normalised_target_option(frames):
+    """MAE-style target: every patch of the target at zero mean / unit variance; a prediction equal to it has
+    zero loss; ``denormalize`` maps it back to the clean image; the option is a config key and a flag."""
+    from usfm_edge.models.mim import patch_normalize
+
+    mim = MimConfig(mask_patch_size=16, norm_target=True)
+    img, sm, fm = _batch(frames, mim)
+    t = patch_normalize(img, 16).reshape(8, 3, SIZE // 16, 16, SIZE // 16, 16)
+    mean, var = t.mean(dim=(1, 3, 5)), t.var(dim=(1, 3, 5), unbiased=False)
+    textured = var > 0.5  # flat patches (the black surround) normalise to 0
+    assert textured.float().mean() > 0.5
+    assert mean.abs().max() < 1e-4 and (var[textured] - 1).abs().max() < 1e-3
+    torch.manual_seed(0)
+    model = build_mim(PRESET, SIZE, mim)
+    loss, pred, parts = model(img, sm, fm)
+    assert torch.isfinite(loss) and parts["spatial"] > 0
+    torch.testing.assert_close(model.denormalize(patch_normalize(img, 16), img), img, atol=1e-3, rtol=1e-3)
+    loss.backward()
+    assert all(p.grad is not None for p in model.encoder.parameters() if p.requires_grad)
+    assert _cfg(mim=dict(mask_patch_size=16, norm_target=True)).mim.norm_target
+    assert _parser().parse_args(["--norm-target", "--data", DATA[0], "--out", "x"]) is not None
+
+
 def test_non_finite_loss_stops_with_clear_error():
     class Bad(torch.nn.Module):
         def __init__(self):

@@ -52,6 +52,12 @@ lambda_freq         1.0      measured on real BUS-BRA/HC18 frames, the complex F
                              about a third of the loss. The orthonormal DFT keeps it near pixel scale.
 freq_loss           complex  see above.
 mean_pad, mask_token True    both corruptions of the figure/checkpoint (see above).
+norm_target         False    MAE's per-patch normalised target (each 16x16 patch of the target, all channels,
+                             to zero mean and unit variance) for BOTH loss terms. Off by default (SimMIM and,
+                             as far as the dossier tells, USFM reconstruct raw pixels); on, the model can no
+                             longer lower the loss by predicting each patch's mean grey, which is all our
+                             CPU-budget pretraining learned (benchmarks/RESULTS.md §6b). Predictions are
+                             then in normalised units: :meth:`UsfmMim.denormalize` maps them back for display.
 ==================  =======  ==================================================================================
 """
 
@@ -66,7 +72,7 @@ from usfm_edge.core.errors import ConfigError
 from usfm_edge.models.losses import FOURIER_LOSSES, fourier_loss, masked_l1
 from usfm_edge.models.vit import UsfmViT
 
-__all__ = ["MimConfig", "UsfmMim", "build_mim"]
+__all__ = ["MimConfig", "UsfmMim", "build_mim", "patch_normalize"]
 
 
 @dataclass
@@ -86,6 +92,7 @@ class MimConfig:
         freq_loss: ``complex`` or ``log_amplitude``.
         mean_pad: fill masked blocks with the image mean.
         mask_token: replace masked patch tokens by the encoder's ``mask_token``.
+        norm_target: reconstruct per-patch normalised pixels (MAE's ``norm_pix_loss``) instead of raw pixels.
     """
 
     mask_ratio: float = 0.6
@@ -100,6 +107,7 @@ class MimConfig:
     freq_loss: str = "complex"
     mean_pad: bool = True
     mask_token: bool = True
+    norm_target: bool = False
 
     def __post_init__(self):
         if self.freq_loss not in FOURIER_LOSSES:
@@ -113,6 +121,25 @@ class MimConfig:
         """Keyword arguments for :class:`usfm_edge.kernels.rings.BandStopMaskGenerator`."""
         return dict(drop_ratio=self.drop_ratio, base_width=self.base_width, growth=self.growth,
                     max_width=self.max_width, center_protect=self.center_protect)
+
+
+_NORM_EPS = 1e-6  # MAE's
+
+
+def _patch_stats(x: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x`` viewed as ``(B, C, H/p, p, W/p, p)`` patches, with each patch's mean and std over (C, p, p)."""
+    B, C, H, W = x.shape
+    t = x.reshape(B, C, H // p, p, W // p, p)
+    mean = t.mean(dim=(1, 3, 5), keepdim=True)
+    std = (t.var(dim=(1, 3, 5), keepdim=True, unbiased=False) + _NORM_EPS).sqrt()
+    return t, mean, std
+
+
+def patch_normalize(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Each ``p x p`` patch of ``(B, C, H, W)`` images to zero mean and unit variance over its channels and pixels
+    (flat patches become 0)."""
+    t, mean, std = _patch_stats(x, p)
+    return ((t - mean) / std).reshape(x.shape)
 
 
 def _band_stop(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -148,6 +175,16 @@ class UsfmMim(nn.Module):
         if name.startswith("encoder."):
             return self.encoder.group_matcher(name[len("encoder."):])
         return self.encoder.depth + 1
+
+    def denormalize(self, pred: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        """A prediction in the model's target units -> image units (identity unless ``norm_target``: then each
+        patch takes the mean and spread of the clean image's patch, as MAE shows its reconstructions)."""
+        if not self.cfg.norm_target:
+            return pred
+        _, mean, std = _patch_stats(img.float(), self.patch_size)
+        B, C, H, W = pred.shape
+        p = self.patch_size
+        return (pred.float().reshape(B, C, H // p, p, W // p, p) * std + mean).reshape(B, C, H, W)
 
     def pixel_mask(self, spatial_mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """Patch mask ``(B, N)`` or ``(B, h, w)`` -> pixel mask ``(B, 1, H, W)`` float (1 = masked)."""
@@ -191,7 +228,7 @@ class UsfmMim(nn.Module):
         z = self.encoder.forward_features(x.to(img.dtype), mask=token_mask)[:, 1:]
         z = z.transpose(1, 2).reshape(B, -1, H // self.patch_size, W // self.patch_size)
         pred = self.decoder(z).float()
-        target = img.float()
+        target = patch_normalize(img.float(), self.patch_size) if self.cfg.norm_target else img.float()
         loss_spa = masked_l1(pred, target, m_pix)
         if self.cfg.lambda_freq > 0:
             loss_freq = fourier_loss(pred, target, self.cfg.freq_loss)
