@@ -91,7 +91,7 @@ def plot_reconstructions(checkpoint: Path, out: Path, data: list[str] | None = N
     loss, pred, parts = model(img, sm, fm)
     cols = [("original", img), ("spatial mask (mean-padded)", spatial_only), ("band-stop filtered", freq_only),
             ("model input", both),
-            ("reconstruction" + (" (patch stats of the original)" if cfg.mim.norm_target else ""),
+            ("reconstruction" + ("\n(patch mean/std of the original)" if cfg.mim.norm_target else ""),
              model.denormalize(pred, img))]
     fig, axes = plt.subplots(len(records), len(cols), figsize=(2.4 * len(cols), 2.4 * len(records)), squeeze=False)
     for i, rec in enumerate(records):
