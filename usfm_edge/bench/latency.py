@@ -9,8 +9,9 @@ Latency is end to end for one call: raw uint8 frame(s) in, task outputs at the f
 (``Engine.predict_batch``), i.e. what scanner software pays. Memory is the resident-set growth when the
 variant is opened (one process holds all variants and reuses memory freed by earlier ones, so this is a
 lower bound), and, with ``memory=True``, each variant's peak resident set in a process of its own
-(``bench.memprobe``: interpreter and libraries included, what an embedding application holds). The task metric is computed with ``evaluation.evaluate_predictor`` on held-out
-real frames: the same code path for every variant.
+(``bench.memprobe``: interpreter and libraries included, what an embedding application holds). The task
+metric is computed with ``evaluation.evaluate_predictor`` on held-out real frames: the same code path for
+every variant.
 """
 
 from __future__ import annotations
@@ -140,15 +141,14 @@ def _open_torch(ckpt: Path, threads: int, device: str, bf16: bool = False) -> _V
     torch.set_num_threads(threads)
     before = process_rss_mb()
     model = load_task_model(ckpt)
-    dev = device
-    pred = TorchPredictor(model, device=dev)
+    pred = TorchPredictor(model, device=device)
     if bf16:
         pred.graph.model = pred.graph.model.to(torch.bfloat16)
         pred.graph.half = False
         inner = pred.graph._model
         pred.graph._model = lambda x: inner(x.to(torch.bfloat16)).float()  # noqa: E731
     name = f"pytorch-{'bf16' if bf16 else 'fp32'}"
-    return _Variant(name, pred, "torch", "bf16" if bf16 else "fp32", "pytorch", dev, ckpt.stat().st_size / 1e6,
+    return _Variant(name, pred, "torch", "bf16" if bf16 else "fp32", "pytorch", device, ckpt.stat().st_size / 1e6,
                     process_rss_mb() - before, None, ckpt)
 
 
@@ -228,8 +228,8 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
         from usfm_edge.bench.memprobe import isolated_peak_rss_mb
 
         for v in variants:
-            kind, path = ("torch", torch_ckpt) if v.backend == "torch" else ("bundle", v.path)
-            peak = None if v.precision == "bf16" else isolated_peak_rss_mb(kind, path, records[0].image, threads,
+            kind = "torch" if v.backend == "torch" else "bundle"
+            peak = None if v.precision == "bf16" else isolated_peak_rss_mb(kind, v.path, records[0].image, threads,
                                                                            device, backend)
             for r in rows:
                 if r.name == v.name:

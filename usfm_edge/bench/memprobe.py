@@ -38,31 +38,15 @@ def isolated_peak_rss_mb(kind: str, path: str | Path, frame: str | Path, threads
 
 
 def _probe(kind: str, path: str, frame_path: str, threads: int, device: str, backend: str) -> dict:
-    from usfm_edge.bench.latency import process_rss_mb
+    # opened and fed exactly as the benchmark opens and feeds the variant
+    from usfm_edge.bench.latency import _frames_for, _open_bundle, _open_torch, process_rss_mb
     from usfm_edge.data.readers import read_image
 
-    frame = read_image(frame_path)
-    if kind == "torch":
-        import torch
-
-        from usfm_edge.evaluation.evaluate import TorchPredictor
-        from usfm_edge.models.tasks import load_task_model
-
-        torch.set_num_threads(threads)
-        predictor = TorchPredictor(load_task_model(path), device="cuda" if device == "cuda" else "cpu")
-        for _ in range(3):
-            predictor.predict(frame)
-    else:
-        from usfm_edge.runtime import Engine
-
-        with Engine.open(path, backend=backend, device=device, threads=threads) as eng:
-            hw = eng.meta.input.static_hw
-            if hw:
-                from usfm_edge.core.preprocess import resize_nearest
-
-                frame = resize_nearest(frame, tuple(hw), centred=False)
-            for _ in range(3):
-                eng.predict(frame)
+    v = _open_torch(Path(path), threads, device) if kind == "torch" else _open_bundle(Path(path), threads, device,
+                                                                                        backend)
+    frame = _frames_for(v, [read_image(frame_path)])[0]
+    for _ in range(3):
+        v.predictor.predict(frame)
     return {"peak_rss_mb": process_rss_mb("VmHWM")}
 
 

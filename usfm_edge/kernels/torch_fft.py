@@ -115,9 +115,10 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return _POOL
 
 
-def _chunks(x: torch.Tensor, half: torch.Tensor, per_chunk: int):
+def _chunks(x: torch.Tensor, half: torch.Tensor):
+    """``[(batch slice, its half mask)]`` covering ``x`` in chunks of about ``_CHUNK_ELEMENTS`` elements."""
     per_frame = x[0].numel() if x.ndim == 4 else x.shape[-2] * x.shape[-1]
-    step = max(1, per_chunk // per_frame)
+    step = max(1, _CHUNK_ELEMENTS // per_frame)
     shared = half.ndim == 2
     return [(slice(i, i + step), half if shared else half[i:i + step]) for i in range(0, x.shape[0], step)]
 
@@ -127,15 +128,11 @@ def _fft(x: torch.Tensor, mask: torch.Tensor, symmetric: bool) -> torch.Tensor:
     if not symmetric:
         mask = symmetrize(mask)
     half = mask[..., : w // 2 + 1]
-    if x.is_cuda:
+    chunks = [] if x.is_cuda else _chunks(x, half)
+    if len(chunks) <= 1:
         return _fft_chunk(x, half, h, w)
     if _needs_grad(x, half):
-        chunks = _chunks(x, half, _CHUNK_ELEMENTS)
-        return torch.cat([_fft_chunk(x[sl], hf, h, w) for sl, hf in chunks]) if len(chunks) > 1 \
-            else _fft_chunk(x, half, h, w)
-    chunks = _chunks(x, half, _CHUNK_ELEMENTS)
-    if len(chunks) == 1:
-        return _fft_chunk(x, half, h, w)
+        return torch.cat([_fft_chunk(x[sl], hf, h, w) for sl, hf in chunks])
     out = torch.empty_like(x)
     threads = torch.get_num_threads()
     if _USE_POOL and 1 < threads <= len(chunks):
