@@ -1,7 +1,9 @@
 """Benchmark the band-stop kernels: batched torch vs a numpy loop, and the in-graph forms in ORT/OpenVINO.
 
 (a) 64 real ultrasound frames of 224x224, one random ring mask per frame: torch.fft and the MatMul form
-    (batched) vs a per-image numpy loop. Goal: torch >= 5x faster than the numpy loop.
+    (batched) vs a per-image numpy loop. Goal: torch >= 5x faster than the numpy loop. Where the MKL AVX2
+    shim applies (non-Intel x86-64 CPU, see usfm_edge/kernels/mkl_dispatch.py) the torch variants are
+    timed again in a second process with USFM_EDGE_MKL_AVX2=1, beside their own numpy loops.
 (b) one 224x224 frame (and batch 8) inside ONNX Runtime and OpenVINO (f32): our MatMul graph
     (``BandStopMatMul``: 4 MatMuls + Mul, pruned, and unpruned), the 12-MatMul complex half-spectrum form
     of perf-baseline.md §6, and the DFT-op graph (torch.fft exported by the dynamo exporter at opset 20).
@@ -33,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from usfm_edge.kernels import BandStopMaskGenerator, band_stop_filter_np  # noqa: E402
+from usfm_edge.kernels.mkl_dispatch import ENV_VAR as MKL_ENV  # noqa: E402
+from usfm_edge.kernels.mkl_dispatch import shim_applicable  # noqa: E402
 
 IMAGE_DIRS = [
     Path("/work/shared/data/busbra/Images"),
@@ -103,6 +107,11 @@ def worker_torch(cfg: dict) -> dict:
     masks = np.load(cfg["masks"])
     xt, mt = torch.from_numpy(x[:, None]), torch.from_numpy(masks[:, None])
     half = masks[:, :, : x.shape[-1] // 2 + 1]
+
+    from usfm_edge.kernels.mkl_dispatch import shim_loaded
+
+    if os.environ.get(MKL_ENV) == "1" and not shim_loaded():
+        raise SystemExit(f"{MKL_ENV}=1 but the MKL shim is not loaded in this worker")
 
     def numpy_loop():
         return [band_stop_filter_np(x[i], masks[i]) for i in range(len(x))]
@@ -275,19 +284,29 @@ def render(res: dict) -> str:
              "| variant | median ms / batch | ms / image | speed-up vs numpy reference loop, median (p10) "
              "| same, median of per-round ratios | vs numpy rfft loop, median (p10) | max abs err |",
              "|---|---|---|---|---|---|---|"]
-    a = res["torch"]
-    base, base_r = (a[k] for k in list(a)[:2])
-    for k, v in a.items():
-        lines.append(f"| {k} | {v['median_ms']:.2f} ({v['p10_ms']:.2f}-{v['p90_ms']:.2f}) | {v['per_image_ms']:.3f} | "
-                     f"{_ratio(base, v)} | {v['paired_ratio_median']:.1f}x | {_ratio(base_r, v)} | "
-                     f"{v['max_abs_err']:.1e} |")
+    for which, suffix in (("torch", ""), ("torch_mkl_avx2", f" [{MKL_ENV}=1]")):
+        a = res.get(which)
+        if not a:
+            continue
+        base, base_r = (a[k] for k in list(a)[:2])
+        for k, v in a.items():
+            lines.append(f"| {k}{suffix} | {v['median_ms']:.2f} ({v['p10_ms']:.2f}-{v['p90_ms']:.2f}) | "
+                         f"{v['per_image_ms']:.3f} | {_ratio(base, v)} | {v['paired_ratio_median']:.1f}x | "
+                         f"{_ratio(base_r, v)} | {v['max_abs_err']:.1e} |")
+    if "torch" not in res:
+        lines.append("| not run (--part b) | | | | | | |")
+    lines += ["", f"MKL AVX2 shim rows (`{MKL_ENV}=1`, usfm_edge/kernels/mkl_dispatch.py): "
+              f"{res.get('mkl_shim', 'not run')}. Each block's ratios are against the numpy loops timed in "
+              "the same process (numpy's FFT is its own pocketfft, not MKL)."]
     lines += ["", "## (b) in-graph band-stop, ONNX Runtime and OpenVINO (f32), ms per image", "",
               "| runtime | batch | variant | median ms / image (p10-p90) | speed-up vs DFT op, median (p10) | max abs err |",
               "|---|---|---|---|---|---|"]
     dft = "DFT op (torch.fft, dynamo, opset 20)"
+    if "ort" not in res:
+        lines.append("| not run (--part a) | | | | | |")
     for rt in ("ort", "ov"):
         label = {"ort": "ONNX Runtime", "ov": "OpenVINO"}[rt]
-        for batch, rows in res[rt].items():
+        for batch, rows in res.get(rt, {}).items():
             ref, star = rows.get(dft, {}), ""
             if "median_ms" not in ref:
                 ref, star = res[rt]["1"].get(dft, {}), " (vs batch 1)"
@@ -310,6 +329,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64, help="frames in part (a)")
+    ap.add_argument("--part", choices=["all", "a", "b"], default="all",
+                    help="a: batched torch vs numpy loop only; b: in-graph ORT/OpenVINO only")
+    ap.add_argument("--no-mkl-shim", action="store_true",
+                    help=f"do not time torch a second time with {MKL_ENV}=1 (where the shim applies)")
     ap.add_argument("--worker", choices=["torch", "ort", "ov"], help=argparse.SUPPRESS)
     ap.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -327,20 +350,28 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp)
         np.save(tmp / "frames.npy", frames)
         np.save(tmp / "masks.npy", masks)
-        models, notes = export_models(masks[0], tmp)
+        models, notes = export_models(masks[0], tmp) if args.part != "a" else ({}, {})
         res = {"command": "python benchmarks/bench_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "machine": machine_info(), "frames": source, "threads": args.threads, "runs": args.runs,
                "warmup": args.warmup, "batch": args.batch, "mask_rings_dropped_b": gen.draw(np.random.default_rng(0)).tolist(),
                "graph_notes": notes, "load_average_start": os.getloadavg()}
-        for which in ("torch", "ort", "ov"):
+        shim_ok, shim_why = shim_applicable()
+        res["mkl_shim"] = ("run in a second torch process" if shim_ok and not args.no_mkl_shim else
+                           "skipped (--no-mkl-shim)" if shim_ok else f"not applicable: {shim_why}")
+        for which in ("torch", "torch_mkl_avx2", "ort", "ov"):
+            if which == "torch_mkl_avx2" and not (shim_ok and not args.no_mkl_shim):
+                continue
+            if (args.part == "a" and which in ("ort", "ov")) or (args.part == "b" and which.startswith("torch")):
+                continue
             cfg = {"frames": str(tmp / "frames.npy"), "masks": str(tmp / "masks.npy"), "models": models,
                    "threads": args.threads, "runs": args.runs, "warmup": args.warmup, "batches": [1, 8],
                    "result": str(tmp / f"{which}.json"),
                    "skip": {"ov/8": ["DFT op (torch.fft, dynamo, opset 20)"]}}
             (tmp / f"{which}.cfg.json").write_text(json.dumps(cfg))
             print(f"[bench_kernels] measuring {which} ...", flush=True)
-            subprocess.run([sys.executable, __file__, "--worker", which, "--config", str(tmp / f"{which}.cfg.json")],
-                           check=True)
+            env = {**os.environ, MKL_ENV: "1" if which == "torch_mkl_avx2" else "0"}
+            subprocess.run([sys.executable, __file__, "--worker", which.split("_")[0], "--config",
+                            str(tmp / f"{which}.cfg.json")], check=True, env=env)
             res[which] = json.loads((tmp / f"{which}.json").read_text())
     res["load_average_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,11 @@ _LAZY = {
 
 __all__ = ["__version__", *_LAZY]
 
+if __import__("os").environ.get("USFM_EDGE_MKL_AVX2"):  # opt-in, must run before torch: see kernels/mkl_dispatch.py
+    from usfm_edge.kernels.mkl_dispatch import apply_from_env as _apply_mkl_shim
+
+    _apply_mkl_shim()
+
 
 def __getattr__(name: str):
     if name in _LAZY:

@@ -94,6 +94,14 @@ def _devices() -> dict[str, str]:
     return out
 
 
+def _mkl_shim_state() -> dict:
+    from usfm_edge.kernels.mkl_dispatch import ENV_VAR, shim_applicable, shim_loaded
+
+    ok, reason = shim_applicable()
+    state = "loaded" if shim_loaded() else (f"off; set {ENV_VAR}=1 to use it ({reason})" if ok else f"not needed: {reason}")
+    return {"env_var": ENV_VAR, "applicable": ok, "loaded": shim_loaded(), "state": state}
+
+
 @main.command(context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
 def info(as_json):
@@ -102,15 +110,17 @@ def info(as_json):
 
     versions = {d: _version(d) for d in ("usfm-edge", "torch", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt")}
     devices = _devices()
+    mkl = _mkl_shim_state()
     if as_json:
         import json
 
         click.echo(json.dumps({"versions": versions, "devices": devices, "python": platform.python_version(),
-                               "machine": platform.machine()}, indent=2))
+                               "machine": platform.machine(), "mkl_avx2_shim": mkl}, indent=2))
         return
     click.echo(f"python {platform.python_version()} on {platform.machine()} ({platform.system()})")
     for k, v in versions.items():
         click.echo(f"  {k:<12} {v}")
+    click.echo(f"MKL AVX2 shim ({mkl['env_var']}): {mkl['state']}")
     click.echo("devices:")
     for k, v in devices.items():
         click.echo(f"  {k:<12} {v}")
