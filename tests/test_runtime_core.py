@@ -168,3 +168,49 @@ def test_openvino_fp32_bundles_compile_with_f32_hint(bundles):
 
     with Engine.open(bundles["openvino"]) as engine:
         assert str(engine.backend.compiled.get_property("INFERENCE_PRECISION_HINT")) in ("f32", "<Type: 'float32'>")
+
+
+def test_static_bundle_results_map_back_by_one_rule(bundles, sample_png):
+    """usfm-edge evaluate/bench (StaticSizeAdapter) and the INT8 gate (GatePredictor) score a static bundle on a
+    frame of another size identically: bilinear probabilities at the frame's size, their argmax as the mask."""
+    from usfm_edge.calibration.backends.common import describe_onnx
+    from usfm_edge.calibration.gate import GatePredictor
+    from usfm_edge.data import read_image
+    from usfm_edge.evaluation.evaluate import StaticSizeAdapter
+    from usfm_edge.runtime import Engine
+    from usfm_edge.runtime.bundle_io import read_meta
+
+    frame = read_image(sample_png)
+    assert frame.shape != (120, 160)
+    model = bundles["jetson"] / read_meta(bundles["jetson"]).files["onnx"]
+    gate = GatePredictor(model, describe_onnx(model), "onnxruntime", "fp32")
+    with Engine.open(bundles["jetson"], backend="onnxruntime") as engine:
+        a = StaticSizeAdapter(engine, (120, 160)).predict(frame)
+        b = gate.predict(frame)
+    gate.close()
+    for r in (a, b):
+        assert r.mask.shape == frame.shape and r.probs.shape[1:] == frame.shape
+        assert np.array_equal(r.mask, r.probs.argmax(0))
+        assert sum(r.areas_px.values()) == frame.size
+    assert np.array_equal(a.mask, b.mask) and np.abs(a.probs - b.probs).max() < 1e-6
+
+
+def test_result_at_size_rules():
+    from usfm_edge.runtime.results import ClsResult, EnhanceResult, SegResult, result_at_size
+
+    probs = np.zeros((2, 4, 4), np.float32)
+    probs[1, 1:3, 1:3], probs[0] = 1.0, 1.0
+    probs[0, 1:3, 1:3] = 0.0
+    seg = SegResult(mask=probs.argmax(0).astype(np.uint8), probs=probs, labels=["bg", "lesion"],
+                    areas_px={"bg": 12, "lesion": 4}, areas_mm2={"bg": 1.2, "lesion": 0.4}, pixel_spacing_mm=(0.1, 1.0))
+    big = result_at_size(seg, (8, 12))
+    assert big.mask.shape == (8, 12) and big.probs.shape == (2, 8, 12) and big.mask.dtype == np.uint8
+    assert big.areas_px["lesion"] == int((big.mask == 1).sum()) > 0 and sum(big.areas_px.values()) == 96
+    assert big.areas_mm2["lesion"] == pytest.approx(big.areas_px["lesion"] * 0.1)
+    assert seg.mask.shape == (4, 4)  # a new result; the input is untouched
+    assert result_at_size(seg, (4, 4)) is seg
+    img = EnhanceResult(image=np.full((4, 4), 200, np.uint8))
+    out = result_at_size(img, (6, 5))
+    assert out.image.shape == (6, 5) and out.image.dtype == np.uint8 and (out.image == 200).all()
+    cls = ClsResult(probs=np.array([0.2, 0.8], np.float32), label=1, label_name="m", labels=["b", "m"])
+    assert result_at_size(cls, (10, 10)) is cls

@@ -109,12 +109,13 @@ class _Variant:
 
 
 def _frames_for(variant: _Variant, frames: list[np.ndarray]) -> list[np.ndarray]:
-    """Static-shape bundles (jetson/tensorrt) accept only their frame size: resize (nearest) to it."""
+    """Static-shape bundles (jetson/tensorrt) accept only their frame size: resize to it as evaluation does
+    (``core.preprocess.fit_frame``)."""
     if variant.static_hw is None:
         return frames
-    from usfm_edge.core.preprocess import resize_nearest
+    from usfm_edge.core.preprocess import fit_frame
 
-    return [resize_nearest(f, variant.static_hw, centred=False) for f in frames]
+    return [fit_frame(f, variant.static_hw) for f in frames]
 
 
 def _open_bundle(path: Path, threads: int, device: str, backend: str) -> _Variant:

@@ -27,7 +27,7 @@ import numpy as np
 
 from usfm_edge.calibration.backends.common import GraphInfo, fit_frame
 from usfm_edge.core.bundle_schema import BundleMeta, InputContract, TensorSpec
-from usfm_edge.core.preprocess import resize_matrix, resize_nearest
+from usfm_edge.core.preprocess import resize_matrix
 from usfm_edge.data.readers import read_image
 
 __all__ = ["GatePredictor", "accuracy_gate", "sensitivity_report", "fidelity", "centred_cosines"]
@@ -74,17 +74,13 @@ class GatePredictor:
         self.outputs: list[dict[str, np.ndarray]] = []
 
     def predict(self, frame: np.ndarray):
-        """Predict one frame (resized to the static size of static graphs, results mapped back)."""
-        import dataclasses
+        """Predict one frame (resized to the static size of static graphs, results mapped back with
+        ``runtime.results.result_at_size``, as ``usfm-edge evaluate`` does)."""
+        from usfm_edge.runtime.results import result_at_size
 
-        h, w = frame.shape[:2]
         res = self.engine.predict(fit_frame(frame, self.info.static_hw))
-        if self.info.static_hw is not None and tuple(self.info.static_hw) != (h, w):
-            if self.task == "seg":
-                res = dataclasses.replace(res, mask=resize_nearest(res.mask, (h, w)), probs=_bilinear(res.probs, (h, w)))
-            elif self.task == "enhance":
-                img = np.clip(np.round(_bilinear(res.image.astype(np.float32), (h, w))), 0, 255)
-                res = dataclasses.replace(res, image=img.astype(np.uint8))
+        if self.info.static_hw is not None:
+            res = result_at_size(res, frame.shape[:2])
         self.outputs.append(_arrays(res))
         return res
 

@@ -133,8 +133,7 @@ def resize_nearest(a: np.ndarray, hw: tuple[int, int], centred: bool = True) -> 
     """Nearest-neighbour resize of the last two axes (label maps, masks), C-contiguous.
 
     ``centred``: sample at pixel centres (``(i + 0.5) * in / out``, the half-pixel convention of the training
-    masks and the INT8 gate); False: ``i * in // out`` (top-left aligned, used to map static-shape bundle outputs
-    back to the frame in evaluation and benchmarks).
+    masks and of ``resize_matrix``); False: ``i * in // out`` (top-left aligned).
     """
     (h, w), (oh, ow) = a.shape[-2:], hw
     if centred:

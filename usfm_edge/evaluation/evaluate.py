@@ -158,9 +158,10 @@ class TorchPredictor:
 class StaticSizeAdapter:
     """Score a static-shape bundle (jetson / tensorrt, one frame size) on frames of any size.
 
-    Frames are resized to the bundle's size (the resampling of ``core.preprocess``, rounded back to uint8) and
-    the mask / restored frame is resized back (nearest neighbour), as a scanner feeding a fixed
-    acquisition size would see it. Classification results need no resizing.
+    Frames are resized to the bundle's size (``core.preprocess.fit_frame``: the bicubic resampling of the
+    preprocessing, rounded back to uint8) and the result is mapped back to the frame with
+    ``runtime.results.result_at_size`` (bilinear probabilities, their argmax as the mask), the rule the INT8
+    accuracy gate uses too. Classification results need no resizing.
     """
 
     def __init__(self, engine, static_hw: tuple[int, int]):
@@ -168,18 +169,11 @@ class StaticSizeAdapter:
         self.task, self.labels = engine.task, getattr(engine, "labels", [])
 
     def predict(self, frame: np.ndarray):
-        from usfm_edge.core.preprocess import check_frame, fit_frame, resize_nearest
+        from usfm_edge.core.preprocess import check_frame, fit_frame
+        from usfm_edge.runtime.results import result_at_size
 
         gray = check_frame(frame)
-        if gray.shape == self.static_hw:
-            return self.engine.predict(gray)
-        res = self.engine.predict(fit_frame(gray, self.static_hw))
-        if hasattr(res, "mask"):
-            res.mask = resize_nearest(res.mask, gray.shape, centred=False)
-            res.probs = resize_nearest(res.probs, gray.shape, centred=False)
-        elif hasattr(res, "image"):
-            res.image = resize_nearest(res.image, gray.shape, centred=False)
-        return res
+        return result_at_size(self.engine.predict(fit_frame(gray, self.static_hw)), gray.shape)
 
     def __getattr__(self, name):
         return getattr(self.engine, name)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["SegResult", "ClsResult", "EnhanceResult", "FeaturesResult", "Result", "class_areas"]
+__all__ = ["SegResult", "ClsResult", "EnhanceResult", "FeaturesResult", "Result", "class_areas", "result_at_size"]
 
 
 @dataclass
@@ -94,3 +94,33 @@ def class_areas(mask: np.ndarray, labels: list[str],
         return px, None
     dy, dx = pixel_spacing_mm
     return px, {n: float(c) * float(dy) * float(dx) for n, c in px.items()}
+
+
+def result_at_size(res: Result, hw: tuple[int, int]) -> Result:
+    """Map a result computed on a resized frame back to a frame of size ``hw`` (a new result).
+
+    The one rule for static-shape bundles (jetson / tensorrt) scored on frames of another size, used by the
+    INT8 accuracy gate, ``usfm-edge evaluate`` and ``usfm-edge bench`` alike, and the same resampling the
+    engine applies to a bare bundle's outputs: segmentation probabilities are resized bilinearly (half-pixel
+    centres, ``core.preprocess.resize_matrix``), the mask is their argmax and the areas are recounted;
+    a restored image is resized bilinearly and rounded. Classification and features need nothing.
+    """
+    import dataclasses
+
+    from usfm_edge.core.preprocess import resize_matrix
+
+    def bilinear(a: np.ndarray) -> np.ndarray:
+        h, w = a.shape[-2:]
+        wh = resize_matrix(h, hw[0], "bilinear").astype(np.float32)
+        ww = resize_matrix(w, hw[1], "bilinear").astype(np.float32)
+        return (wh @ a.astype(np.float32) @ ww.T).astype(np.float32)
+
+    hw = (int(hw[0]), int(hw[1]))
+    if isinstance(res, SegResult) and res.mask.shape != hw:
+        probs = bilinear(res.probs)
+        mask = probs.argmax(0).astype(np.uint8)
+        px, mm2 = class_areas(mask, res.labels, res.pixel_spacing_mm)
+        return dataclasses.replace(res, mask=mask, probs=probs, areas_px=px, areas_mm2=mm2)
+    if isinstance(res, EnhanceResult) and res.image.shape != hw:
+        return dataclasses.replace(res, image=np.clip(np.round(bilinear(res.image)), 0, 255).astype(np.uint8))
+    return res

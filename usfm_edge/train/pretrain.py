@@ -197,6 +197,12 @@ def _fit(cfg: PretrainConfig, out: Path, resume, progress: bool, info: DistInfo)
               f"on {info.device}, amp={amp or 'fp32'}; {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
               f"batch {total_batch}, peak lr {peak_lr:.3g}, warm-up {warmup_steps} steps"
               + (f"; resuming at step {state.step}" if payload else ""), file=sys.stderr)
+        if info.device.type == "cpu":
+            from usfm_edge.kernels.mkl_dispatch import ENV_VAR, shim_applicable, shim_loaded
+
+            if shim_applicable()[0] and not shim_loaded():
+                print(f"[pretrain] note: {ENV_VAR}=1 lets torch's MKL use AVX2 FFT kernels on this "
+                      f"{shim_applicable()[1].split(' CPU')[0]} CPU (README, 'AMD CPUs')", file=sys.stderr)
 
     saved_at = [-1]
 
