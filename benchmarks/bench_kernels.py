@@ -295,6 +295,19 @@ def render(res: dict) -> str:
                          f"{_ratio(base_r, v)} | {v['max_abs_err']:.1e} |")
     if "torch" not in res:
         lines.append("| not run (--part b) | | | | | | |")
+    if res.get("repeats_requested", 1) > 1 and res.get("repeats"):
+        lines += ["", "Default path (third row of each block) vs the numpy reference loop, every repeat "
+                  "(own processes, in this order): ratio of medians / median of per-round ratios.", "",
+                  "| torch process | repeats | ratio of medians, each | median | per-round ratio, each | median |",
+                  "|---|---|---|---|---|---|"]
+        for which in ("torch", "torch_mkl_avx2"):
+            reps = [r for r in res["repeats"] if r["which"] == which]
+            if not reps:
+                continue
+            a, b = [r["ratio_of_medians"] for r in reps], [r["paired_ratio_median"] for r in reps]
+            name = "default" if which == "torch" else f"{MKL_ENV}=1"
+            lines.append(f"| {name} | {len(reps)} | {', '.join(f'{v:.1f}' for v in a)} | **{np.median(a):.1f}x** | "
+                         f"{', '.join(f'{v:.1f}' for v in b)} | **{np.median(b):.1f}x** |")
     lines += ["", f"MKL AVX2 shim rows (`{MKL_ENV}=1`, usfm_edge/kernels/mkl_dispatch.py): "
               f"{res.get('mkl_shim', 'not run')}. Each block's ratios are against the numpy loops timed in "
               "the same process (numpy's FFT is its own pocketfft, not MKL)."]
@@ -331,6 +344,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=64, help="frames in part (a)")
     ap.add_argument("--part", choices=["all", "a", "b"], default="all",
                     help="a: batched torch vs numpy loop only; b: in-graph ORT/OpenVINO only")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="part (a): run the torch process(es) this many times, alternating, and report every "
+                         "repeat's default-path ratio (the tables show the last repeat)")
     ap.add_argument("--no-mkl-shim", action="store_true",
                     help=f"do not time torch a second time with {MKL_ENV}=1 (where the shim applies)")
     ap.add_argument("--worker", choices=["torch", "ort", "ov"], help=argparse.SUPPRESS)
@@ -358,21 +374,25 @@ def main(argv: list[str] | None = None) -> None:
         shim_ok, shim_why = shim_applicable()
         res["mkl_shim"] = ("run in a second torch process" if shim_ok and not args.no_mkl_shim else
                            "skipped (--no-mkl-shim)" if shim_ok else f"not applicable: {shim_why}")
-        for which in ("torch", "torch_mkl_avx2", "ort", "ov"):
-            if which == "torch_mkl_avx2" and not (shim_ok and not args.no_mkl_shim):
-                continue
-            if (args.part == "a" and which in ("ort", "ov")) or (args.part == "b" and which.startswith("torch")):
-                continue
+        todo = [w for w in ("torch", "torch_mkl_avx2") if args.part != "b"
+                and (w == "torch" or (shim_ok and not args.no_mkl_shim))] * args.repeats
+        todo += [w for w in ("ort", "ov") if args.part != "a"]
+        res["repeats"], res["repeats_requested"] = [], args.repeats
+        for i, which in enumerate(todo):
             cfg = {"frames": str(tmp / "frames.npy"), "masks": str(tmp / "masks.npy"), "models": models,
                    "threads": args.threads, "runs": args.runs, "warmup": args.warmup, "batches": [1, 8],
                    "result": str(tmp / f"{which}.json"),
                    "skip": {"ov/8": ["DFT op (torch.fft, dynamo, opset 20)"]}}
             (tmp / f"{which}.cfg.json").write_text(json.dumps(cfg))
-            print(f"[bench_kernels] measuring {which} ...", flush=True)
+            print(f"[bench_kernels] measuring {which} ({i + 1}/{len(todo)}) ...", flush=True)
             env = {**os.environ, MKL_ENV: "1" if which == "torch_mkl_avx2" else "0"}
             subprocess.run([sys.executable, __file__, "--worker", which.split("_")[0], "--config",
                             str(tmp / f"{which}.cfg.json")], check=True, env=env)
             res[which] = json.loads((tmp / f"{which}.json").read_text())
+            if which.startswith("torch"):
+                rows = list(res[which].values())
+                res["repeats"].append({"which": which, "ratio_of_medians": rows[0]["median_ms"] / rows[2]["median_ms"],
+                                       "paired_ratio_median": rows[2]["paired_ratio_median"]})
     res["load_average_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels.json").write_text(json.dumps(res, indent=2))
