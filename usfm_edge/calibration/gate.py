@@ -27,8 +27,8 @@ import numpy as np
 
 from usfm_edge.calibration.backends.common import GraphInfo, fit_frame
 from usfm_edge.core.bundle_schema import BundleMeta, InputContract, TensorSpec
-from usfm_edge.core.preprocess import resize_matrix
 from usfm_edge.data.readers import read_image
+from usfm_edge.runtime.results import resize_maps, result_at_size
 
 __all__ = ["GatePredictor", "accuracy_gate", "sensitivity_report", "fidelity", "centred_cosines"]
 
@@ -76,8 +76,6 @@ class GatePredictor:
     def predict(self, frame: np.ndarray):
         """Predict one frame (resized to the static size of static graphs, results mapped back with
         ``runtime.results.result_at_size``, as ``usfm-edge evaluate`` does)."""
-        from usfm_edge.runtime.results import result_at_size
-
         res = self.engine.predict(fit_frame(frame, self.info.static_hw))
         if self.info.static_hw is not None:
             res = result_at_size(res, frame.shape[:2])
@@ -86,13 +84,6 @@ class GatePredictor:
 
     def close(self) -> None:
         self.engine.close()
-
-
-def _bilinear(a: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    lead, (h, w) = a.shape[:-2], a.shape[-2:]
-    wh = resize_matrix(h, hw[0], "bilinear").astype(np.float32)
-    ww = resize_matrix(w, hw[1], "bilinear").astype(np.float32)
-    return (wh @ a.reshape(-1, h, w).astype(np.float32) @ ww.T).reshape(*lead, *hw)
 
 
 def _arrays(res) -> dict[str, np.ndarray]:
@@ -129,7 +120,7 @@ def centred_cosines(ref: Sequence[np.ndarray], got: Sequence[np.ndarray], grid: 
 
     def g(a):
         a = np.asarray(a, np.float64)
-        return _bilinear(a, (grid, grid)) if a.ndim >= 2 else a
+        return resize_maps(a, (grid, grid)) if a.ndim >= 2 else a
 
     r, q = [g(a) for a in ref], [g(a) for a in got]
     mean = np.mean(r, axis=0)

@@ -27,10 +27,11 @@ import numpy as np
 
 from usfm_edge.core.bundle_schema import BundleMeta
 from usfm_edge.core.errors import BundleError, ConfigError, DataError, InputError
-from usfm_edge.core.preprocess import PreprocessSpec, check_frame, preprocess, resize_matrix
+from usfm_edge.core.preprocess import PreprocessSpec, check_frame, preprocess
 from usfm_edge.runtime.backends import Backend, available_backends, make_backend
 from usfm_edge.runtime.bundle_io import read_meta, verify_bundle
 from usfm_edge.runtime.results import ClsResult, EnhanceResult, FeaturesResult, Result, SegResult
+from usfm_edge.runtime.results import resize_maps as _resize_maps
 
 __all__ = ["Engine", "available_backends"]
 
@@ -67,14 +68,6 @@ def _spacing(value) -> tuple[float, float] | None:
     if not all(np.isfinite(v) and v > 0 for v in out):
         raise ConfigError(f"pixel spacing must be positive and finite, got {value!r}")
     return out
-
-
-def _resize_maps(maps: np.ndarray, hw: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
-    """(..., S, S) float -> (..., H, W) float32 with the torch/ONNX resampling of ``core.preprocess``."""
-    s_h, s_w = maps.shape[-2:]
-    wh = resize_matrix(s_h, hw[0], mode).astype(np.float32)
-    ww = resize_matrix(s_w, hw[1], mode).astype(np.float32)
-    return (wh @ maps.astype(np.float32) @ ww.T).astype(np.float32)
 
 
 class Engine:

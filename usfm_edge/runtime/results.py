@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["SegResult", "ClsResult", "EnhanceResult", "FeaturesResult", "Result", "class_areas", "result_at_size"]
+__all__ = ["SegResult", "ClsResult", "EnhanceResult", "FeaturesResult", "Result", "class_areas", "resize_maps", "result_at_size"]
 
 
 @dataclass
@@ -96,6 +96,17 @@ def class_areas(mask: np.ndarray, labels: list[str],
     return px, {n: float(c) * float(dy) * float(dx) for n, c in px.items()}
 
 
+def resize_maps(maps: np.ndarray, hw: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
+    """``(..., h, w)`` -> ``(..., H, W)`` float32 with the torch/ONNX resampling of ``core.preprocess.resize_matrix``
+    (half-pixel centres): the engine's post-processing of bare bundles and :func:`result_at_size` use it."""
+    from usfm_edge.core.preprocess import resize_matrix
+
+    h, w = maps.shape[-2:]
+    wh = resize_matrix(h, hw[0], mode).astype(np.float32)
+    ww = resize_matrix(w, hw[1], mode).astype(np.float32)
+    return (wh @ maps.astype(np.float32) @ ww.T).astype(np.float32)
+
+
 def result_at_size(res: Result, hw: tuple[int, int]) -> Result:
     """Map a result computed on a resized frame back to a frame of size ``hw`` (a new result).
 
@@ -107,20 +118,12 @@ def result_at_size(res: Result, hw: tuple[int, int]) -> Result:
     """
     import dataclasses
 
-    from usfm_edge.core.preprocess import resize_matrix
-
-    def bilinear(a: np.ndarray) -> np.ndarray:
-        h, w = a.shape[-2:]
-        wh = resize_matrix(h, hw[0], "bilinear").astype(np.float32)
-        ww = resize_matrix(w, hw[1], "bilinear").astype(np.float32)
-        return (wh @ a.astype(np.float32) @ ww.T).astype(np.float32)
-
     hw = (int(hw[0]), int(hw[1]))
     if isinstance(res, SegResult) and res.mask.shape != hw:
-        probs = bilinear(res.probs)
+        probs = resize_maps(res.probs, hw)
         mask = probs.argmax(0).astype(np.uint8)
         px, mm2 = class_areas(mask, res.labels, res.pixel_spacing_mm)
         return dataclasses.replace(res, mask=mask, probs=probs, areas_px=px, areas_mm2=mm2)
     if isinstance(res, EnhanceResult) and res.image.shape != hw:
-        return dataclasses.replace(res, image=np.clip(np.round(bilinear(res.image)), 0, 255).astype(np.uint8))
+        return dataclasses.replace(res, image=np.clip(np.round(resize_maps(res.image, hw)), 0, 255).astype(np.uint8))
     return res
