@@ -115,3 +115,16 @@ def test_shim_changes_the_mkl_path_and_keeps_parity(tmp_path, sample_dir):
         pytest.skip(f"shim loaded nowhere here ({WHY}); parity checked without it")
     assert out["1"]["loaded"]
     assert out["0"]["bits"] != out["1"]["bits"], "MKL took the same FFT path with and without the shim"
+
+
+def test_info_reports_the_shim_state():
+    from click.testing import CliRunner
+
+    from usfm_edge.cli import main
+
+    r = CliRunner().invoke(main, ["info", "--json"])
+    assert r.exit_code == 0, r.output
+    state = json.loads(r.output)["mkl_avx2_shim"]
+    assert state["env_var"] == md.ENV_VAR and state["applicable"] == APPLIES
+    assert state["loaded"] == md.shim_loaded()
+    assert ("not needed" in state["state"]) == (not APPLIES and not state["loaded"])
