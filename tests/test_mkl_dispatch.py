@@ -58,6 +58,16 @@ def test_build_without_compiler_is_a_typed_error(tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.skipif(not HAS_CC, reason="needs a C compiler (cc, gcc or clang) to build the shim")
+def test_unwritable_cache_is_a_typed_error(tmp_path):
+    from usfm_edge.core.errors import BackendUnavailableError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(BackendUnavailableError, match="cannot write the MKL vendor shim"):
+        md.build_shim(blocker / "cache")
+
+
 def test_too_late_once_torch_is_imported(monkeypatch):
     import torch  # noqa: F401 - the point of the test
 

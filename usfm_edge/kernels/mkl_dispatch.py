@@ -115,16 +115,20 @@ def build_shim(cache_dir: str | Path | None = None) -> Path:
     if cc is None:
         raise BackendUnavailableError("no C compiler to build the MKL vendor shim",
                                       hint="install gcc or clang, or set CC; or leave USFM_EDGE_MKL_AVX2 unset")
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        src, out = Path(tmp) / "shim.c", Path(tmp) / "shim.so"
-        src.write_text(_SOURCE)
-        proc = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(out), str(src)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0 or not out.is_file():
-            raise BackendUnavailableError(f"{cc} could not build the MKL vendor shim: {proc.stderr.strip()[:300]}",
-                                          path=src)
-        os.replace(out, target)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            src, out = Path(tmp) / "shim.c", Path(tmp) / "shim.so"
+            src.write_text(_SOURCE)
+            proc = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(out), str(src)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0 or not out.is_file():
+                raise BackendUnavailableError(f"{cc} could not build the MKL vendor shim: "
+                                              f"{proc.stderr.strip()[:300]}", path=src)
+            os.replace(out, target)  # atomic: concurrent builders (torchrun workers) each publish a whole file
+    except OSError as exc:
+        raise BackendUnavailableError(f"cannot write the MKL vendor shim: {exc}", path=folder,
+                                      hint="set USFM_EDGE_CACHE to a writable folder") from exc
     return target
 
 
