@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 import warnings
 
 import pytest
@@ -66,6 +67,19 @@ def test_unwritable_cache_is_a_typed_error(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(BackendUnavailableError, match="cannot write the MKL vendor shim"):
         md.build_shim(blocker / "cache")
+
+
+def test_damaged_cached_shim_is_a_typed_error(tmp_path, monkeypatch):
+    from usfm_edge.core.errors import BackendUnavailableError
+
+    bad = tmp_path / "mkl_vendor_shim-x.so"
+    bad.write_bytes(b"not an ELF file")
+    monkeypatch.setattr(md, "shim_applicable", lambda: (True, "test CPU"))
+    monkeypatch.setattr(md, "shim_loaded", lambda: False)
+    monkeypatch.setattr(md, "build_shim", lambda cache_dir=None: bad)
+    monkeypatch.setattr(md, "sys", types.SimpleNamespace(modules={}))  # as if torch were not imported yet
+    with pytest.raises(BackendUnavailableError, match="cannot load the MKL vendor shim"):
+        md.enable_mkl_avx2()
 
 
 def test_too_late_once_torch_is_imported(monkeypatch):

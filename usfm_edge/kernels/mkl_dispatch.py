@@ -163,7 +163,11 @@ def enable_mkl_avx2(cache_dir: str | Path | None = None) -> str:
         raise ConfigError("the MKL AVX2 shim must be loaded before torch is imported",
                           hint=f"set {ENV_VAR}=1 in the environment, or call enable_mkl_avx2() before import torch")
     path = build_shim(cache_dir)
-    ctypes.CDLL(str(path), mode=os.RTLD_NOW | ctypes.RTLD_GLOBAL)
+    try:
+        ctypes.CDLL(str(path), mode=os.RTLD_NOW | ctypes.RTLD_GLOBAL)
+    except OSError as exc:  # e.g. a damaged cached file: say which, so it can be deleted
+        raise BackendUnavailableError(f"cannot load the MKL vendor shim: {exc}", path=path,
+                                      hint="delete the file; it is rebuilt on the next use") from exc
     return f"enabled: {reason}; {path}"
 
 
