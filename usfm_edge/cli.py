@@ -97,9 +97,9 @@ def _devices() -> dict[str, str]:
 def _mkl_shim_state() -> dict:
     from usfm_edge.kernels.mkl_dispatch import ENV_VAR, shim_applicable, shim_loaded
 
-    ok, reason = shim_applicable()
-    state = "loaded" if shim_loaded() else (f"off; set {ENV_VAR}=1 to use it ({reason})" if ok else f"not needed: {reason}")
-    return {"env_var": ENV_VAR, "applicable": ok, "loaded": shim_loaded(), "state": state}
+    (ok, reason), loaded = shim_applicable(), shim_loaded()
+    state = "loaded" if loaded else (f"off; set {ENV_VAR}=1 to use it ({reason})" if ok else f"not needed: {reason}")
+    return {"env_var": ENV_VAR, "applicable": ok, "loaded": loaded, "state": state}
 
 
 @main.command(context_settings=CONTEXT)

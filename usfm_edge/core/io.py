@@ -1,4 +1,4 @@
-"""Small file helpers (numpy only): atomic writes so a crash never leaves a half-written file."""
+"""Small file helpers (numpy only): atomic writes so a crash never leaves a half-written file, and the cache folder."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+
+def cache_dir() -> Path:
+    """usfm-edge's cache folder for files it can rebuild: ``$USFM_EDGE_CACHE``, else ``~/.cache/usfm-edge``."""
+    return Path(os.environ.get("USFM_EDGE_CACHE", Path.home() / ".cache" / "usfm-edge"))
 
 
 def atomic_write_with(path: str | Path, write) -> Path:

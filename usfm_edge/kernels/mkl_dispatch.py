@@ -22,7 +22,7 @@ Effects and limits:
 
 Use it with ``USFM_EDGE_MKL_AVX2=1`` in the environment (``import usfm_edge`` applies it, so the CLI,
 scripts and every ``torchrun`` worker get it) or call :func:`enable_mkl_avx2` first thing. This module
-imports neither torch nor numpy.
+imports no torch.
 """
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 from usfm_edge.core.errors import BackendUnavailableError, ConfigError
+from usfm_edge.core.io import atomic_write_with
+from usfm_edge.core.io import cache_dir as default_cache_dir
 
 __all__ = ["ENV_VAR", "shim_applicable", "build_shim", "enable_mkl_avx2", "shim_loaded", "apply_from_env"]
 
@@ -86,12 +87,6 @@ def shim_applicable(cpuinfo: str | None = None, system: str | None = None, machi
     return True, f"{vendor} CPU with AVX2 and FMA"
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("USFM_EDGE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "usfm-edge")
-    return Path(root)
-
-
 def _compiler() -> str | None:
     for name in filter(None, (os.environ.get("CC"), "cc", "gcc", "clang")):
         found = shutil.which(name)
@@ -106,7 +101,7 @@ def build_shim(cache_dir: str | Path | None = None) -> Path:
     Raises:
         BackendUnavailableError: no C compiler, or the compiler failed (its message is included).
     """
-    folder = Path(cache_dir) if cache_dir is not None else _cache_dir()
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     digest = hashlib.sha256(_SOURCE.encode()).hexdigest()[:12]
     target = folder / f"mkl_vendor_shim-{digest}.so"
     if target.is_file():
@@ -115,21 +110,19 @@ def build_shim(cache_dir: str | Path | None = None) -> Path:
     if cc is None:
         raise BackendUnavailableError("no C compiler to build the MKL vendor shim",
                                       hint="install gcc or clang, or set CC; or leave USFM_EDGE_MKL_AVX2 unset")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            src, out = Path(tmp) / "shim.c", Path(tmp) / "shim.so"
-            src.write_text(_SOURCE)
-            proc = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(out), str(src)],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0 or not out.is_file():
-                raise BackendUnavailableError(f"{cc} could not build the MKL vendor shim: "
-                                              f"{proc.stderr.strip()[:300]}", path=src)
-            os.replace(out, target)  # atomic: concurrent builders (torchrun workers) each publish a whole file
+
+    def compile_to(tmp: str) -> None:  # the C source comes on stdin
+        proc = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-x", "c", "-o", tmp, "-"], input=_SOURCE,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise BackendUnavailableError(f"{cc} could not build the MKL vendor shim: {proc.stderr.strip()[:300]}",
+                                          path=target)
+
+    try:  # atomic: concurrent builders (torchrun workers) each publish a whole file
+        return atomic_write_with(target, compile_to)
     except OSError as exc:
         raise BackendUnavailableError(f"cannot write the MKL vendor shim: {exc}", path=folder,
                                       hint="set USFM_EDGE_CACHE to a writable folder") from exc
-    return target
 
 
 def shim_loaded() -> bool:

@@ -12,7 +12,6 @@ raises ``BackendUnavailableError`` naming the extra to install when the library 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 
@@ -87,7 +86,9 @@ class OnnxRuntimeBackend(Backend):
             if "TensorrtExecutionProvider" not in available:
                 raise BackendUnavailableError("ONNX Runtime has no TensorRT provider",
                                               hint="pip install onnxruntime-gpu and TensorRT")
-            cache = Path(os.environ.get("USFM_EDGE_CACHE", Path.home() / ".cache" / "usfm-edge")) / "ort-trt"
+            from usfm_edge.core.io import cache_dir
+
+            cache = cache_dir() / "ort-trt"
             cache.mkdir(parents=True, exist_ok=True)
             providers = [("TensorrtExecutionProvider", {"trt_fp16_enable": bool(fp16), "trt_engine_cache_enable": True,
                                                         "trt_engine_cache_path": str(cache),

@@ -200,9 +200,10 @@ def _fit(cfg: PretrainConfig, out: Path, resume, progress: bool, info: DistInfo)
         if info.device.type == "cpu":
             from usfm_edge.kernels.mkl_dispatch import ENV_VAR, shim_applicable, shim_loaded
 
-            if shim_applicable()[0] and not shim_loaded():
+            applicable, reason = shim_applicable()
+            if applicable and not shim_loaded():
                 print(f"[pretrain] note: {ENV_VAR}=1 lets torch's MKL use AVX2 FFT kernels on this "
-                      f"{shim_applicable()[1].split(' CPU')[0]} CPU (README, 'AMD CPUs')", file=sys.stderr)
+                      f"{reason.split(' CPU')[0]} CPU (README, 'AMD CPUs')", file=sys.stderr)
 
     saved_at = [-1]
 
