@@ -11,7 +11,12 @@
 
 Each runtime is measured in its own subprocess (OpenVINO's and torch's idle worker threads slow the
 others down when they share a process); inside a process the variants are interleaved round-robin
-with a rotating order, after a warm-up, and the median is reported.
+with a rotating order, after a warm-up, and the median is reported. In part (a) each variant runs in
+blocks (``--block``, default 5): per round, one untimed call and then N timed calls back to back, so every
+variant is timed in its steady state. Alternating single calls (``--block 1``) time each call right after
+another variant's: after the ~70 ms single-threaded numpy loop the second core has been idle, and on this
+shared VM a two-thread call that wakes it costs ~1.5x (measured here, see ``idle_probe``). Part (a) is
+run in both modes and both are reported; the in-graph part (b) alternates single calls.
 
 Usage:
     python benchmarks/bench_kernels.py --out benchmarks/results
@@ -62,19 +67,42 @@ def load_frames(n: int, size: int = 224) -> tuple[np.ndarray, str]:
     return np.stack(frames), f"{len(set(paths))} distinct PNGs from {sorted({str(p.parent) for p in paths})}"
 
 
-def interleave(fns: dict, runs: int, warmup: int) -> dict[str, list[float]]:
-    """Time each callable ``runs`` times, round-robin with a rotating start, after ``warmup`` calls each."""
+def interleave(fns: dict, runs: int, warmup: int, block: int = 1) -> dict[str, list[float]]:
+    """Time each callable ``runs`` times, round-robin with a rotating start, after ``warmup`` calls each.
+
+    ``block > 1``: per round, each callable runs once untimed and then ``block`` times timed, back to back
+    (``ceil(runs / block)`` rounds); ``block == 1``: one timed call per callable per round.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(runs):
+    for r in range(-(-runs // block)):
         for k in names[r % len(names):] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t0)
+            if block > 1:
+                fns[k]()
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fns[k]()
+                times[k].append(time.perf_counter() - t0)
     return times
+
+
+def idle_probe(fn, calls: int = 20, idle_s: float = 0.07) -> dict:
+    """Median ms of ``fn`` called back to back vs each call after ``idle_s`` of sleep (both cores idle)."""
+    out = {}
+    for name, pause in (("back_to_back_ms", 0.0), ("after_idle_ms", idle_s)):
+        fn()
+        t = []
+        for _ in range(calls):
+            if pause:
+                time.sleep(pause)
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+        out[name] = float(np.median(t) * 1e3)
+    return {**out, "idle_ms": idle_s * 1e3, "calls": calls}
 
 
 def summary(times: list[float], per: int) -> dict:
@@ -135,12 +163,14 @@ def worker_torch(cfg: dict) -> dict:
     ref = np.stack(numpy_loop())
     errors = {k: float(np.abs(np.asarray(fn()).reshape(ref.shape) - ref).max()) for k, fn in fns.items()}
     with torch.no_grad():
-        times = interleave(fns, cfg["runs"], cfg["warmup"])
+        times = interleave(fns, cfg["runs"], cfg["warmup"], cfg.get("block", 1))
+        probe = idle_probe(fns[DEFAULT_VARIANT]) if cfg.get("idle_probe") else None
     ref_times = np.asarray(times[REFERENCE_VARIANT])
-    # per-round ratio: round r times every variant once, close together, so a slow spell of the shared
-    # machine cancels out of the ratio; its median is reported beside the ratio of medians
-    return {k: {**summary(v, len(x)), "max_abs_err": errors[k],
-                "paired_ratio_median": float(np.median(ref_times / np.asarray(v)))} for k, v in times.items()}
+    # per-round ratio: round r times every variant close together, so a slow spell of the shared machine
+    # cancels out of the ratio; its median is reported beside the ratio of medians
+    out = {k: {**summary(v, len(x)), "max_abs_err": errors[k],
+               "paired_ratio_median": float(np.median(ref_times / np.asarray(v)))} for k, v in times.items()}
+    return {"variants": out, "idle_probe": probe}
 
 
 def _runtime_fns(cfg: dict, which: str, x: np.ndarray) -> dict:
@@ -275,18 +305,25 @@ def _ratio(base: dict, v: dict) -> str:
             f"({base['p10_ms'] / per_b / (v['p10_ms'] / per_v):.1f}x)")
 
 
+def _mode(block: int) -> str:
+    return "alternating single calls" if block == 1 else f"blocks of {block} calls after an untimed one"
+
+
 def render(res: dict) -> str:
     lines = ["# Band-stop kernels benchmark", "", f"Command: `{res['command']}`", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in res["machine"].items()), "",
              f"Frames: {res['frames']}. Threads: {res['threads']}; {res['runs']} timed runs after {res['warmup']} "
-             "warm-up calls, variants interleaved; times are medians (p10-p90 in brackets). Load average "
+             f"warm-up calls, variants interleaved (part a: {_mode(res.get('block', 1))}, rows marked "
+             "[alternating] alternate single calls); times are medians (p10-p90 in brackets). Load average "
              f"(1, 5, 15 min) at start {res['load_average_start']}, at end {res['load_average_end']} "
              "(2 CPUs shared with other work: compare ratios, not absolute times).", "",
              f"## (a) {res['batch']} frames of 224x224, one random ring mask each", "",
              "| variant | median ms / batch | ms / image | speed-up vs numpy reference loop, median (p10) "
              "| same, median of per-round ratios | vs numpy rfft loop, median (p10) | max abs err |",
              "|---|---|---|---|---|---|---|"]
-    for which, suffix in (("torch", ""), ("torch_mkl_avx2", f" [{MKL_ENV}=1]")):
+    for which, suffix in (("torch", ""), ("torch_mkl_avx2", f" [{MKL_ENV}=1]"),
+                          ("torch_alternating", " [alternating]"),
+                          ("torch_mkl_avx2_alternating", f" [{MKL_ENV}=1, alternating]")):
         a = res.get(which)
         if not a:
             continue
@@ -297,19 +334,25 @@ def render(res: dict) -> str:
                          f"{_ratio(base_r, v)} | {v['max_abs_err']:.1e} |")
     if "torch" not in res:
         lines.append("| not run (--part b) | | | | | | |")
-    if res.get("repeats_requested", 1) > 1 and res.get("repeats"):
+    if len(res.get("repeats", [])) > 1:
         lines += ["", f"Default path ('{DEFAULT_VARIANT}') vs the numpy reference loop, every repeat "
-                  "(own processes, in this order): ratio of medians / median of per-round ratios.", "",
-                  "| torch process | repeats | ratio of medians, each | median | per-round ratio, each | median |",
-                  "|---|---|---|---|---|---|"]
+                  "and timing mode (own processes, in this order): ratio of medians / median of per-round ratios.", "",
+                  "| torch process | timing | repeats | ratio of medians, each | median | per-round ratio, each | median |",
+                  "|---|---|---|---|---|---|---|"]
         for which in ("torch", "torch_mkl_avx2"):
-            reps = [r for r in res["repeats"] if r["which"] == which]
-            if not reps:
-                continue
-            a, b = [r["ratio_of_medians"] for r in reps], [r["paired_ratio_median"] for r in reps]
-            name = "default" if which == "torch" else f"{MKL_ENV}=1"
-            lines.append(f"| {name} | {len(reps)} | {', '.join(f'{v:.1f}' for v in a)} | **{np.median(a):.1f}x** | "
-                         f"{', '.join(f'{v:.1f}' for v in b)} | **{np.median(b):.1f}x** |")
+            for block in sorted({r.get("block", 1) for r in res["repeats"]}, reverse=True):
+                reps = [r for r in res["repeats"] if r["which"] == which and r.get("block", 1) == block]
+                if not reps:
+                    continue
+                a, b = [r["ratio_of_medians"] for r in reps], [r["paired_ratio_median"] for r in reps]
+                name = "MKL as shipped" if which == "torch" else f"{MKL_ENV}=1"
+                lines.append(f"| {name} | {_mode(block)} | {len(reps)} | {', '.join(f'{v:.1f}' for v in a)} | "
+                             f"**{np.median(a):.1f}x** | {', '.join(f'{v:.1f}' for v in b)} | **{np.median(b):.1f}x** |")
+    if res.get("idle_probe"):
+        pr = res["idle_probe"]
+        lines += ["", f"Idle probe (MKL as shipped, same process): the default path takes {pr['back_to_back_ms']:.1f} ms "
+                  f"per call back to back and {pr['after_idle_ms']:.1f} ms per call after {pr['idle_ms']:.0f} ms of "
+                  f"sleep (medians of {pr['calls']} calls): the cost of waking the idle second core."]
     lines += ["", f"MKL AVX2 shim rows (`{MKL_ENV}=1`, usfm_edge/kernels/mkl_dispatch.py): "
               f"{res.get('mkl_shim', 'not run')}. Each block's ratios are against the numpy loops timed in "
               "the same process (numpy's FFT is its own pocketfft, not MKL)."]
@@ -349,6 +392,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="part (a): run the torch process(es) this many times, alternating, and report every "
                          "repeat's default-path ratio (the tables show the last repeat)")
+    ap.add_argument("--block", type=int, default=5,
+                    help="part (a): per round, each variant runs one untimed call then this many timed calls "
+                         "(steady state); 1 = alternate single calls only. With > 1 part (a) is also run "
+                         "with alternating single calls, and both are reported")
     ap.add_argument("--no-mkl-shim", action="store_true",
                     help=f"do not time torch a second time with {MKL_ENV}=1 (where the shim applies)")
     ap.add_argument("--worker", choices=["torch", "ort", "ov"], help=argparse.SUPPRESS)
@@ -376,25 +423,33 @@ def main(argv: list[str] | None = None) -> None:
         shim_ok, shim_why = shim_applicable()
         res["mkl_shim"] = ("run in a second torch process" if shim_ok and not args.no_mkl_shim else
                            "skipped (--no-mkl-shim)" if shim_ok else f"not applicable: {shim_why}")
-        todo = [w for w in ("torch", "torch_mkl_avx2") if args.part != "b"
-                and (w == "torch" or (shim_ok and not args.no_mkl_shim))] * args.repeats
-        todo += [w for w in ("ort", "ov") if args.part != "a"]
-        res["repeats"], res["repeats_requested"] = [], args.repeats
-        for i, which in enumerate(todo):
+        modes = [args.block] + ([1] if args.block > 1 else [])
+        todo = [(w, b) for w in ("torch", "torch_mkl_avx2") if args.part != "b"
+                and (w == "torch" or (shim_ok and not args.no_mkl_shim)) for b in modes] * args.repeats
+        todo += [(w, 1) for w in ("ort", "ov") if args.part != "a"]
+        res["repeats"], res["repeats_requested"], res["block"] = [], args.repeats, args.block
+        for i, (which, block) in enumerate(todo):
             cfg = {"frames": str(tmp / "frames.npy"), "masks": str(tmp / "masks.npy"), "models": models,
                    "threads": args.threads, "runs": args.runs, "warmup": args.warmup, "batches": [1, 8],
-                   "result": str(tmp / f"{which}.json"),
+                   "result": str(tmp / f"{which}.json"), "block": block,
+                   "idle_probe": which == "torch" and "idle_probe" not in res,
                    "skip": {"ov/8": ["DFT op (torch.fft, dynamo, opset 20)"]}}
             (tmp / f"{which}.cfg.json").write_text(json.dumps(cfg))
-            print(f"[bench_kernels] measuring {which} ({i + 1}/{len(todo)}) ...", flush=True)
+            print(f"[bench_kernels] measuring {which}, {_mode(block)} ({i + 1}/{len(todo)}) ...", flush=True)
             env = {**os.environ, MKL_ENV: "1" if which == "torch_mkl_avx2" else "0"}
             subprocess.run([sys.executable, __file__, "--worker", which.split("_")[0], "--config",
                             str(tmp / f"{which}.cfg.json")], check=True, env=env)
-            res[which] = json.loads((tmp / f"{which}.json").read_text())
-            if which.startswith("torch"):
-                ref, default = res[which][REFERENCE_VARIANT], res[which][DEFAULT_VARIANT]
-                res["repeats"].append({"which": which, "ratio_of_medians": ref["median_ms"] / default["median_ms"],
-                                       "paired_ratio_median": default["paired_ratio_median"]})
+            result = json.loads((tmp / f"{which}.json").read_text())
+            if not which.startswith("torch"):
+                res[which] = result
+                continue
+            if result["idle_probe"]:
+                res["idle_probe"] = result["idle_probe"]
+            res[which + ("" if block == args.block else "_alternating")] = rows = result["variants"]
+            ref, default = rows[REFERENCE_VARIANT], rows[DEFAULT_VARIANT]
+            res["repeats"].append({"which": which, "block": block,
+                                   "ratio_of_medians": ref["median_ms"] / default["median_ms"],
+                                   "paired_ratio_median": default["paired_ratio_median"]})
     res["load_average_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels.json").write_text(json.dumps(res, indent=2))
