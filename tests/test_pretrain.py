@@ -128,9 +128,12 @@ def test_gradients_reach_every_encoder_parameter(frames):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_loss_decreases_on_real_frames(frames):
+# raw pixels: most of the early loss is each patch's mean grey, learned fast; the normalised target (the
+# default) has no such shortcut, so its loss falls more slowly (measured 1.56 -> 1.22 over these 30 steps)
+@pytest.mark.parametrize("norm_target, max_ratio", [(True, 0.85), (False, 0.7)])
+def test_loss_decreases_on_real_frames(frames, norm_target, max_ratio):
     torch.manual_seed(0)
-    model = build_mim(PRESET, SIZE, MimConfig(mask_patch_size=16))
+    model = build_mim(PRESET, SIZE, MimConfig(mask_patch_size=16, norm_target=norm_target))
     opt = build_optimizer(model, lr=2e-3, weight_decay=0.05)
     losses = []
     for step in range(30):
@@ -139,7 +142,7 @@ def test_loss_decreases_on_real_frames(frames):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses
+    assert np.mean(losses[-5:]) < max_ratio * np.mean(losses[:3]), losses
 
 
 def test_normalised_target_option(frames):

@@ -159,7 +159,8 @@ pretrain_options: list[Option] = [
     Option("--drop-ratio", "mim.drop_ratio", float, "fraction of frequency rings removed"),
     Option("--lambda-freq", "mim.lambda_freq", float, "weight of the Fourier loss"),
     Option("--freq-loss", "mim.freq_loss", str, "Fourier loss: complex or log_amplitude"),
-    Option("--norm-target", "mim.norm_target", bool, "reconstruct per-patch normalised pixels (MAE)"),
+    Option("--norm-target", "mim.norm_target", bool,
+           "reconstruct per-patch normalised pixels (MAE; default), --no-norm-target: raw pixels (SimMIM)"),
 ]
 
 
