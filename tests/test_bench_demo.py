@@ -71,6 +71,95 @@ def test_bench_cli_smoke(demo_bundle, tmp_path, sample_dir):
     assert rows[bundle.name.removesuffix(".usfm")]["metric_value"] == pytest.approx(rows["pytorch-fp32"]["metric_value"],
                                                                                     abs=1e-3)
     assert res["machine"]["cores"] and (tmp_path / "bench.png").is_file()
+    assert res["settings"]["isolate"] is True and res["settings"]["rounds"] == 2
+    assert "fresh process(es) of its own" in r.output
+
+
+def test_isolated_timing_process_on_a_real_frame(demo_bundle, sample_dir):
+    """One variant in a process of its own: the timings asked for, the paced calls and its peak memory."""
+    from usfm_edge.bench.memprobe import run_isolated
+
+    ckpt, bundle = demo_bundle
+    frame = next(p for p in sorted((sample_dir / "busbra" / "Images").glob("*.png")))
+    res = run_isolated("bundle", bundle, frame, threads=1,
+                       timing={"batches": [1, 2], "runs": 3, "warmup": 1, "fps": 100.0})
+    assert {k: len(v) for k, v in res["times"].items()} == {"1": 3, "2": 3}
+    assert all(t > 0 for t in res["times"]["1"]) and len(res["paced"]["times_ms"]) == 3
+    assert 50 < res["peak_rss_mb"] < 4000
+    with pytest.raises(RuntimeError, match="exited with"):
+        run_isolated("bundle", sample_dir / "no-such.usfm", frame, threads=1, timing={"batches": [1], "runs": 1})
+
+
+def test_bench_one_process_mode(demo_bundle, tmp_path, sample_dir):
+    ckpt, bundle = demo_bundle
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(main, ["bench", str(bundle), "--torch", str(ckpt), "--runs", "4", "--eval-frames", "0",
+                                  "--threads", "1", "--one-process", "--no-memory", "--fps", "200",
+                                  "--data", f"busbra:{sample_dir / 'busbra'}", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["settings"]["isolate"] is False and "all variants in one process" in r.output
+    assert {row["name"] for row in res["rows"]} == {"pytorch-fp32", bundle.name.removesuffix(".usfm")}
+    assert all(row["peak_rss_mb"] is None for row in res["rows"])  # --no-memory
+    assert [p["runs"] for p in res["paced"]] == [4, 4]
+
+
+class _FakeClock:
+    """A clock that only moves when the code under test sleeps or a fake call takes time."""
+
+    def __init__(self):
+        self.t, self.sleeps = 100.0, []
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, s):
+        self.sleeps.append(s)
+        self.t += s
+
+
+def test_paced_latency_waits_for_each_frame_slot_and_counts_overruns():
+    from usfm_edge.bench.latency import paced_latency
+
+    clock = _FakeClock()
+    durations = iter([0.010, 0.080, 0.010, 0.010])  # s; the frame period at 20 fps is 50 ms
+
+    def call():
+        clock.t += next(durations)
+
+    res = paced_latency(call, fps=20, runs=4, clock=clock, sleep=clock.sleep)
+    assert res["runs"] == 4 and res["over_budget"] == 1 and res["period_ms"] == pytest.approx(50.0)
+    assert res["p50_ms"] == pytest.approx(10.0) and res["p99_ms"] > 70
+    # frames arrive at 50, 100, 150, 200 ms: idle 50 ms, then 40 ms after the 10 ms call; the 80 ms call
+    # ends at 180 ms with frame 3 waiting (no idle); frame 4 arrives 10 ms after frame 3's call returns
+    assert clock.sleeps == pytest.approx([0.050, 0.040, 0.010])
+
+
+def test_paced_latency_rejects_bad_rates():
+    from usfm_edge.bench.latency import paced_latency
+    from usfm_edge.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fps"):
+        paced_latency(lambda: None, fps=0, runs=3)
+    with pytest.raises(ConfigError, match="runs"):
+        paced_latency(lambda: None, fps=10, runs=0)
+
+
+def test_bench_cli_paced_rows(demo_bundle, tmp_path, sample_dir):
+    ckpt, bundle = demo_bundle
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(main, ["bench", str(bundle), "--runs", "3", "--eval-frames", "0", "--no-memory",
+                                  "--threads", "1", "--fps", "50", "--data", f"busbra:{sample_dir / 'busbra'}",
+                                  "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "At 50 frames/s" in r.output and "calls over the frame period" in r.output
+    res = json.loads(out.read_text())
+    (paced,) = res["paced"]
+    assert paced["name"] == bundle.name.removesuffix(".usfm") and paced["runs"] == 3 and paced["fps"] == 50
+    assert 0 < paced["p50_ms"] <= paced["p99_ms"] and paced["p50_vs_back_to_back"] > 0
+    assert res["settings"]["fps"] == 50
+    r = CliRunner().invoke(main, ["bench", str(bundle), "--fps", "0"])
+    assert r.exit_code == 2 and "--fps" in r.output
 
 
 def test_bench_needs_something():

@@ -465,18 +465,27 @@ def _print_bundle(path: Path) -> None:
 @click.option("--eval-frames", default=16, show_default=True, help="held-out frames for the task metric (0 = skip)")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda (ORT CUDA/TensorRT, PyTorch), GPU/NPU (OpenVINO)")
 @click.option("--torch-bf16", is_flag=True, help="also time PyTorch in bf16")
-@click.option("--no-memory", is_flag=True, help="skip the per-variant peak-RSS probes (one fresh process each)")
+@click.option("--no-memory", is_flag=True, help="with --one-process: skip the per-variant peak-RSS probes")
+@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=None, metavar="RATE",
+              help="also time batch-1 calls paced at this frame rate (a scanner's: the cores idle between frames)")
+@click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True,
+              help="fresh processes per variant (the runs are split over them; variants in a rotating order)")
+@click.option("--one-process", is_flag=True,
+              help="time all variants in this process instead (faster; their idle worker threads compete)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--md", "md_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "png_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @_handle_errors
-def bench(bundles, torch_ckpt, data, batch, threads, runs, eval_frames, device, torch_bf16, no_memory, json_out,
-          md_out, png_out):
+def bench(bundles, torch_ckpt, data, batch, threads, runs, eval_frames, device, torch_bf16, no_memory, fps, rounds,
+          one_process, json_out, md_out, png_out):
     """Latency (p50/p90/p99), throughput, memory, size and task metric of bundles vs PyTorch fp32, side by side.
+
+    Each variant is timed in processes of its own (one runtime per process, as in scanner software).
 
     \b
     Example:
       usfm-edge bench out/seg-onnx-fp32.usfm out/seg-openvino-int8.usfm --torch seg.safetensors --batch 1,8
+      usfm-edge bench out/seg-onnx-fp32.usfm --fps 20     # also at a 20 frames/s scanner's pace
     """
     import shlex
 
@@ -495,7 +504,8 @@ def bench(bundles, torch_ckpt, data, batch, threads, runs, eval_frames, device, 
     if not bundles and torch_ckpt is None:
         raise ConfigError("nothing to benchmark: give bundle folders and/or --torch CKPT")
     result = run_bench(list(bundles), torch_ckpt, data, batches, threads, runs, eval_frames=eval_frames,
-                       device=device, torch_bf16=torch_bf16, progress=_bar_ctx(progress), memory=not no_memory)
+                       device=device, torch_bf16=torch_bf16, progress=_bar_ctx(progress), memory=not no_memory,
+                       fps=fps, isolate=not one_process, rounds=rounds)
     command = "usfm-edge bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     click.echo(markdown(result, command))
     for p in write_all(result, json_out, md_out, png_out, command):

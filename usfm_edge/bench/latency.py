@@ -1,17 +1,26 @@
-"""Measure bundles and the PyTorch fp32 model in one process, interleaved, on real ultrasound frames.
+"""Measure bundles and the PyTorch fp32 model side by side on real ultrasound frames.
 
-Every variant (each bundle, and the checkpoint in PyTorch through the same raw-frame graph) is opened
-once, warmed up, then timed in round-robin order: repetition ``r`` times every variant once before
-repetition ``r + 1`` starts, so a slow spell of a shared machine hits all variants alike. Ratios against
-PyTorch fp32 are therefore meaningful even where absolute times drift (they do by 15-60% here).
+Every variant (each bundle, and the checkpoint in PyTorch through the same raw-frame graph) is timed in
+processes of its own (``bench.memprobe.run_isolated``): ``rounds`` fresh processes per variant, the variants
+in a rotating order, so a slow spell of a shared machine is spread over all of them. One runtime per
+process is what scanner software runs, and it matters: timed call by call in ONE process, each variant
+competes with the others' idle worker threads (ONNX Runtime's pool and libgomp spin after each call). On the
+demo model (2 threads) PyTorch took 47.6 ms per frame alternating with an ONNX Runtime bundle and 23.0 ms
+in blocks or alone; with five bundles in the process 54.7 ms alternating, 32.9 ms in blocks. The shared
+process remains available (``isolate=False``: blocks of calls after an untimed one), faster to run.
 
 Latency is end to end for one call: raw uint8 frame(s) in, task outputs at the frame's size out
-(``Engine.predict_batch``), i.e. what scanner software pays. Memory is the resident-set growth when the
-variant is opened (one process holds all variants and reuses memory freed by earlier ones, so this is a
-lower bound), and, with ``memory=True``, each variant's peak resident set in a process of its own
-(``bench.memprobe``: interpreter and libraries included, what an embedding application holds). The task
+(``Engine.predict_batch``), i.e. what scanner software pays. Memory: each variant's peak resident set in its
+own timing process after its first batch size (interpreter and libraries included, what an embedding
+application holds), and the resident-set growth of this process when the variant is opened for the task
+metric (it holds all variants and reuses memory freed by earlier ones, so that is a lower bound). The task
 metric is computed with ``evaluation.evaluate_predictor`` on held-out real frames: the same code path for
 every variant.
+
+Back-to-back calls keep the cores busy. A scanner instead delivers one frame every ``1 / fps`` seconds and the
+cores idle in between; on machines that power down or lend out idle cores (laptops, Jetsons, shared VMs) a
+call that follows an idle gap can be slower. ``fps`` adds that measurement (:func:`paced_latency`): batch-1
+calls at the scanner's frame rate, per variant, reported beside the back-to-back figures.
 """
 
 from __future__ import annotations
@@ -163,10 +172,106 @@ def _time_once(v: _Variant, frames: list[np.ndarray]) -> float:
     return (time.perf_counter() - t0) * 1000.0
 
 
+def paced_latency(call, fps: float, runs: int, clock=time.perf_counter, sleep=time.sleep) -> dict:
+    """Time ``call`` once per frame slot of a ``fps`` frame rate, as a scanner delivers frames.
+
+    Frame ``i`` arrives at ``t0 + (i + 1) / fps`` (a fixed grid); its call starts when it has arrived and the
+    previous call has returned, idling until then. Returns the call latencies' percentiles in ms and
+    ``over_budget``, the calls longer than one frame period (the rate could not be sustained for that frame).
+    """
+    if not fps > 0:
+        raise ConfigError(f"fps must be > 0, got {fps!r}")
+    if runs < 1:
+        raise ConfigError(f"runs must be >= 1, got {runs!r}")
+    period = 1.0 / fps
+    times, over = [], 0
+    start = clock()
+    for i in range(runs):
+        wait = start + (i + 1) * period - clock()
+        if wait > 0:
+            sleep(wait)
+        t0 = clock()
+        call()
+        dt = clock() - t0
+        times.append(dt * 1000.0)
+        over += dt > period
+    t = np.asarray(times)
+    return {"fps": float(fps), "runs": runs, "p50_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)),
+            "p99_ms": float(np.percentile(t, 99)), "over_budget": int(over), "period_ms": period * 1000.0,
+            "times_ms": times}
+
+
+def _kind(v: _Variant) -> str:
+    return ("torch-bf16" if v.precision == "bf16" else "torch") if v.backend == "torch" else "bundle"
+
+
+def _time_isolated(variants, skipped, frame_path, batches, threads, runs, warmup, rounds, device, backend, fps,
+                   progress):
+    """Each variant timed in fresh processes (``bench.memprobe.run_isolated``), ``rounds`` of them per variant,
+    in a rotating order so a slow spell of a shared machine is spread over the variants."""
+    from usfm_edge.bench.memprobe import run_isolated
+
+    rounds = min(rounds, runs)
+    per_round = [runs // rounds + (r < runs % rounds) for r in range(rounds)]  # exactly ``runs`` in all
+    n = max(len(variants), 1)
+    jobs = [(r, v) for r in range(rounds) for v in variants[r % n:] + variants[: r % n]]
+    times = {b: {v.name: [] for v in variants} for b in batches}
+    paced_runs = {v.name: [] for v in variants}
+    peaks: dict[str, float | None] = {}
+    failed: set[str] = set()
+    it = jobs if progress is None else progress(jobs, "variants (own processes)")
+    for r, v in it:
+        if v.name in failed:
+            continue
+        spec = {"batches": list(batches), "runs": per_round[r], "warmup": warmup, "fps": fps}
+        try:
+            res = run_isolated(_kind(v), v.path, frame_path, threads, device, backend, spec)
+        except RuntimeError as exc:
+            failed.add(v.name)
+            skipped.append({"bundle": v.name, "reason": f"timing: {exc}"})
+            continue
+        for b, t in res["times"].items():
+            times[int(b)][v.name] += t
+        if res.get("paced"):
+            paced_runs[v.name] += res["paced"]["times_ms"]
+        peak = res.get("peak_rss_mb")
+        peaks[v.name] = peak if peaks.get(v.name) is None else max(peaks[v.name], peak)
+    for name in failed:
+        peaks.pop(name, None)
+    return times, paced_runs, peaks
+
+
+def _time_shared(variants, frame, batches, runs, warmup, block, fps, progress):
+    """All variants in this process, in blocks (one untimed call, then ``block`` timed ones) round-robin."""
+    times = {b: {v.name: [] for v in variants} for b in batches}
+    for batch in batches:
+        # the same real frame repeated: batching needs same-size frames
+        inputs = {v.name: _frames_for(v, [frame] * batch) for v in variants}
+        for v in variants:
+            for _ in range(warmup):
+                _time_once(v, inputs[v.name])
+        rounds = -(-runs // block)
+        it = range(rounds) if progress is None else progress(range(rounds), f"batch {batch}")
+        for _ in it:
+            for v in variants:
+                if block > 1:  # let the previous variant's worker threads go idle before timing this one
+                    _time_once(v, inputs[v.name])
+                for _ in range(block):
+                    times[batch][v.name].append(_time_once(v, inputs[v.name]))
+    paced_runs = {}
+    for v in variants:
+        if fps:
+            one = _frames_for(v, [frame])
+            _time_once(v, one)
+            paced_runs[v.name] = paced_latency(lambda v=v, one=one: _time_once(v, one), fps, runs)["times_ms"]
+    return times, paced_runs, {}
+
+
 def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, data: str | None = None,
               batches: tuple[int, ...] = (1,), threads: int = 2, runs: int = 30, warmup: int = 3,
               eval_frames: int = 16, device: str = "cpu", backend: str = "auto", torch_bf16: bool = False,
-              progress=None, memory: bool = True) -> dict:
+              progress=None, memory: bool = True, fps: float | None = None, isolate: bool = True, rounds: int = 2,
+              block: int = 5) -> dict:
     """Benchmark bundles (and a PyTorch checkpoint) side by side; returns {"machine", "rows", "settings"}.
 
     Args:
@@ -175,13 +280,23 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
         data: data source for frames and the task metric (default: the bundled BUS-BRA sample).
         batches: batch sizes to time (same-size frames are batched where the graph allows it).
         threads: intra-op threads of every backend (and torch).
-        runs, warmup: timed and untimed repetitions per variant and batch size.
+        runs, warmup: timed repetitions per variant and batch size (split over ``rounds``), and untimed ones
+            before them (per process, or per variant in the shared process).
         eval_frames: held-out frames for the task metric (0 = skip accuracy).
         device: ``cpu`` or an accelerator (``cuda`` for ORT CUDA / TensorRT and PyTorch, ``GPU`` / ``NPU`` for
             OpenVINO); variants that cannot use it are reported as skipped.
         torch_bf16: add a PyTorch bf16 row (useful on GPUs and CPUs with native bf16).
-        memory: measure each variant's peak RSS in a process of its own (``bench.memprobe``, a few s each).
+        memory: with ``isolate=False``, measure each variant's peak RSS in a process of its own
+            (``bench.memprobe``, a few s each); isolated timing measures it anyway.
+        fps: also time ``runs`` batch-1 calls per variant paced at this frame rate (:func:`paced_latency`);
+            reported under ``"paced"`` with the ratio to the back-to-back batch-1 p50.
+        isolate: time each variant in fresh processes, ``rounds`` per variant in a rotating order (the
+            default: one runtime per process, as in scanner software); False: all in this process, in blocks
+            of ``block`` timed calls after an untimed one (faster, but the variants' idle worker threads
+            compete: see the module docstring).
     """
+    if rounds < 1 or block < 1:
+        raise ConfigError(f"rounds and block must be >= 1, got {rounds} and {block}")
     from usfm_edge.data.readers import read_image
     from usfm_edge.evaluation.evaluate import StaticSizeAdapter, evaluate_predictor, select_records
 
@@ -206,35 +321,40 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
             variants.append(_open_bundle(Path(b), threads, device, backend))
         except Exception as exc:  # a backend or device that is not here: report, do not abort the others
             skipped.append({"bundle": str(b), "reason": f"{type(exc).__name__}: {exc}"})
+    if isolate:
+        times, paced_runs, peaks = _time_isolated(variants, skipped, records[0].image, batches, threads, runs,
+                                                  warmup, rounds, device, backend, fps, progress)
+        variants = [v for v in variants if v.name in peaks]
+    else:
+        times, paced_runs, peaks = _time_shared(variants, frames_all[0], batches, runs, warmup, block, fps, progress)
     rows: list[BenchRow] = []
     for batch in batches:
-        # the same real frame repeated: batching needs same-size frames
-        inputs = {v.name: _frames_for(v, [frames_all[0]] * batch) for v in variants}
+        ref = np.median(times[batch]["pytorch-fp32"]) if "pytorch-fp32" in times[batch] else None
         for v in variants:
-            for _ in range(warmup):
-                _time_once(v, inputs[v.name])
-        times: dict[str, list[float]] = {v.name: [] for v in variants}
-        it = range(runs) if progress is None else progress(range(runs), f"batch {batch}")
-        for _ in it:
-            for v in variants:
-                times[v.name].append(_time_once(v, inputs[v.name]))
-        ref = np.median(times["pytorch-fp32"]) if "pytorch-fp32" in times else None
-        for v in variants:
-            t = np.asarray(times[v.name])
+            t = np.asarray(times[batch][v.name])
             p50 = float(np.median(t))
             rows.append(BenchRow(v.name, v.backend, v.precision, v.target, v.device, batch, p50,
                                  float(np.percentile(t, 90)), float(np.percentile(t, 99)), 1000.0 * batch / p50,
                                  float(ref / p50) if ref is not None else None, v.size_mb, v.rss_mb))
-    if memory:
+    paced = []
+    if fps:
+        b2b = {r.name: r.p50_ms for r in rows if r.batch == 1}
+        for v in variants:
+            t = np.asarray(paced_runs[v.name])
+            res = {"name": v.name, "fps": float(fps), "runs": len(t), "period_ms": 1000.0 / fps,
+                   "p50_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)),
+                   "p99_ms": float(np.percentile(t, 99)), "over_budget": int((t > 1000.0 / fps).sum())}
+            res["p50_vs_back_to_back"] = res["p50_ms"] / b2b[v.name] if v.name in b2b else None
+            paced.append(res)
+    if memory and not isolate:
         from usfm_edge.bench.memprobe import isolated_peak_rss_mb
 
         for v in variants:
             kind = "torch" if v.backend == "torch" else "bundle"
-            peak = None if v.precision == "bf16" else isolated_peak_rss_mb(kind, v.path, records[0].image, threads,
-                                                                           device, backend)
-            for r in rows:
-                if r.name == v.name:
-                    r.peak_rss_mb = peak
+            peaks[v.name] = None if v.precision == "bf16" else isolated_peak_rss_mb(kind, v.path, records[0].image,
+                                                                                    threads, device, backend)
+    for r in rows:
+        r.peak_rss_mb = peaks.get(r.name)
     if eval_frames:
         held = select_records(data, split="val", limit=eval_frames)
         for v in variants:
@@ -252,6 +372,8 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
                 if r.name == v.name:
                     r.metric, r.metric_value = metric, float(res[metric])
                     r.extra = {k: res[k] for k in ("iou", "hd95", "accuracy", "ssim", "hc_mae_mm") if k in res}
-    return {"machine": machine_info(), "rows": [asdict(r) for r in rows], "skipped": skipped,
+    return {"machine": machine_info(), "rows": [asdict(r) for r in rows], "skipped": skipped, "paced": paced,
             "settings": {"threads": threads, "runs": runs, "warmup": warmup, "batches": list(batches), "data": data,
-                         "eval_frames": eval_frames, "device": device, "peak_rss_mb": process_rss_mb("VmHWM")}}
+                         "eval_frames": eval_frames, "device": device, "fps": fps, "isolate": isolate,
+                         "rounds": rounds if isolate else None, "block": None if isolate else block,
+                         "peak_rss_mb": process_rss_mb("VmHWM")}}

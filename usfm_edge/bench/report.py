@@ -14,9 +14,15 @@ def markdown(result: dict, command: str | None = None) -> str:
     lines = []
     if command:
         lines.append(f"Command: `{command}`\n")
+    if s.get("isolate", False):
+        how = (f"each variant in {s['rounds']} fresh process(es) of its own, variants in a rotating order, "
+               f"{s['warmup']} warm-up calls per process")
+    else:
+        how = (f"all variants in one process, {s['warmup']} warm-up calls, then blocks of "
+               f"{s.get('block') or 1} timed calls after an untimed one, round-robin")
     lines.append(f"Machine: {m['cpu']} ({m['cores']} cores, {', '.join(m['isa']) or 'no AVX'}), "
-                 f"{', '.join(m['gpus']) or 'no GPU'}; threads {s['threads']}, {s['runs']} timed runs after "
-                 f"{s['warmup']} warm-up, interleaved; device {s['device']}.\n")
+                 f"{', '.join(m['gpus']) or 'no GPU'}; threads {s['threads']}, {s['runs']} timed runs ({how}); "
+                 f"device {s['device']}.\n")
     lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + "\n")
     lines.append("| variant | backend | precision | batch | p50 ms | p90 ms | p99 ms | frames/s | speed-up vs PyTorch fp32 "
                  "| size MB | peak RSS MB | RSS added MB | task metric |")
@@ -29,9 +35,20 @@ def markdown(result: dict, command: str | None = None) -> str:
         lines.append(f"| {r['name']} | {r['backend']} | {r['precision']} | {r['batch']} | {r['p50_ms']:.1f} | "
                      f"{r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['fps']:.1f} | {ratio} | {size} | "
                      f"{peak} | {r['rss_mb']:.0f} | {metric} |")
-    lines.append("\npeak RSS: the variant alone in a fresh process (interpreter and libraries included, 3 runs on "
-                 "a real frame); RSS added: growth of the shared benchmark process when the variant was opened "
-                 "(a lower bound: memory freed by earlier variants is reused).")
+    lines.append("\npeak RSS: the variant alone in a fresh process (interpreter and libraries included, after its "
+                 "first batch size on a real frame); RSS added: growth of the benchmark's main process when the "
+                 "variant was opened there for the task metric (a lower bound: memory freed by earlier variants "
+                 "is reused).")
+    if result.get("paced"):
+        fps = result["paced"][0]["fps"]
+        lines.append(f"\nAt {fps:g} frames/s (batch 1, one call per {1000 / fps:.1f} ms frame slot, the cores idle "
+                     "between calls as behind a scanner):\n")
+        lines.append("| variant | p50 ms | p90 ms | p99 ms | p50 vs back to back | calls over the frame period |")
+        lines.append("|---|---|---|---|---|---|")
+        for r in result["paced"]:
+            vs = f"{r['p50_vs_back_to_back']:.2f}x" if r.get("p50_vs_back_to_back") else "-"
+            lines.append(f"| {r['name']} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {vs} | "
+                         f"{r['over_budget']} of {r['runs']} |")
     for sk in result.get("skipped", []):
         lines.append(f"\nSkipped {sk['bundle']}: {sk['reason']}")
     return "\n".join(lines) + "\n"
