@@ -6,7 +6,7 @@
    and its ``build_engine.sh``), and to INT8 (OpenVINO + NNCF, ONNX Runtime Q/DQ) calibrated on the bundled
    real frames behind the accuracy gate; the HC18 model to OpenVINO INT8;
 3. predict the sample frames with the bundles (overlay PNGs, results.json/csv, head circumference in mm);
-4. benchmark every bundle against PyTorch fp32 in one interleaved run and print the table.
+4. benchmark every bundle against PyTorch fp32 (each in processes of its own) and print the table.
 
 Every output path is printed at the end.
 """
