@@ -2,9 +2,12 @@
 
 For one seg task model per preset (random weights unless ``--checkpoint``), every variant is a raw-frame bundle
 made by ``usfm_edge.export.export`` (INT8 through ``usfm_edge.calibration.make_quantizer``: real calibration
-frames, accuracy gate). All variants are timed in ONE process, interleaved round-robin (variant order rotates
-every round), batch 1, ``--threads`` threads, on the same real uint8 frame fed to the graph (``run_raw``: the
-graph incl. its in-graph resize/normalisation and post-processing; PyTorch runs the same ``RawFrameModel``).
+frames, accuracy gate). Each variant is timed in ``--rounds`` fresh processes of its own (variant order rotating
+between rounds; since session 5: in one process, call by call, the variants' idle worker threads slowed each
+other, see benchmarks/RESULTS.md §7; ``--one-process`` restores that schedule), batch 1, ``--threads`` threads,
+on the same real uint8 frame fed to the graph (``run_raw``: the graph incl. its in-graph resize/normalisation
+and post-processing; PyTorch runs the same ``RawFrameModel``, rebuilt in its process from the same seed or
+checkpoint).
 Reported: median / p90 ms, ratio vs PyTorch fp32, raw and centred cosine of ``probs`` vs PyTorch fp32 on
 held-out real frames (patients not used for calibration), mask agreement, Dice vs ground truth (meaningful with
 ``--checkpoint`` only), model size, and OpenVINO's per-layer performance counters (PERF_COUNT) for the int8 IR.
@@ -20,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import warnings
@@ -157,6 +161,31 @@ def perf_counters(xml: Path, frame: np.ndarray, threads: int, runs: int = 20) ->
     return sorted(rows, key=lambda r: -r["ms"])[:12]
 
 
+def time_in_own_process(spec: dict) -> list[float]:
+    """ms per call of one variant, timed in a fresh interpreter (``--time-worker``)."""
+    proc = subprocess.run([sys.executable, __file__, "--time-worker", json.dumps(spec)], capture_output=True,
+                          text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise SystemExit(f"timing {spec['name']} failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def time_worker(spec: dict) -> list[float]:
+    model = build_model(spec["preset"], spec["checkpoint"], spec["task"]) if spec["bundle"] is None else None
+    bundle = Path(spec["bundle"]) if spec["bundle"] else None
+    fn, close = run_variant_fn(spec["name"], bundle, model, spec["threads"])
+    x = np.load(spec["frame"])[None]
+    for _ in range(spec["warmup"]):
+        fn(x)
+    times = []
+    for _ in range(spec["runs"]):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    close()
+    return times
+
+
 def bench_preset(preset: str, args, specs: list[str], work: Path) -> dict:
     from usfm_edge.data.readers import read_image
     from usfm_edge.evaluation.evaluate import evaluate_predictor
@@ -174,16 +203,28 @@ def bench_preset(preset: str, args, specs: list[str], work: Path) -> dict:
     times: dict[str, list[float]] = {name: [] for name in fns}
     order = list(fns)
     x = timing_frame[None]
-    for _ in range(args.warmup):
-        for name in order:
-            fns[name][0](x)
-    for r in range(args.runs):
-        for name in order[r % len(order):] + order[: r % len(order)]:
-            t0 = time.perf_counter()
-            fns[name][0](x)
-            times[name].append((time.perf_counter() - t0) * 1e3)
+    if args.one_process:
+        for _ in range(args.warmup):
+            for name in order:
+                fns[name][0](x)
+        for r in range(args.runs):
+            for name in order[r % len(order):] + order[: r % len(order)]:
+                t0 = time.perf_counter()
+                fns[name][0](x)
+                times[name].append((time.perf_counter() - t0) * 1e3)
     for _fn, close in fns.values():
         close()
+    if not args.one_process:
+        frame_file = work / preset / "timing_frame.npy"
+        np.save(frame_file, timing_frame)
+        rounds = max(1, min(args.rounds, args.runs))
+        for r in range(rounds):
+            n = args.runs // rounds + (r < args.runs % rounds)
+            for name in order[r % len(order):] + order[: r % len(order)]:
+                spec = {"name": name, "bundle": str(bundles[name]) if name in bundles else None, "preset": preset,
+                        "checkpoint": args.checkpoint, "task": args.task, "threads": args.threads,
+                        "frame": str(frame_file), "runs": n, "warmup": args.warmup}
+                times[name] += time_in_own_process(spec)
     ref = outs["PyTorch eager fp32"]
     grid = int(model.img_size)
     base = float(np.median(times["PyTorch eager fp32"]))
@@ -224,8 +265,10 @@ def markdown(result: dict) -> str:
              f"load average at start {m['load_avg_start']}, end {m.get('load_avg_end')} (shared machine: "
              "compare ratios within a run).",
              f"Versions: torch {m['torch']}, onnxruntime {m['onnxruntime']}, openvino {m['openvino']}, nncf "
-             f"{m['nncf']}, onnx {m['onnx']}. Threads {result['threads']}, batch 1, {result['runs']} interleaved "
-             f"runs per variant. Calibration/held-out data: {result['data']}.", ""]
+             f"{m['nncf']}, onnx {m['onnx']}. Threads {result['threads']}, batch 1, {result['runs']} runs per variant ("
+             + (f"in {result['rounds']} fresh processes of its own per variant, rotating order"
+                if not result.get("one_process", True) else "all in one process, interleaved call by call")
+             + f"). Calibration/held-out data: {result['data']}.", ""]
     for p in result["presets"]:
         lines += [f"## {p['model']} {p.get('task', 'seg')} (weights: {p['weights']}), frame {p['timing_frame_hw'][0]}x"
                   f"{p['timing_frame_hw'][1]}, fidelity on {p['eval_frames']} held-out real frames", "",
@@ -269,12 +312,21 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/usfm_bench_int8")
     ap.add_argument("--reuse", action="store_true", help="reuse bundles already in --work (same model/weights)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--rounds", type=int, default=2, help="fresh timing processes per variant (runs split over them)")
+    ap.add_argument("--one-process", action="store_true",
+                    help="time all variants in this process, call by call (the pre-session-5 schedule)")
+    ap.add_argument("--time-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.time_worker:
+        warnings.simplefilter("ignore")
+        print(json.dumps(time_worker(json.loads(args.time_worker))))
+        return
     warnings.simplefilter("ignore")
     specs, desc = data_specs()
     t0 = time.time()
     result = {"command": "python benchmarks/bench_int8.py " + " ".join(sys.argv[1:]), "machine": machine(),
-              "threads": args.threads, "runs": args.runs, "data": desc, "presets": []}
+              "threads": args.threads, "runs": args.runs, "data": desc, "presets": [],
+              "rounds": args.rounds, "one_process": args.one_process}
     for preset in args.presets:
         result["presets"].append(bench_preset(preset, args, specs, Path(args.work)))
     result["machine"]["load_avg_end"] = os.getloadavg()
