@@ -184,7 +184,7 @@ def paced_latency(call, fps: float, runs: int, clock=time.perf_counter, sleep=ti
     if runs < 1:
         raise ConfigError(f"runs must be >= 1, got {runs!r}")
     period = 1.0 / fps
-    times, over = [], 0
+    times = []
     start = clock()
     for i in range(runs):
         wait = start + (i + 1) * period - clock()
@@ -194,11 +194,16 @@ def paced_latency(call, fps: float, runs: int, clock=time.perf_counter, sleep=ti
         call()
         dt = clock() - t0
         times.append(dt * 1000.0)
-        over += dt > period
-    t = np.asarray(times)
-    return {"fps": float(fps), "runs": runs, "p50_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)),
-            "p99_ms": float(np.percentile(t, 99)), "over_budget": int(over), "period_ms": period * 1000.0,
-            "times_ms": times}
+    return paced_summary(times, fps)
+
+
+def paced_summary(times_ms: list[float], fps: float) -> dict:
+    """Percentiles of paced call latencies and how many exceeded the frame period (``over_budget``)."""
+    t = np.asarray(times_ms, dtype=float)
+    period_ms = 1000.0 / fps
+    return {"fps": float(fps), "runs": len(t), "p50_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)),
+            "p99_ms": float(np.percentile(t, 99)), "over_budget": int((t > period_ms).sum()), "period_ms": period_ms,
+            "times_ms": [float(x) for x in t]}
 
 
 def _kind(v: _Variant) -> str:
@@ -340,19 +345,14 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
     if fps:
         b2b = {r.name: r.p50_ms for r in rows if r.batch == 1}
         for v in variants:
-            t = np.asarray(paced_runs[v.name])
-            res = {"name": v.name, "fps": float(fps), "runs": len(t), "period_ms": 1000.0 / fps,
-                   "p50_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)),
-                   "p99_ms": float(np.percentile(t, 99)), "over_budget": int((t > 1000.0 / fps).sum())}
+            res = {"name": v.name, **paced_summary(paced_runs[v.name], fps)}
             res["p50_vs_back_to_back"] = res["p50_ms"] / b2b[v.name] if v.name in b2b else None
             paced.append(res)
     if memory and not isolate:
         from usfm_edge.bench.memprobe import isolated_peak_rss_mb
 
         for v in variants:
-            kind = "torch" if v.backend == "torch" else "bundle"
-            peaks[v.name] = None if v.precision == "bf16" else isolated_peak_rss_mb(kind, v.path, records[0].image,
-                                                                                    threads, device, backend)
+            peaks[v.name] = isolated_peak_rss_mb(_kind(v), v.path, records[0].image, threads, device, backend)
     for r in rows:
         r.peak_rss_mb = peaks.get(r.name)
     if eval_frames:
