@@ -65,8 +65,14 @@ def isolated_peak_rss_mb(kind: str, path: str | Path, frame: str | Path, threads
 
 def _probe(kind: str, path: str, frame_path: str, threads: int, device: str, backend: str, timing: dict) -> dict:
     # opened and fed exactly as the benchmark opens and feeds the variant
-    from usfm_edge.bench.latency import (_frames_for, _open_bundle, _open_torch, _time_once, paced_latency,
-                                         process_rss_mb)
+    from usfm_edge.bench.latency import (
+        _frames_for,
+        _open_bundle,
+        _open_torch,
+        _time_once,
+        paced_latency,
+        process_rss_mb,
+    )
     from usfm_edge.data.readers import read_image
 
     if kind == "bundle":
