@@ -149,7 +149,7 @@ def test_bench_cli_paced_rows(demo_bundle, tmp_path, sample_dir):
     ckpt, bundle = demo_bundle
     out = tmp_path / "bench.json"
     r = CliRunner().invoke(main, ["bench", str(bundle), "--runs", "3", "--eval-frames", "0", "--no-memory",
-                                  "--threads", "1", "--fps", "50", "--data", f"busbra:{sample_dir / 'busbra'}",
+                                  "--threads", "1", "--fps", "50", "--no-spin", "--data", f"busbra:{sample_dir / 'busbra'}",
                                   "--json", str(out)])
     assert r.exit_code == 0, r.output
     assert "At 50 frames/s" in r.output and "calls over the frame period" in r.output
@@ -157,7 +157,7 @@ def test_bench_cli_paced_rows(demo_bundle, tmp_path, sample_dir):
     (paced,) = res["paced"]
     assert paced["name"] == bundle.name.removesuffix(".usfm") and paced["runs"] == 3 and paced["fps"] == 50
     assert 0 < paced["p50_ms"] <= paced["p99_ms"] and paced["p50_vs_back_to_back"] > 0
-    assert res["settings"]["fps"] == 50
+    assert res["settings"]["fps"] == 50 and res["settings"]["spin"] is False
     r = CliRunner().invoke(main, ["bench", str(bundle), "--fps", "0"])
     assert r.exit_code == 2 and "--fps" in r.output
 

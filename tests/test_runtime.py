@@ -173,6 +173,18 @@ def test_plain_onnxruntime_and_openvino_match_engine(bundles, frames):
             assert np.abs(ov_probs - probs).max() < 1e-4  # the two backends agree too
 
 
+def test_onnxruntime_spin_wait_option(bundles, frames):
+    """``spin=False`` turns ONNX Runtime's spin-waiting workers off; the results do not change."""
+    with Engine.open(bundles["onnx"], backend="onnxruntime", threads=2) as e_spin, \
+            Engine.open(bundles["onnx"], backend="onnxruntime", threads=2, spin=False) as e_idle:
+        entry = "session.intra_op.allow_spinning"
+        assert e_spin.backend.session.get_session_options().get_session_config_entry(entry) == "1"
+        assert e_idle.backend.session.get_session_options().get_session_config_entry(entry) == "0"
+        for frame in frames[1:3]:
+            a, b = e_spin.predict(frame), e_idle.predict(frame)
+            assert np.array_equal(a.mask, b.mask) and np.array_equal(a.probs, b.probs)
+
+
 # -- 1. streaming -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["onnx", "openvino", "bare", "cls", "enhance"])
 def test_stream_yields_in_order_what_predict_gives(bundles, frames, which):

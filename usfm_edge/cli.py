@@ -472,12 +472,14 @@ def _print_bundle(path: Path) -> None:
               help="fresh processes per variant (the runs are split over them; variants in a rotating order)")
 @click.option("--one-process", is_flag=True,
               help="time all variants in this process instead (faster; their idle worker threads compete)")
+@click.option("--no-spin", is_flag=True,
+              help="ONNX Runtime bundles: worker threads do not spin-wait between calls (docs/embedding.md)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--md", "md_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "png_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @_handle_errors
 def bench(bundles, torch_ckpt, data, batch, threads, runs, eval_frames, device, torch_bf16, no_memory, fps, rounds,
-          one_process, json_out, md_out, png_out):
+          one_process, no_spin, json_out, md_out, png_out):
     """Latency (p50/p90/p99), throughput, memory, size and task metric of bundles vs PyTorch fp32, side by side.
 
     Each variant is timed in processes of its own (one runtime per process, as in scanner software).
@@ -505,7 +507,7 @@ def bench(bundles, torch_ckpt, data, batch, threads, runs, eval_frames, device, 
         raise ConfigError("nothing to benchmark: give bundle folders and/or --torch CKPT")
     result = run_bench(list(bundles), torch_ckpt, data, batches, threads, runs, eval_frames=eval_frames,
                        device=device, torch_bf16=torch_bf16, progress=_bar_ctx(progress), memory=not no_memory,
-                       fps=fps, isolate=not one_process, rounds=rounds)
+                       fps=fps, isolate=not one_process, rounds=rounds, spin=not no_spin)
     command = "usfm-edge bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     click.echo(markdown(result, command))
     for p in write_all(result, json_out, md_out, png_out, command):

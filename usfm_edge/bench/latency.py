@@ -127,11 +127,11 @@ def _frames_for(variant: _Variant, frames: list[np.ndarray]) -> list[np.ndarray]
     return [fit_frame(f, variant.static_hw) for f in frames]
 
 
-def _open_bundle(path: Path, threads: int, device: str, backend: str) -> _Variant:
+def _open_bundle(path: Path, threads: int, device: str, backend: str, spin: bool = True) -> _Variant:
     from usfm_edge.runtime import Engine
 
     before = process_rss_mb()
-    eng = Engine.open(path, backend=backend, device=device, threads=threads)
+    eng = Engine.open(path, backend=backend, device=device, threads=threads, spin=spin)
     meta = eng.meta
     static = tuple(meta.input.static_hw) if meta.input.static_hw else None
     return _Variant(path.name.removesuffix(".usfm"), eng, getattr(eng.backend, "name", backend), meta.precision,
@@ -211,7 +211,7 @@ def _kind(v: _Variant) -> str:
 
 
 def _time_isolated(variants, skipped, frame_path, batches, threads, runs, warmup, rounds, device, backend, fps,
-                   progress):
+                   progress, spin=True):
     """Each variant timed in fresh processes (``bench.memprobe.run_isolated``), ``rounds`` of them per variant,
     in a rotating order so a slow spell of a shared machine is spread over the variants."""
     from usfm_edge.bench.memprobe import run_isolated
@@ -228,7 +228,7 @@ def _time_isolated(variants, skipped, frame_path, batches, threads, runs, warmup
     for r, v in it:
         if v.name in failed:
             continue
-        spec = {"batches": list(batches), "runs": per_round[r], "warmup": warmup, "fps": fps}
+        spec = {"batches": list(batches), "runs": per_round[r], "warmup": warmup, "fps": fps, "spin": spin}
         try:
             res = run_isolated(_kind(v), v.path, frame_path, threads, device, backend, spec)
         except RuntimeError as exc:
@@ -276,7 +276,7 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
               batches: tuple[int, ...] = (1,), threads: int = 2, runs: int = 30, warmup: int = 3,
               eval_frames: int = 16, device: str = "cpu", backend: str = "auto", torch_bf16: bool = False,
               progress=None, memory: bool = True, fps: float | None = None, isolate: bool = True, rounds: int = 2,
-              block: int = 5) -> dict:
+              block: int = 5, spin: bool = True) -> dict:
     """Benchmark bundles (and a PyTorch checkpoint) side by side; returns {"machine", "rows", "settings"}.
 
     Args:
@@ -299,6 +299,7 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
             default: one runtime per process, as in scanner software); False: all in this process, in blocks
             of ``block`` timed calls after an untimed one (faster, but the variants' idle worker threads
             compete: see the module docstring).
+        spin: ONNX Runtime bundles' worker threads spin-wait between calls (``Engine.open(spin=...)``).
     """
     if rounds < 1 or block < 1:
         raise ConfigError(f"rounds and block must be >= 1, got {rounds} and {block}")
@@ -323,12 +324,12 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
                                 "reason": f"{type(exc).__name__}: {exc}"})
     for b in bundles:
         try:
-            variants.append(_open_bundle(Path(b), threads, device, backend))
+            variants.append(_open_bundle(Path(b), threads, device, backend, spin))
         except Exception as exc:  # a backend or device that is not here: report, do not abort the others
             skipped.append({"bundle": str(b), "reason": f"{type(exc).__name__}: {exc}"})
     if isolate:
         times, paced_runs, peaks = _time_isolated(variants, skipped, records[0].image, batches, threads, runs,
-                                                  warmup, rounds, device, backend, fps, progress)
+                                                  warmup, rounds, device, backend, fps, progress, spin)
         variants = [v for v in variants if v.name in peaks]
     else:
         times, paced_runs, peaks = _time_shared(variants, frames_all[0], batches, runs, warmup, block, fps, progress)
@@ -375,5 +376,5 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
     return {"machine": machine_info(), "rows": [asdict(r) for r in rows], "skipped": skipped, "paced": paced,
             "settings": {"threads": threads, "runs": runs, "warmup": warmup, "batches": list(batches), "data": data,
                          "eval_frames": eval_frames, "device": device, "fps": fps, "isolate": isolate,
-                         "rounds": rounds if isolate else None, "block": None if isolate else block,
+                         "rounds": rounds if isolate else None, "block": None if isolate else block, "spin": spin,
                          "peak_rss_mb": process_rss_mb("VmHWM")}}

@@ -30,8 +30,8 @@ def run_isolated(kind: str, path: str | Path, frame: str | Path, threads: int = 
         path: the bundle folder or checkpoint.
         frame: an image file (read with ``data.readers.read_image``).
         threads, device, backend: as for the benchmark.
-        timing: ``{"batches": [1, 8], "runs": 15, "warmup": 3, "fps": 20.0 or None}``; None: 3 untimed calls
-            (memory only).
+        timing: ``{"batches": [1, 8], "runs": 15, "warmup": 3, "fps": 20.0 or None, "spin": True}``; None or
+            ``{}``: 3 untimed calls (memory only).
         timeout: seconds before the process is abandoned.
 
     Returns:
@@ -76,11 +76,11 @@ def _probe(kind: str, path: str, frame_path: str, threads: int, device: str, bac
     from usfm_edge.data.readers import read_image
 
     if kind == "bundle":
-        v = _open_bundle(Path(path), threads, device, backend)
+        v = _open_bundle(Path(path), threads, device, backend, (timing or {}).get("spin", True))
     else:
         v = _open_torch(Path(path), threads, device, bf16=kind == "torch-bf16")
     frame = read_image(frame_path)
-    if not timing:
+    if not timing or "batches" not in timing:
         one = _frames_for(v, [frame])
         for _ in range(3):
             _time_once(v, one)

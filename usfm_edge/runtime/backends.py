@@ -62,12 +62,15 @@ class OnnxRuntimeBackend(Backend):
             TensorRT EP; engine cache under ``$USFM_EDGE_CACHE`` or ``~/.cache/usfm-edge``).
         threads: intra-op threads (None = ORT default: all physical cores).
         fp16: let the TensorRT EP use fp16 kernels.
+        spin: let the intra-op worker threads spin-wait after a call (ORT's default). Fastest when the
+            process runs nothing else; False hands the cores back at once, for hosts that run other
+            compute between frames (see docs/embedding.md: measured both ways).
     """
 
     name = "onnxruntime"
 
     def __init__(self, model_path: str | Path, output_names: list[str], device: str = "auto",
-                 threads: int | None = None, fp16: bool = False):
+                 threads: int | None = None, fp16: bool = False, spin: bool = True):
         ort = require("onnxruntime", BACKEND_EXTRAS[self.name])
         self.version = ort.__version__
         available = ort.get_available_providers()
@@ -101,6 +104,7 @@ class OnnxRuntimeBackend(Backend):
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = int(threads)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         try:
             self.session = ort.InferenceSession(str(model_path), opts, providers=providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph types
@@ -272,7 +276,8 @@ class TensorRTBackend(Backend):
             self.context = self.engine = None
 
 
-def make_backend(folder: Path, meta, backend: str = "auto", device: str = "auto", threads: int | None = None) -> Backend:
+def make_backend(folder: Path, meta, backend: str = "auto", device: str = "auto", threads: int | None = None,
+                 spin: bool = True) -> Backend:
     """Load a bundle's model on the best (or the requested) backend.
 
     ``auto`` tries, among the model files the bundle holds, TensorRT engine > OpenVINO IR > ONNX Runtime,
@@ -284,6 +289,7 @@ def make_backend(folder: Path, meta, backend: str = "auto", device: str = "auto"
         backend: ``auto``, ``tensorrt``, ``openvino`` or ``onnxruntime``.
         device: ``auto`` (the bundle's default device when the backend is the bundle's own) or a device name.
         threads: CPU threads.
+        spin: ONNX Runtime only: worker threads spin-wait between calls (see ``OnnxRuntimeBackend``).
 
     Raises:
         ConfigError: unknown backend name.
@@ -310,7 +316,7 @@ def make_backend(folder: Path, meta, backend: str = "auto", device: str = "auto"
             if b == "openvino":
                 return OpenVINOBackend(folder / meta.files["openvino_xml"], names, dev, meta.precision, threads)
             return OnnxRuntimeBackend(folder / meta.files["onnx"], names, dev, threads,
-                                      fp16=meta.precision != "fp32")
+                                      fp16=meta.precision != "fp32", spin=spin)
         except BackendUnavailableError as exc:
             if backend != "auto":
                 raise

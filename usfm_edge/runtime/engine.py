@@ -111,7 +111,7 @@ class Engine:
     # -- construction ------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, backend: str = "auto", device: str = "auto", threads: int | None = None,
-             warmup: int = 1, verify: bool = True, *, max_side: int | None = None) -> Engine:
+             warmup: int = 1, verify: bool = True, *, max_side: int | None = None, spin: bool = True) -> Engine:
         """Verify a bundle, load it on a backend and warm it up.
 
         Args:
@@ -123,6 +123,8 @@ class Engine:
             warmup: number of warm-up runs on a blank frame.
             verify: check ``SHA256SUMS`` and the schema first (``verify_bundle``).
             max_side: refuse frames with a longer side (protects the device's memory); None = the bundle's limit.
+            spin: ONNX Runtime's worker threads spin-wait between calls (its default, fastest alone); False
+                frees the cores at once for other work in the process (docs/embedding.md).
 
         Raises:
             BundleError: corrupt, tampered or too new bundle, or a model the backend cannot load.
@@ -131,7 +133,7 @@ class Engine:
         """
         folder = Path(path)
         meta = verify_bundle(folder) if verify else read_meta(folder)
-        be = make_backend(folder, meta, backend, device, threads)
+        be = make_backend(folder, meta, backend, device, threads, spin=spin)
         try:
             engine = cls(folder, meta, be, max_side=max_side)
             for _ in range(max(0, int(warmup))):
