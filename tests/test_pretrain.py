@@ -226,6 +226,11 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path):
     assert [r["step"] for r in log] == list(range(1, 10))
     with pytest.raises(ConfigError, match="batch_size"):
         fit_pretrain(_cfg(max_steps=9, batch_size=3), tmp_path / "split", resume=tmp_path / "split", progress=False)
+    # a run made with the other objective (e.g. before the normalised target became the default) is named
+    with pytest.raises(ConfigError, match=r"mim\.norm_target \(True in the checkpoint, False now\)") as err:
+        fit_pretrain(_cfg(max_steps=9, mim=dict(mask_patch_size=16, norm_target=False)), tmp_path / "split",
+                     resume=tmp_path / "split", progress=False)
+    assert "--no-norm-target" in str(err.value.hint)
 
 
 def test_encoder_exports_load_strictly(tmp_path):

@@ -97,10 +97,20 @@ def _step_of(line: str) -> int:
 
 def _check_resume(saved: dict, cfg: PretrainConfig, path: Path) -> None:
     now = to_dict(cfg)
-    diff = [k for k in _RESUME_FIXED if saved.get(k) != now.get(k)]
+    diff = []
+    for k in _RESUME_FIXED:
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):  # name the nested field: mim.norm_target (True -> False)
+            diff += [f"{k}.{sub} ({a.get(sub)!r} in the checkpoint, {b.get(sub)!r} now)"
+                     for sub in sorted(set(a) | set(b)) if a.get(sub) != b.get(sub)]
+        elif a != b:
+            diff.append(f"{k} ({a!r} in the checkpoint, {b!r} now)")
     if diff:
+        hint = "resume with the original settings (see the run's config.yaml)"
+        if any(d.startswith("mim.norm_target") for d in diff):
+            hint += "; runs started before the normalised target became the default need --no-norm-target"
         raise ConfigError(f"--resume: the config differs from the checkpoint's in {', '.join(diff)}", path=path,
-                          hint="resume with the original settings (see the run's config.yaml)")
+                          hint=hint)
 
 
 def fit_pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: str | Path | None = None,
