@@ -187,6 +187,7 @@ def time_worker(spec: dict) -> list[float]:
 
 
 def bench_preset(preset: str, args, specs: list[str], work: Path) -> dict:
+    from usfm_edge.bench.latency import rotating_rounds
     from usfm_edge.data.readers import read_image
     from usfm_edge.evaluation.evaluate import evaluate_predictor
     from usfm_edge.runtime import Engine
@@ -217,14 +218,11 @@ def bench_preset(preset: str, args, specs: list[str], work: Path) -> dict:
     if not args.one_process:
         frame_file = work / preset / "timing_frame.npy"
         np.save(frame_file, timing_frame)
-        rounds = max(1, min(args.rounds, args.runs))
-        for r in range(rounds):
-            n = args.runs // rounds + (r < args.runs % rounds)
-            for name in order[r % len(order):] + order[: r % len(order)]:
-                spec = {"name": name, "bundle": str(bundles[name]) if name in bundles else None, "preset": preset,
-                        "checkpoint": args.checkpoint, "task": args.task, "threads": args.threads,
-                        "frame": str(frame_file), "runs": n, "warmup": args.warmup}
-                times[name] += time_in_own_process(spec)
+        for n, name in rotating_rounds(order, args.runs, args.rounds):
+            spec = {"name": name, "bundle": str(bundles[name]) if name in bundles else None, "preset": preset,
+                    "checkpoint": args.checkpoint, "task": args.task, "threads": args.threads,
+                    "frame": str(frame_file), "runs": n, "warmup": args.warmup}
+            times[name] += time_in_own_process(spec)
     ref = outs["PyTorch eager fp32"]
     grid = int(model.img_size)
     base = float(np.median(times["PyTorch eager fp32"]))

@@ -135,6 +135,14 @@ def test_paced_latency_waits_for_each_frame_slot_and_counts_overruns():
     assert clock.sleeps == pytest.approx([0.050, 0.040, 0.010])
 
 
+def test_rotating_rounds_split_the_runs_and_rotate_the_order():
+    from usfm_edge.bench.latency import rotating_rounds
+
+    jobs = rotating_rounds(["a", "b", "c"], runs=5, rounds=2)
+    assert jobs == [(3, "a"), (3, "b"), (3, "c"), (2, "b"), (2, "c"), (2, "a")]
+    assert rotating_rounds(["a", "b"], runs=1, rounds=3) == [(1, "a"), (1, "b")]  # never a round without runs
+
+
 def test_paced_latency_rejects_bad_rates():
     from usfm_edge.bench.latency import paced_latency
     from usfm_edge.core.errors import ConfigError

@@ -192,8 +192,7 @@ def paced_latency(call, fps: float, runs: int, clock=time.perf_counter, sleep=ti
             sleep(wait)
         t0 = clock()
         call()
-        dt = clock() - t0
-        times.append(dt * 1000.0)
+        times.append((clock() - t0) * 1000.0)
     return paced_summary(times, fps)
 
 
@@ -210,25 +209,31 @@ def _kind(v: _Variant) -> str:
     return ("torch-bf16" if v.precision == "bf16" else "torch") if v.backend == "torch" else "bundle"
 
 
+def rotating_rounds(items: list, runs: int, rounds: int) -> list[tuple[int, object]]:
+    """``[(runs in this job, item)]``: ``rounds`` rounds over ``items``, each round starting one item later, the
+    ``runs`` split over the rounds (exactly ``runs`` per item in all; at most ``runs`` rounds)."""
+    rounds = max(1, min(rounds, runs))
+    n = max(len(items), 1)
+    return [(runs // rounds + (r < runs % rounds), item)
+            for r in range(rounds) for item in items[r % n:] + items[: r % n]]
+
+
 def _time_isolated(variants, skipped, frame_path, batches, threads, runs, warmup, rounds, device, backend, fps,
                    progress, spin=True):
     """Each variant timed in fresh processes (``bench.memprobe.run_isolated``), ``rounds`` of them per variant,
     in a rotating order so a slow spell of a shared machine is spread over the variants."""
     from usfm_edge.bench.memprobe import run_isolated
 
-    rounds = min(rounds, runs)
-    per_round = [runs // rounds + (r < runs % rounds) for r in range(rounds)]  # exactly ``runs`` in all
-    n = max(len(variants), 1)
-    jobs = [(r, v) for r in range(rounds) for v in variants[r % n:] + variants[: r % n]]
+    jobs = rotating_rounds(variants, runs, rounds)
     times = {b: {v.name: [] for v in variants} for b in batches}
     paced_runs = {v.name: [] for v in variants}
     peaks: dict[str, float | None] = {}
     failed: set[str] = set()
     it = jobs if progress is None else progress(jobs, "variants (own processes)")
-    for r, v in it:
+    for n_runs, v in it:
         if v.name in failed:
             continue
-        spec = {"batches": list(batches), "runs": per_round[r], "warmup": warmup, "fps": fps, "spin": spin}
+        spec = {"batches": list(batches), "runs": n_runs, "warmup": warmup, "fps": fps, "spin": spin}
         try:
             res = run_isolated(_kind(v), v.path, frame_path, threads, device, backend, spec)
         except RuntimeError as exc:
