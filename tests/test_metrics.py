@@ -152,14 +152,14 @@ def test_ssim_and_psnr():
     assert M.ssim(x, y) == pytest.approx(ref, abs=1e-6)
 
 
-def test_ellipse_fit_synthetic():
+def test_fit_ellipse_synthetic():
     yy, xx = np.mgrid[:200, :260]
     cx, cy, a, b, th = 130.0, 95.0, 70.0, 40.0, 0.4
     u = (xx - cx) * math.cos(th) + (yy - cy) * math.sin(th)
     v = -(xx - cx) * math.sin(th) + (yy - cy) * math.cos(th)
     mask = (u / a) ** 2 + (v / b) ** 2 <= 1
     mask[5:9, 5:9] = True  # a spurious blob, dropped as a small component
-    fx, fy, fa, fb, ft = M.ellipse_fit(mask)
+    fx, fy, fa, fb, ft = M.fit_ellipse(mask)
     assert (fx, fy) == pytest.approx((cx, cy), abs=0.3)
     assert (fa, fb) == pytest.approx((a, b), abs=0.5)
     assert ft % math.pi == pytest.approx(th, abs=0.01)
@@ -167,7 +167,7 @@ def test_ellipse_fit_synthetic():
     assert M.head_circumference_mm(mask, 0.1) == pytest.approx(0.1 * ramanujan, rel=0.01)
     assert M.head_circumference_mm(np.zeros((5, 5)), 0.1) == 0.0
     with pytest.raises(ValueError):
-        M.ellipse_fit(np.zeros((5, 5)))
+        M.fit_ellipse(np.zeros((5, 5)))
 
 
 def _hc18_dir(sample_dir: Path) -> Path:
@@ -196,3 +196,14 @@ def test_head_circumference_on_real_hc18_annotations(sample_dir):
         assert abs(M.head_circumference_mm(masks[-1], sizes[-1]) - refs[-1]) < 2.0, name
     out = M.hc_metrics(masks, sizes, refs)
     assert out["n"] == len(rows) and out["hc_mae_mm"] < 2.0 and out["hc_empty"] == 0
+    assert sum(v for k, v in out.items() if k.startswith("hc_n_")) == len(rows)
+
+
+def test_hc_metrics_size_bins():
+    yy, xx = np.mgrid[:300, :300]
+    masks = [((xx - 150) / r) ** 2 + ((yy - 150) / r) ** 2 <= 1 for r in (20, 40, 60)]
+    hc = [M.head_circumference_mm(m, 1.0) for m in masks]  # ~126, ~251, ~377 mm at 1 mm per pixel
+    out = M.hc_metrics(masks, [1.0] * 3, [hc[0] + 1.0, hc[1] - 2.0, 260.0])
+    assert out["hc_n_lt150"] == 1 and out["hc_n_150_250"] == 1 and out["hc_n_gt250"] == 1
+    assert out["hc_mae_mm_lt150"] == pytest.approx(1.0) and out["hc_mean_diff_mm_lt150"] == pytest.approx(-1.0)
+    assert out["hc_mae_mm_150_250"] == pytest.approx(2.0) and out["hc_mean_diff_mm_150_250"] == pytest.approx(2.0)

@@ -28,11 +28,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from usfm_edge.core.geometry import fit_ellipse
-from usfm_edge.core.geometry import head_circumference_mm as _geometry_hc
+from usfm_edge.core.geometry import HC_SIZE_BINS, fit_ellipse, head_circumference_mm
 
 __all__ = ["dice", "iou", "hd95", "seg_metrics", "accuracy", "balanced_accuracy", "roc_auc", "f1", "cls_metrics",
-           "psnr", "ssim", "enhance_metrics", "ellipse_fit", "head_circumference_mm", "hc_metrics"]
+           "psnr", "ssim", "enhance_metrics", "fit_ellipse", "head_circumference_mm", "hc_metrics"]
 
 
 # -- segmentation --------------------------------------------------------------------------------------
@@ -281,22 +280,8 @@ def enhance_metrics(preds: Sequence[np.ndarray], targets: Sequence[np.ndarray], 
 
 
 # -- head circumference (HC18) ----------------------------------------------------------------------------
-# One implementation of the ellipse fit and the circumference, in core.geometry; these are the prediction-side
-# conventions (largest component only, empty mask -> 0.0).
-def ellipse_fit(mask: np.ndarray, largest_component: bool = True) -> tuple[float, float, float, float, float]:
-    """:func:`usfm_edge.core.geometry.fit_ellipse` keeping only the largest component by default.
-
-    Returns ``(cx, cy, a, b, theta)``: centre in pixels (x = column), semi-axes ``a >= b`` in pixels, angle of
-    the major axis in radians. Raises ValueError on an empty mask.
-    """
-    return fit_ellipse(mask, largest_component=largest_component)
-
-
-def head_circumference_mm(mask: np.ndarray, pixel_size_mm: float) -> float:
-    """Circumference (mm) of the ellipse fitted to the largest component of a predicted mask; 0.0 if empty."""
-    if not np.any(np.asarray(mask) > 0):
-        return 0.0
-    return _geometry_hc(mask, pixel_size_mm, largest_component=True)
+# One implementation of the ellipse fit and the circumference: core.geometry (re-exported here).
+_BIN_KEYS = {"<150": "lt150", "150-250": "150_250", ">250": "gt250"}
 
 
 def hc_metrics(pred_masks: Sequence[np.ndarray], pixel_sizes: Sequence[float], ref_hc_mm: Sequence[float]) -> dict:
@@ -304,11 +289,22 @@ def hc_metrics(pred_masks: Sequence[np.ndarray], pixel_sizes: Sequence[float], r
 
     Returns:
         ``hc_mae_mm`` (mean absolute difference), ``hc_mean_diff_mm`` (mean signed difference, pred - ref),
-        ``hc_abs_diff_std_mm``, ``hc_empty`` (empty predictions, scored as a circumference of 0) and ``n``.
+        ``hc_abs_diff_std_mm``, ``hc_empty`` (empty predictions, scored as a circumference of 0), ``n``, and per
+        reference size bin (``core.geometry.HC_SIZE_BINS``: < 150, 150-250, > 250 mm) ``hc_mae_mm_lt150`` /
+        ``_150_250`` / ``_gt250``, ``hc_mean_diff_mm_...`` and ``hc_n_...`` (bins without frames are left out).
     """
     if not len(pred_masks) == len(pixel_sizes) == len(ref_hc_mm) > 0:
         raise ValueError("pred_masks, pixel_sizes and ref_hc_mm must be non-empty and of the same length")
     hc = np.array([head_circumference_mm(m, s) for m, s in zip(pred_masks, pixel_sizes)], dtype=np.float64)
-    diff = hc - np.asarray(ref_hc_mm, dtype=np.float64)
-    return {"hc_mae_mm": float(np.abs(diff).mean()), "hc_mean_diff_mm": float(diff.mean()),
-            "hc_abs_diff_std_mm": float(np.abs(diff).std()), "hc_empty": int((hc == 0).sum()), "n": int(diff.size)}
+    ref = np.asarray(ref_hc_mm, dtype=np.float64)
+    diff = hc - ref
+    out = {"hc_mae_mm": float(np.abs(diff).mean()), "hc_mean_diff_mm": float(diff.mean()),
+           "hc_abs_diff_std_mm": float(np.abs(diff).std()), "hc_empty": int((hc == 0).sum()), "n": int(diff.size)}
+    for name, lo, hi in HC_SIZE_BINS:
+        sel = (ref >= lo) & (ref < hi)
+        if sel.any():
+            key = _BIN_KEYS[name]
+            out[f"hc_mae_mm_{key}"] = float(np.abs(diff[sel]).mean())
+            out[f"hc_mean_diff_mm_{key}"] = float(diff[sel].mean())
+            out[f"hc_n_{key}"] = int(sel.sum())
+    return out

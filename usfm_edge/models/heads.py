@@ -8,6 +8,8 @@ head                     task       input -> output
 ``AuxFCNHead``           seg        the stride-16 level -> logits (training only, loss weight 0.4)
 ``ProgressiveUpsampleHead``  seg    last block map -> (conv3x3 + BN + GELU + 2x upsample) x n -> logits
                                     ("light": a few % of UperNet's FLOPs, for small devices)
+``HiResFusionHead``      seg        4 block maps (stride 16) fused + a conv stem on the input (strides 2/4/8)
+                                    -> U-Net decoder -> logits at stride 2 ("hires": boundary-precise)
 ``ClsHead``              cls        last block map -> mean of patch tokens -> ``fc_norm`` -> Linear
 ``EnhanceHead``          enhance    last block map (final norm) -> 1x1 conv + PixelShuffle, fused with the
                                     grey input by a light full-resolution conv -> residual -> [0, 1] image
@@ -35,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AreaPool", "UperNetHead", "AuxFCNHead", "ProgressiveUpsampleHead", "ClsHead", "EnhanceHead",
-           "conv_bn_act", "adaptive_pool_matrix"]
+__all__ = ["AreaPool", "UperNetHead", "AuxFCNHead", "ProgressiveUpsampleHead", "HiResFusionHead", "ConvStem",
+           "ClsHead", "EnhanceHead", "conv_bn_act", "adaptive_pool_matrix"]
 
 
 def conv_bn_act(in_ch: int, out_ch: int, kernel_size: int = 1, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
@@ -253,3 +255,83 @@ class EnhanceHead(nn.Module):
         planes = self.decoder(feats[-1])
         residual = self.refine(torch.cat([planes, grey], dim=1))
         return torch.clamp(grey + residual, 0.0, 1.0)
+
+
+class ConvStem(nn.Module):
+    """Light convolutional branch on the input frame: feature maps at strides 2, 4 and 8.
+
+    Each stage is a stride-2 conv3x3 + BN + ReLU followed by a conv3x3 + BN + ReLU. It sees the pixels the
+    16-pixel patch embedding averages away (speckle edges, thin boundaries) and hands them to the decoder.
+    """
+
+    def __init__(self, in_chans: int = 3, widths: Sequence[int] = (24, 48, 96)):
+        super().__init__()
+        stages, c = [], in_chans
+        for w in widths:
+            stages.append(nn.Sequential(
+                nn.Conv2d(c, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+                conv_bn_act(w, w, 3)))
+            c = w
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs  # strides 2, 4, 8
+
+
+class HiResFusionHead(nn.Module):
+    """Segmentation head that resolves boundaries at stride 2: ViT block maps fused with a conv stem.
+
+    The ViT maps (stride 16, from several depths) are each projected by a 1x1 conv and summed into one
+    context map. A U-Net-style decoder then upsamples it 2x at a time and, at strides 8, 4 and 2, concatenates
+    the :class:`ConvStem` features of the raw input before two conv3x3 + BN + ReLU. The classifier runs at
+    stride 2 and the logits are upsampled bilinearly to the input size by the task model. The global context
+    comes from the transformer, the edges from the convolutions (the idea of ViT-Adapter's spatial prior and
+    SAMUS's CNN branch; written for this project).
+
+    Args:
+        embed_dim: channels of the backbone maps.
+        num_classes: output channels (background included).
+        num_taps: how many block maps are fused (the caller passes exactly these).
+        stem: widths of the conv stem at strides 2, 4, 8.
+        decoder: widths of the decoder stages at strides 8, 4, 2.
+        context: channels of the fused stride-16 map.
+        dropout: ``Dropout2d`` before the classifier.
+
+    ``forward(feats, x)`` returns logits (B, K, H/2, W/2); ``forward(..., aux=True)`` also returns logits at
+    stride 8 for deep supervision.
+    """
+
+    def __init__(self, embed_dim: int, num_classes: int, num_taps: int = 4, stem: Sequence[int] = (24, 48, 96),
+                 decoder: Sequence[int] = (96, 64, 32), context: int = 128, dropout: float = 0.1,
+                 in_chans: int = 3):
+        super().__init__()
+        if len(stem) != 3 or len(decoder) != 3:
+            raise ValueError("stem and decoder need three widths each (strides 8, 4, 2 for the decoder)")
+        self.stem = ConvStem(in_chans, stem)
+        self.taps = nn.ModuleList(nn.Conv2d(embed_dim, context, 1) for _ in range(num_taps))
+        self.context = nn.Sequential(nn.BatchNorm2d(context), nn.ReLU(inplace=True))
+        skips = list(stem)[::-1]  # strides 8, 4, 2
+        ins = [context, *decoder[:-1]]
+        self.stages = nn.ModuleList(
+            nn.Sequential(conv_bn_act(c_in + s, c_out, 3), conv_bn_act(c_out, c_out, 3))
+            for c_in, s, c_out in zip(ins, skips, decoder))
+        self.dropout = nn.Dropout2d(dropout)
+        self.cls_seg = _init_classifier(nn.Conv2d(decoder[-1], num_classes, 1))
+        self.cls_aux = _init_classifier(nn.Conv2d(decoder[0], num_classes, 1))
+
+    def forward(self, feats: Sequence[torch.Tensor], x: torch.Tensor, aux: bool = False):
+        if len(feats) != len(self.taps):
+            raise ValueError(f"HiResFusionHead was built for {len(self.taps)} block maps, got {len(feats)}")
+        y = self.context(sum(proj(f) for proj, f in zip(self.taps, feats)))
+        skips = self.stem(x)[::-1]
+        deep = None
+        for i, (stage, skip) in enumerate(zip(self.stages, skips)):
+            y = stage(torch.cat([_resize(y, skip.shape[-2:]), skip], dim=1))
+            if i == 0:
+                deep = y
+        logits = self.cls_seg(self.dropout(y))
+        return (logits, self.cls_aux(deep)) if aux else logits

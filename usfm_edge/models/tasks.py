@@ -6,7 +6,7 @@
 ========  ===========================  ================================================================
 task      head names (``auto`` first)  output
 ========  ===========================  ================================================================
-seg       upernet / light              logits (B, K, S, S) at the input size (K includes background)
+seg       upernet / light / hires      logits (B, K, S, S) at the input size (K includes background)
 cls       linear                       logits (B, K)
 enhance   pixelshuffle                 restored grey image (B, 1, S, S) in [0, 1] (not normalised)
 features  cls_token                    embedding (B, D): the cls token after the final norm
@@ -36,7 +36,14 @@ from torch import nn
 
 from usfm_edge.core.errors import CheckpointError, ConfigError
 from usfm_edge.core.preprocess import PreprocessSpec
-from usfm_edge.models.heads import AuxFCNHead, ClsHead, EnhanceHead, ProgressiveUpsampleHead, UperNetHead
+from usfm_edge.models.heads import (
+    AuxFCNHead,
+    ClsHead,
+    EnhanceHead,
+    HiResFusionHead,
+    ProgressiveUpsampleHead,
+    UperNetHead,
+)
 from usfm_edge.models.registry import model_args
 from usfm_edge.models.vit import UsfmViT
 
@@ -45,7 +52,7 @@ __all__ = ["TASKS", "HEADS", "TaskModel", "build_task_model", "save_task_checkpo
 
 log = logging.getLogger(__name__)
 
-HEADS: dict[str, tuple[str, ...]] = {"seg": ("upernet", "light"), "cls": ("linear",), "enhance": ("pixelshuffle",),
+HEADS: dict[str, tuple[str, ...]] = {"seg": ("upernet", "light", "hires"), "cls": ("linear",), "enhance": ("pixelshuffle",),
                                      "features": ("cls_token",)}
 TASKS = tuple(HEADS)
 _UPERNET_CHANNELS = {768: 768, 384: 256, 192: 128}  # by embed_dim; anything else: 32
@@ -65,6 +72,10 @@ def _head_defaults(head: str, embed_dim: int) -> dict:
                 "aux_weight": 0.4}
     if head == "light":
         return {"channels": [128, 64] if embed_dim >= 128 else [32, 16], "dropout": 0.1}
+    if head == "hires":
+        small = embed_dim < 128
+        return {"stem": [8, 16, 32] if small else [24, 48, 96], "decoder": [32, 16, 8] if small else [96, 64, 32],
+                "context": 32 if small else 128, "dropout": 0.1, "aux_weight": 0.4}
     if head == "linear":
         return {"dropout": 0.0, "init_scale": 0.001}
     if head == "pixelshuffle":
@@ -115,6 +126,11 @@ class TaskModel(nn.Module):
             self.head = UperNetHead(d, k, a["channels"], tuple(a["pool_scales"]), a["dropout"])
             self.aux_head = AuxFCNHead(d, k, a["aux_channels"], a["dropout"])
             self.aux_weight = float(a["aux_weight"])
+        elif head == "hires":
+            self.out_indices = tuple(backbone.default_out_indices)
+            self.head = HiResFusionHead(d, k, len(self.out_indices), tuple(a["stem"]), tuple(a["decoder"]),
+                                        a["context"], a["dropout"], in_chans=backbone.in_chans)
+            self.aux_weight = float(a["aux_weight"])
         elif head == "light":
             self.out_indices = (backbone.depth - 1,)
             self.head = ProgressiveUpsampleHead(d, k, tuple(a["channels"]), a["dropout"])
@@ -139,8 +155,8 @@ class TaskModel(nn.Module):
         return self.forward_train(x, aux=False)["out"]
 
     def forward_train(self, x: torch.Tensor, aux: bool = True) -> dict[str, torch.Tensor]:
-        """Like ``forward`` but returns ``{"out": ...}`` plus ``"aux"`` (UperNet's auxiliary logits at the
-        input size) when ``aux`` is true and the head has one."""
+        """Like ``forward`` but returns ``{"out": ...}`` plus ``"aux"`` (deep supervision: UperNet's auxiliary
+        head, or the hires head's stride-8 logits, at the input size) when ``aux`` is true and the head has one."""
         if self.task == "features":
             return {"out": self.backbone.forward_features(x)[:, 0]}
         norm = self.task == "enhance"
@@ -156,6 +172,11 @@ class TaskModel(nn.Module):
             if aux:
                 result["aux"] = _upsample(self.aux_head(pyramid[2]), size)
             return result
+        if self.head_name == "hires":
+            if not aux:
+                return {"out": _upsample(self.head(feats, x), size)}
+            out, deep = self.head(feats, x, aux=True)
+            return {"out": _upsample(out, size), "aux": _upsample(deep, size)}
         return {"out": _upsample(self.head(feats), size)}
 
     # -- timm-style contract (lets usfm_edge.train.optim.param_groups work on a TaskModel) --------------

@@ -1,4 +1,5 @@
-"""Overlay pictures of results (numpy + Pillow): mask contours, class label and probability, before/after.
+"""Overlay pictures of results (numpy + Pillow, OpenCV for ellipses): mask contours, the fitted head ellipse,
+the reference outline, class label and probability, before/after.
 
 Used by ``usfm-edge predict``; every function takes a uint8 grey ``(H, W)`` frame and returns an RGB uint8
 ``(H, W', 3)`` array, which :func:`png_bytes` encodes. Pillow is imported inside the functions.
@@ -11,7 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["PALETTE", "contour", "seg_overlay", "cls_overlay", "enhance_overlay", "draw_text", "png_bytes"]
+__all__ = ["PALETTE", "contour", "seg_overlay", "draw_ellipse", "cls_overlay", "enhance_overlay", "draw_text",
+           "png_bytes"]
 
 #: colours of classes 1, 2, ... (class 0 is the background and is not drawn)
 PALETTE = ((255, 215, 0), (0, 230, 118), (41, 182, 246), (255, 82, 82), (224, 64, 251), (255, 145, 0))
@@ -69,7 +71,8 @@ def draw_text(rgb: np.ndarray, lines: Sequence[str], color: tuple[int, int, int]
 
 
 def seg_overlay(gray: np.ndarray, mask: np.ndarray, labels: Sequence[str], lines: Sequence[str] = (),
-                alpha: float = 0.25, thickness: int | None = None) -> np.ndarray:
+                alpha: float = 0.25, thickness: int | None = None, ellipses: Sequence[Sequence[float]] = (),
+                reference: np.ndarray | None = None) -> np.ndarray:
     """The frame with each foreground class tinted (``alpha``) and its contour drawn in the class colour.
 
     Args:
@@ -79,6 +82,9 @@ def seg_overlay(gray: np.ndarray, mask: np.ndarray, labels: Sequence[str], lines
         lines: text written in the top-left corner (areas, head circumference...).
         alpha: opacity of the tint inside each class (0 = contour only).
         thickness: contour width in pixels (None = about 0.4% of the shorter side, at least 1).
+        ellipses: fitted ellipses ``(cx, cy, a, b, theta)`` (pixels, radians; ``core.geometry.Ellipse``), drawn
+            in cyan (the head-circumference fit).
+        reference: a reference mask (any non-zero = foreground) whose outline is drawn in white, when known.
 
     Returns:
         RGB uint8 ``(H, W, 3)``.
@@ -94,10 +100,30 @@ def seg_overlay(gray: np.ndarray, mask: np.ndarray, labels: Sequence[str], lines
         colour = np.asarray(PALETTE[(k - 1) % len(PALETTE)], np.float32)
         rgb[m] = (1.0 - alpha) * rgb[m] + alpha * colour
         edges.append((contour(m, thickness), colour))
+    if reference is not None and np.any(reference):
+        edges.append((contour(np.asarray(reference) > 0, thickness), np.asarray((255, 255, 255), np.float32)))
     for edge, colour in edges:
         rgb[edge] = colour
     out = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+    for e in ellipses:
+        out = draw_ellipse(out, e, thickness=thickness)
     return draw_text(out, list(lines))
+
+
+def draw_ellipse(rgb: np.ndarray, ellipse: Sequence[float], color: tuple[int, int, int] = (0, 229, 255),
+                 thickness: int = 1) -> np.ndarray:
+    """Draw ``(cx, cy, a, b, theta)`` (pixels, radians) on an RGB uint8 image (OpenCV, anti-aliased)."""
+    import math
+
+    import cv2
+
+    cx, cy, a, b, theta = (float(v) for v in ellipse[:5])
+    out = np.ascontiguousarray(rgb, dtype=np.uint8).copy()
+    shift = 4  # sub-pixel precision: coordinates in 1/16 pixel
+    f = 1 << shift
+    cv2.ellipse(out, (round(cx * f), round(cy * f)), (max(round(a * f), 1), max(round(b * f), 1)),
+                math.degrees(theta), 0, 360, color, int(thickness), cv2.LINE_AA, shift)
+    return out
 
 
 def cls_overlay(gray: np.ndarray, label: str, prob: float, probs: Sequence[float] = (),

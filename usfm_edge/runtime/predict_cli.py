@@ -14,7 +14,7 @@ Writes into ``--out`` (each file atomically: temporary file + rename):
 
 Pixel spacing: a DICOM's own spacing wins; ``--pixel-spacing`` serves the other files. HC18-style models are
 recognised by a label containing ``fetal_head`` or a note in ``usfm.json`` mentioning HC18 / head circumference;
-the circumference (mm) is the ellipse fit of the head mask (``core.metrics.head_circumference_mm``).
+the circumference (mm) is the ellipse fit of the head mask (``core.geometry``), drawn on the overlay.
 """
 
 from __future__ import annotations
@@ -72,18 +72,21 @@ def hc_label_index(meta) -> int | None:
     return None
 
 
-def _hc(mask: np.ndarray, k: int, spacing) -> tuple[float | None, str | None]:
-    from usfm_edge.core.metrics import head_circumference_mm
+def _hc(mask: np.ndarray, k: int, spacing) -> tuple[float | None, str | None, list[float] | None]:
+    """(HC in mm or None, why not, fitted ellipse ``[cx, cy, a, b, theta]`` in pixels or None)."""
+    from usfm_edge.core.geometry import ellipse_perimeter, fit_ellipse
 
-    if spacing is None:
-        return None, "pixel spacing unknown: give --pixel-spacing or a DICOM with PixelSpacing"
-    dy, dx = spacing
-    if abs(dy - dx) > 0.01 * max(dy, dx):
-        return None, f"anisotropic pixel spacing {dy}x{dx} mm: the ellipse fit needs square pixels"
     head = mask == k
     if not head.any():
-        return None, "no fetal head segmented"
-    return round(head_circumference_mm(head, (dy + dx) / 2.0), 3), None
+        return None, "no fetal head segmented", None
+    e = fit_ellipse(head)
+    ellipse = [round(float(v), 3) for v in e]
+    if spacing is None:
+        return None, "pixel spacing unknown: give --pixel-spacing or a DICOM with PixelSpacing", ellipse
+    dy, dx = spacing
+    if abs(dy - dx) > 0.01 * max(dy, dx):
+        return None, f"anisotropic pixel spacing {dy}x{dx} mm: the ellipse fit needs square pixels", ellipse
+    return round(ellipse_perimeter(e.a, e.b) * (dy + dx) / 2.0, 3), None, ellipse
 
 
 class _Names:
@@ -131,7 +134,7 @@ def _record(result, f: Path, i: int, n: int, sp, source, hc_index) -> dict:
         rec.update(height=h, width=w, areas_px=result.areas_px,
                    areas_mm2={k: round(v, 4) for k, v in result.areas_mm2.items()} if result.areas_mm2 else None)
         if hc_index is not None:
-            rec["hc_mm"], rec["hc_note"] = _hc(result.mask, hc_index, sp)
+            rec["hc_mm"], rec["hc_note"], rec["hc_ellipse_px"] = _hc(result.mask, hc_index, sp)
     elif result.task == "cls":
         rec.update(label=result.label_name, prob=round(float(result.probs[result.label]), 6),
                    probs={n_: round(float(p), 6) for n_, p in zip(result.labels, result.probs)})
@@ -152,7 +155,8 @@ def _overlay(result, frame: np.ndarray, rec: dict, labels: list[str]) -> np.ndar
             lines.append(f"{name}: {px} px" + (f" = {mm2:.1f} mm2" if mm2 is not None else ""))
         if "hc_mm" in rec:
             lines.append(f"HC {rec['hc_mm']:.1f} mm" if rec["hc_mm"] is not None else f"HC: {rec['hc_note']}")
-        return overlay.seg_overlay(gray, result.mask, labels, lines)
+        ellipses = [rec["hc_ellipse_px"]] if rec.get("hc_ellipse_px") else []
+        return overlay.seg_overlay(gray, result.mask, labels, lines, ellipses=ellipses)
     if result.task == "cls":
         return overlay.cls_overlay(gray, result.label_name, rec["prob"], result.probs, result.labels)
     if result.task == "enhance":

@@ -113,6 +113,7 @@ def train_one_epoch(
     checkpoint_fn: Callable[[TrainState], None] | None = None,
     progress=None,
     start_time: float | None = None,
+    after_step: Callable[[TrainState], None] | None = None,
 ) -> bool:
     """Train until the epoch ends, ``max_steps`` is reached or ``deadline`` passes.
 
@@ -130,6 +131,7 @@ def train_one_epoch(
         deadline: ``time.time()`` after which to stop (checked after each optimiser step, agreed across ranks).
         log_every, logger: JSONL log cadence and sink.
         save_every, checkpoint_fn: call ``checkpoint_fn(state)`` every ``save_every`` optimiser steps.
+        after_step: called with ``state`` after every optimiser step (e.g. to update an EMA of the weights).
         progress: a tqdm bar counting optimiser steps (main rank), or None.
         start_time: ``time.time()`` of the run start, for ``elapsed`` in the log.
 
@@ -178,6 +180,8 @@ def train_one_epoch(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state.step, state.position = state.step + 1, micro
+        if after_step is not None:
+            after_step(state)
         steps_window += 1
         stop = (max_steps is not None and state.step >= max_steps) or _past(deadline, info)
         end_of_epoch = micro >= micro_end

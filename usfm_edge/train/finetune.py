@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from usfm_edge.train.engine import (
     save_training_state,
     set_rng_state,
 )
-from usfm_edge.train.optim import cosine_lr, scaled_lr
+from usfm_edge.train.optim import budget_cosine_lr, scaled_lr
 
 CHECKPOINT, BEST, LAST = "checkpoint.pt", "best.safetensors", "last.safetensors"
 PRIMARY = {"seg": "dice", "cls": "auc", "enhance": "psnr"}
@@ -73,6 +74,12 @@ class FinetuneConfig:
             0.65, wd 0.05, clip 5, drop path 0.1).
         label_smoothing: classification only (USFM: 0.1).
         dice_weight: weight of the soft Dice term of the seg loss.
+        augment: training augmentation: ``ultrasound`` (scanner/operator effects, ``data.augment``),
+            ``light``, ``basic`` (crop, flip, gain/gamma) or ``none``.
+        ema: decay of the exponential moving average of the weights (0 = off). With EMA the validation,
+            ``best`` and ``last`` checkpoints use the averaged weights.
+        aux_weight: weight of the deep-supervision loss of heads that have one (UperNet's auxiliary head, the
+            hires head's stride-8 logits); None keeps the head's default (0.4), 0 turns it off.
         eval_every: epochs between validations (the last epoch is always validated); eval_limit caps the
             number of validation frames (None = all).
         seed, device, workers, amp, save_every, log_every, max_steps, time_limit_min: as in pretraining.
@@ -100,6 +107,9 @@ class FinetuneConfig:
     drop_path: float = 0.1
     label_smoothing: float = 0.1
     dice_weight: float = 1.0
+    augment: str = "ultrasound"
+    ema: float = 0.999
+    aux_weight: float | None = None
     eval_every: int = 5
     eval_limit: int | None = None
     seed: int = 0
@@ -120,6 +130,8 @@ class FinetuneConfig:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.batch_size < 1 or self.epochs < 1 or self.accum_steps < 1:
             raise ConfigError("batch_size, epochs and accum_steps must be >= 1")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"ema must be in [0, 1) (0 = off), got {self.ema}")
 
 
 finetune_options: list[Option] = [
@@ -144,6 +156,9 @@ finetune_options: list[Option] = [
     Option("--clip-grad", "clip_grad", float, "max gradient norm (0 = off)"),
     Option("--drop-path", "drop_path", float, "stochastic depth rate"),
     Option("--label-smoothing", "label_smoothing", float, "classification label smoothing"),
+    Option("--augment", "augment", str, "training augmentation: ultrasound, light, basic or none"),
+    Option("--ema", "ema", float, "EMA decay of the weights (0 = off)"),
+    Option("--aux-weight", "aux_weight", float, "deep-supervision loss weight (0 = off)"),
     Option("--eval-every", "eval_every", int, "epochs between validations"),
     Option("--eval-limit", "eval_limit", int, "at most this many validation frames"),
     Option("--seed", "seed", int, "random seed"),
@@ -189,7 +204,7 @@ class TaskLoss(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor):
         if self.task == "seg":
-            outs = self.model.forward_train(x)
+            outs = self.model.forward_train(x, aux=self.model.aux_weight > 0)
             loss, ce, dice = self._seg(outs["out"], y)
             parts = {"ce": ce.detach(), "dice": dice.detach()}
             if "aux" in outs:
@@ -243,9 +258,35 @@ def _evaluate(model, val, task: str, limit: int | None, device) -> dict:
         model.train(was)
 
 
+def _ema_model(model: nn.Module, decay: float):
+    """An ``AveragedModel`` keeping an EMA of the weights and BatchNorm statistics (None when ``decay`` is 0).
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so early, poor weights fade
+    quickly.
+    """
+    if decay <= 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel
+
+    def avg(avg_p: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        return avg_p * d + p * (1.0 - d)
+
+    ema = AveragedModel(model, avg_fn=avg, use_buffers=True)
+    ema.module.eval()
+    return ema
+
+
 def fit_finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: str | Path | None = None,
-                 progress: bool = True) -> FinetuneResult:
-    """Fine-tune and validate; returns the best/last checkpoint paths and the last validation metrics."""
+                 progress: bool = True, build_model=None) -> FinetuneResult:
+    """Fine-tune and validate; returns the best/last checkpoint paths and the last validation metrics.
+
+    ``build_model(labels) -> nn.Module`` replaces the USFM task model (baselines such as
+    ``benchmarks/unet_baseline.py``); it must offer the task-model interface (``task``, ``labels``,
+    ``img_size``, ``preprocess``, ``forward``, ``forward_train``, ``aux_weight``, ``depth``,
+    ``group_matcher``, ``no_weight_decay``, ``config``) and then ``cfg.model``, ``cfg.head`` and ``cfg.init``
+    are only recorded.
+    """
     from usfm_edge.data.sampler import OrganBalancedSampler
     from usfm_edge.models.tasks import build_task_model, param_groups_lrd, save_task_checkpoint
     from usfm_edge.train.datasets import PositionedSampler
@@ -269,10 +310,16 @@ def fit_finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: str | Path | 
         labels = _labels(cfg, records)
         torch.manual_seed(cfg.seed)
         init = None if (payload is not None or cfg.init in ("", "none", None)) else cfg.init
-        model = build_task_model(cfg.task, backbone=cfg.model, labels=labels, head=cfg.head, img_size=cfg.img_size,
-                                 checkpoint=init, drop_path_rate=cfg.drop_path).to(info.device)
+        head_args = {"aux_weight": cfg.aux_weight} if cfg.aux_weight is not None else None
+        if build_model is not None:
+            model = build_model(labels).to(info.device)
+        else:
+            model = build_task_model(cfg.task, backbone=cfg.model, labels=labels, head=cfg.head,
+                                     img_size=cfg.img_size, checkpoint=init, drop_path_rate=cfg.drop_path,
+                                     head_args=head_args).to(info.device)
         spec = PreprocessSpec(img_size=cfg.img_size)
-        dataset = TaskDataset(train, cfg.task, spec, train=True, seed=cfg.seed)
+        dataset = TaskDataset(train, cfg.task, spec, train=True, seed=cfg.seed, augment=cfg.augment)
+        ema = _ema_model(model, cfg.ema)
         base = OrganBalancedSampler([r.organ for r in train], num_samples=len(train), seed=cfg.seed,
                                     rank=info.rank, world_size=info.world_size)
         sampler = PositionedSampler(base, info.rank, info.world_size)
@@ -289,9 +336,15 @@ def fit_finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: str | Path | 
         optimizer = torch.optim.AdamW(param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay), lr=peak_lr,
                                       betas=(0.9, 0.999))
         state, history, best_score = TrainState(), [], -float("inf")
+        clock = {"spent": 0.0, "since": time.time()}  # training seconds of earlier runs, start of this one
         if payload is not None:
             model.load_state_dict(payload["model"])
             optimizer.load_state_dict(payload["optimizer"])
+            if ema is not None:
+                if "ema" not in payload["extra"]:
+                    raise ConfigError("--resume: the checkpoint has no EMA weights", path=resume, hint="pass --ema 0")
+                ema.load_state_dict(payload["extra"]["ema"])
+            clock["spent"] = float(payload["extra"].get("train_seconds", 0.0))
             state = TrainState(payload["step"], payload["epoch"], payload["position"])
             if state.position >= steps_per_epoch * cfg.accum_steps:
                 state = TrainState(state.step, state.epoch + 1, 0)
@@ -323,10 +376,18 @@ def fit_finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: str | Path | 
             if model.load_report is not None:
                 print(f"[finetune] init: {model.load_report.summary()}", file=sys.stderr)
 
+        def spent() -> float:
+            return clock["spent"] + time.time() - clock["since"]
+
         def checkpoint(st: TrainState) -> None:
             if info.is_main:
+                extra = {"history": json.dumps(history), "best_score": best_score, "train_seconds": spent()}
+                if ema is not None:
+                    extra["ema"] = ema.state_dict()
                 save_training_state(out / CHECKPOINT, model=model, optimizer=optimizer, state=st, config=config_dict,
-                                    extra={"history": json.dumps(history), "best_score": best_score})
+                                    extra=extra)
+
+        scored = model if ema is None else ema.module  # what is validated and saved
 
         metrics: dict = {}
 
@@ -334,28 +395,42 @@ def fit_finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: str | Path | 
             nonlocal metrics, best_score
             if not info.is_main or not (done or (st.epoch + 1) % cfg.eval_every == 0):
                 return
-            metrics = _evaluate(model, val, cfg.task, cfg.eval_limit, info.device)
+            metrics = _evaluate(scored, val, cfg.task, cfg.eval_limit, info.device)
             history.append({"epoch": st.epoch, "step": st.step, **metrics})
             logger.log(event="eval", epoch=st.epoch, step=st.step, **metrics)
             score = metrics[PRIMARY[cfg.task]]
             if score > best_score:
                 best_score = score
-                save_task_checkpoint(model, out / BEST, extra={**extra_meta, "metrics": metrics,
-                                                               "epoch": st.epoch, "step": st.step})
+                save_task_checkpoint(scored, out / BEST, extra={**extra_meta, "metrics": metrics,
+                                                                "epoch": st.epoch, "step": st.step})
             if bar is not None:
                 bar.write(f"[finetune] epoch {st.epoch}: " + ", ".join(
                     f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 
+        budget_s = 60.0 * cfg.time_limit_min if cfg.time_limit_min else None
+        if budget_s is not None and spent() >= budget_s:
+            raise ConfigError(f"--resume: the run already used its {cfg.time_limit_min} min budget",
+                              path=resume, hint="raise --time-limit-min to train longer")
+
+        def lr_at(step: int) -> float:
+            frac = spent() / budget_s if budget_s else 0.0
+            return budget_cosine_lr(step, total_steps, warmup, peak_lr, cfg.min_lr, frac)
+
+        def after_step(st: TrainState) -> None:
+            if ema is not None:
+                ema.update_parameters(model)
+
+        remaining = None if budget_s is None else (budget_s - spent()) / 60.0
         run_epochs(net, loader, optimizer, sampler, state=state, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                   last_step=min(total_steps, cfg.max_steps or total_steps), time_limit_min=cfg.time_limit_min,
+                   last_step=min(total_steps, cfg.max_steps or total_steps), time_limit_min=remaining,
                    progress=progress and info.is_main, on_epoch_end=end_of_epoch, device=info.device,
-                   lr_at=lambda s: cosine_lr(s, total_steps, warmup, peak_lr, cfg.min_lr),
+                   lr_at=lr_at, after_step=after_step,
                    steps_in_epoch=steps_per_epoch, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad,
                    amp_dtype=amp, dist_info=info, images_per_step=total_batch, log_every=cfg.log_every,
                    logger=logger, save_every=cfg.save_every, checkpoint_fn=checkpoint)
         if info.is_main:
             checkpoint(state)
-            save_task_checkpoint(model, out / LAST, extra={**extra_meta, "metrics": metrics, "step": state.step})
+            save_task_checkpoint(scored, out / LAST, extra={**extra_meta, "metrics": metrics, "step": state.step})
             (out / "metrics.json").write_text(json.dumps({"last": metrics, "best_score": best_score,
                                                           "primary": PRIMARY[cfg.task], "history": history}, indent=2))
         if info.distributed:

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["scaled_lr", "param_groups", "build_optimizer", "cosine_lr", "set_lr"]
+__all__ = ["scaled_lr", "param_groups", "build_optimizer", "cosine_lr", "budget_cosine_lr", "set_lr"]
 
 
 def scaled_lr(base_lr: float, total_batch: int) -> float:
@@ -69,6 +69,22 @@ def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, mi
         return peak_lr * (step + 1) / warmup_steps
     span = max(total_steps - warmup_steps, 1)
     t = min(max(step - warmup_steps, 0) / span, 1.0)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def budget_cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float,
+                     time_fraction: float = 0.0) -> float:
+    """:func:`cosine_lr` whose progress is the larger of the step fraction and ``time_fraction``.
+
+    With a wall-clock budget (``--time-limit-min``) ``time_fraction`` is the share of the budget spent, so the
+    half-cosine reaches ``min_lr`` when the budget ends, however many steps that turns out to be, instead of
+    being cut off high by the time limit. Warm-up stays in steps.
+    """
+    min_lr = min(min_lr, peak_lr)
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    span = max(total_steps - warmup_steps, 1)
+    t = min(max((step - warmup_steps) / span, float(time_fraction), 0.0), 1.0)
     return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 

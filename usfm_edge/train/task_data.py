@@ -8,6 +8,13 @@ Augmentation for ultrasound (training only): random resized crop (scale 0.6-1, a
 frame and mask together, horizontal flip (left/right views are mirror images; no vertical flip: the
 transducer is always at the top), and a gain / gamma jitter of the grey levels (scanner settings differ).
 The crop is resized with the same bicubic resampling as inference (``core.preprocess``); masks use nearest.
+This is ``augment="basic"``.
+
+``augment="ultrasound"`` (or ``"light"``) is the recipe for small ultrasound datasets: each frame is resized
+once to ``S x S`` with the inference resampling and cached (masks: area-weighted, then thresholded at 0.5, so
+a filled HC18 outline keeps its centre line), then :class:`usfm_edge.data.augment.UltrasoundAugment` warps,
+re-gains and marks it per sample (see that module). Segmentation and classification only: enhancement always
+uses the basic crop/flip and its own degradation (``data.degrade``), whatever ``augment`` says.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from usfm_edge.core.errors import ConfigError
-from usfm_edge.core.preprocess import PreprocessSpec, resize_gray, resize_nearest
+from usfm_edge.core.preprocess import PreprocessSpec, resize_gray, resize_matrix, resize_nearest
 from usfm_edge.data.readers import read_image
 from usfm_edge.data.sources import Record, read_record_mask
 
@@ -47,7 +54,7 @@ class TaskDataset(Dataset):
     """
 
     def __init__(self, records: Sequence[Record], task: str, spec: PreprocessSpec, train: bool, seed: int = 0,
-                 scale=(0.6, 1.0)):
+                 scale=(0.6, 1.0), augment: str = "basic"):
         if not records:
             raise ConfigError(f"no records for the {task} dataset", hint="check --data and --label-fraction")
         if task not in ("seg", "cls", "enhance"):
@@ -60,6 +67,14 @@ class TaskDataset(Dataset):
         self.seed, self.scale = int(seed), scale
         self._frames: dict[int, np.ndarray] = {}
         self._masks: dict[int, np.ndarray] = {}
+        self._sized: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        from usfm_edge.data.augment import AUGMENT_PRESETS, UltrasoundAugment
+
+        if augment != "basic" and augment not in AUGMENT_PRESETS:
+            raise ConfigError(f"unknown augmentation {augment!r}", hint="choose basic, " + ", ".join(AUGMENT_PRESETS))
+        self.augment = augment
+        preset = AUGMENT_PRESETS.get(augment)
+        self._us = UltrasoundAugment(preset) if preset is not None else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -79,9 +94,36 @@ class TaskDataset(Dataset):
         std = np.asarray(self.spec.std, np.float32)[:, None, None]
         return ((img01[None] - mean) / std).astype(np.float32)
 
+    def _sized_item(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The frame in [0, 1] and its class map at S x S, resized once (inference resampling for the frame)."""
+        if i not in self._sized:
+            s = self.spec.img_size
+            frame = self._frame(i)
+            img = np.clip(resize_gray(frame, (s, s), self.spec.interpolation, self.spec.antialias) / 255.0, 0, 1)
+            mask = None
+            if self.task == "seg":
+                m = self._mask(i)
+                wh = resize_matrix(m.shape[0], s, "bilinear", True).astype(np.float32)
+                ww = resize_matrix(m.shape[1], s, "bilinear", True).astype(np.float32)
+                planes = [wh @ (m == k).astype(np.float32) @ ww.T for k in range(max(int(m.max()) + 1, 2))]
+                mask = np.argmax(np.stack(planes), axis=0).astype(np.uint8)
+            self._sized[i] = (img.astype(np.float32), mask)
+        return self._sized[i]
+
+    def _recipe_item(self, index: int, rng: np.random.Generator):
+        img, mask = self._sized_item(index)
+        if self.train and self._us is not None:
+            img, mask = self._us(img, mask, rng)
+        x = torch.from_numpy(self._normalise(np.ascontiguousarray(img, dtype=np.float32)))
+        if self.task == "seg":
+            return x, torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64))
+        return x, torch.tensor(int(self.records[index].label))
+
     def __getitem__(self, key):
         epoch, position, index = (0, int(key), int(key)) if isinstance(key, (int, np.integer)) else key
         rng = np.random.default_rng([self.seed, _SALT, epoch, position])
+        if self.augment != "basic" and self.task != "enhance":
+            return self._recipe_item(index, rng)
         frame = self._frame(index)
         h, w = frame.shape
         box, flip = (0, 0, h, w), False
