@@ -97,17 +97,47 @@ def test_colour_palette_and_bilevel_images_become_grey(tmp_path, frame, mode):
         assert set(np.unique(out)) <= {0, 255}
 
 
-def test_16bit_tiff_is_stretched_from_its_min_max(tmp_path, frame):
+def test_16bit_tiff_is_mapped_by_bit_depth(tmp_path, frame):
     import tifffile
 
     deep = frame.astype(np.uint16) * 40 + 1000  # 1000..11200: far from the full 16-bit range
     path = tmp_path / "deep.tif"
     tifffile.imwrite(path, deep)
     img = read_image(path)
-    lo, hi = float(deep.min()), float(deep.max())
-    expected = np.rint((deep - lo) * 255.0 / (hi - lo)).astype(np.uint8)
-    assert img.dtype == np.uint8 and img.min() == 0 and img.max() == 255
+    expected = np.rint(deep * 255.0 / 65535.0).astype(np.uint8)  # never stretched from the file's min/max
+    assert img.dtype == np.uint8
     np.testing.assert_array_equal(img, expected)
+
+
+def test_same_frame_in_8_and_16_bit_reads_the_same(tmp_path, frame):
+    """A 16-bit PNG of a frame (v * 257, the usual widening) reads back as the 8-bit frame: lesion areas do not
+    depend on the file's bit depth (the old per-file min/max stretch doubled a dark lesion's area)."""
+    import warnings
+
+    from usfm_edge.data import readers
+
+    dark = (frame // 3).astype(np.uint8)  # a frame that does not fill the range
+    Image.fromarray(dark).save(tmp_path / "f8.png")
+    Image.fromarray(dark.astype(np.uint16) * 257).save(tmp_path / "f16.png")
+    readers._NOTED.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a, b = read_image(tmp_path / "f8.png"), read_image(tmp_path / "f16.png")
+        read_image(tmp_path / "f16.png")
+    np.testing.assert_array_equal(a, b)
+    notes = [w for w in caught if "bit depth" in str(w.message)]
+    assert len(notes) == 1 and "f16.png" in str(notes[0].message)  # said once, naming the first file
+
+
+def test_float_tiff_by_range_and_unknown_scale_refused(tmp_path, frame):
+    import tifffile
+
+    unit = frame.astype(np.float32) / 255.0
+    tifffile.imwrite(tmp_path / "unit.tif", unit)
+    np.testing.assert_array_equal(read_image(tmp_path / "unit.tif"), frame)
+    tifffile.imwrite(tmp_path / "wide.tif", unit * 1000.0)
+    err = _raises(tmp_path / "wide.tif")
+    assert "scale is unknown" in err.message
 
 
 def test_16bit_png_and_multipage_tiff(tmp_path, frame):
@@ -116,8 +146,7 @@ def test_16bit_png_and_multipage_tiff(tmp_path, frame):
     path = tmp_path / "deep.png"
     deep = frame.astype(np.uint16) * 256 + 7
     Image.fromarray(deep).save(path)
-    lo, hi = float(deep.min()), float(deep.max())
-    np.testing.assert_array_equal(read_image(path), np.rint((deep - lo) * 255.0 / (hi - lo)).astype(np.uint8))
+    np.testing.assert_array_equal(read_image(path), np.rint(deep * 255.0 / 65535.0).astype(np.uint8))
     stack = np.stack([frame, 255 - frame, frame // 2, frame])
     tifffile.imwrite(tmp_path / "cine.tif", stack, photometric="minisblack")
     frames = list(iter_frames(tmp_path / "cine.tif"))
@@ -243,7 +272,8 @@ def test_deep_dicom_windowing_and_region_spacing(tmp_path, frame):
     path = write_dicom(tmp_path / "deep.dcm", deep, BitsStored=12, SequenceOfUltrasoundRegions=[region])
     out = read_dicom(path)
     assert out.pixel_spacing_mm == pytest.approx((0.1, 0.12))
-    assert out.frames.min() == 0 and out.frames.max() == 255  # no window: min/max stretch
+    # no window: mapped by BitsStored (12 bit), not stretched from the file's min/max
+    np.testing.assert_array_equal(out.frames[0], np.rint(deep * 255.0 / 4095.0).astype(np.uint8))
     windowed = read_dicom(write_dicom(tmp_path / "win.dcm", deep, BitsStored=12, WindowCenter=2048, WindowWidth=4096))
     expected = np.clip(np.rint(((deep - 2047.5) / 4095 + 0.5) * 255), 0, 255)
     np.testing.assert_array_equal(windowed.frames[0], expected)

@@ -5,11 +5,14 @@ file held. The rules:
 
 * colour (RGB, RGBA, palette, YCbCr, DICOM RGB / YBR_FULL / YBR_FULL_422 / PALETTE COLOR) becomes grey with
   ITU-R BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` (alpha is dropped);
-* samples deeper than 8 bit (16-bit PNG/TIFF, float TIFF) are stretched linearly from the **min/max of the file**
-  (all frames together, so a cine does not flicker) to 0..255. Research scanners rarely fill the 16-bit range,
-  so mapping the full range would give near-black frames. A constant image becomes all zeros;
-* DICOM with BitsStored > 8 is windowed with WindowCenter/WindowWidth when present, else min/max as above;
-  MONOCHROME1 is inverted so that bright always means echo.
+* samples deeper than 8 bit are mapped by their **bit depth**, never by the file's own min/max (which would
+  make the same anatomy brighter or darker from file to file, and a lesion's area depend on the export):
+  16-bit PNG/TIFF ``v * 255 / 65535`` (a TIFF's BitsPerSample, e.g. 12, sets the full scale when it is below
+  the container's), float samples in [0, 1] times 255, float samples in [0, 255] as they are (anything
+  else is refused: its scale is unknown). The first rescaled frame of a process says so once (a warning);
+* DICOM with BitsStored > 8 is windowed with WindowCenter/WindowWidth when present, else mapped by BitsStored
+  (``v * 255 / (2**BitsStored - 1)``; signed data from its lowest value); MONOCHROME1 is inverted so that bright
+  always means echo.
 
 Patient tags (PatientName, PatientID, ...) are never copied into anything returned, logged or raised.
 Failures raise :class:`usfm_edge.core.errors.DataError` naming the file and a fix; half-read data is never
@@ -91,24 +94,58 @@ def is_dicom(path: str | Path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
-def to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Map any real array to uint8: uint8 passes through, everything else is stretched from its min/max.
+_NOTED: set[str] = set()
+
+
+def _note_rescale(kind: str, path: Path | None) -> None:
+    """Warn once per process and kind of rescaling (16-bit, float, n-bit DICOM...)."""
+    if kind in _NOTED:
+        return
+    _NOTED.add(kind)
+    import warnings
+
+    where = f" (first seen in {path.name})" if path is not None else ""
+    warnings.warn(f"{kind} samples are mapped to 8 bit by their bit depth{where}", UserWarning, stacklevel=3)
+
+
+def to_uint8(arr: np.ndarray, bits: int | None = None, path: Path | None = None) -> np.ndarray:
+    """Map an array to uint8 by its bit depth (see the module doc); uint8 passes through unchanged.
 
     Args:
-        arr: array of any real dtype and shape.
+        arr: integer, float or bool array of any shape.
+        bits: significant bits of integer samples (e.g. DICOM BitsStored, TIFF BitsPerSample); default the
+            dtype's width.
+        path: the file, named in the one-time warning and in errors.
 
     Returns:
-        uint8 array of the same shape (all zeros when the input is constant).
+        uint8 array of the same shape.
+
+    Raises:
+        DataError: float samples outside [0, 255], or NaN/inf values.
     """
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8) * 255
     a = arr.astype(np.float64)
-    lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
-    if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
-        return np.zeros(arr.shape, np.uint8)
-    return np.clip(np.rint((a - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+    if arr.dtype.kind == "f":
+        if not np.isfinite(a).all():
+            raise DataError("image holds NaN or infinite samples", path=path, hint="export the frame again")
+        lo, hi = float(a.min(initial=0.0)), float(a.max(initial=0.0))
+        if lo < 0.0 or hi > 255.0:
+            raise DataError(f"float samples span [{lo:g}, {hi:g}]: not [0, 1] nor [0, 255], so their scale is "
+                            "unknown", path=path, hint="save the frame as 8- or 16-bit integers")
+        scale = 255.0 if hi <= 1.0 else 1.0
+        _note_rescale("float [0, 1]" if scale == 255.0 else "float [0, 255]", path)
+        return np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
+    info = np.iinfo(arr.dtype)
+    nbits = int(bits) if bits else info.bits
+    if not 1 <= nbits <= info.bits:
+        nbits = info.bits
+    lo = float(-(2 ** (nbits - 1))) if info.min < 0 else 0.0
+    full = float(2 ** nbits - 1)
+    _note_rescale(f"{nbits}-bit {'signed' if lo < 0 else 'unsigned'}", path)
+    return np.clip(np.rint((a - lo) * (255.0 / full)), 0, 255).astype(np.uint8)
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
@@ -116,12 +153,17 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., :3].astype(np.float64) @ _LUMA
 
 
-def _grey_from_pil(img: Image.Image) -> np.ndarray:
+def _grey_from_pil(img: Image.Image, path: Path | None = None) -> np.ndarray:
     mode = img.mode
     if mode == "L":
         return np.asarray(img, dtype=np.uint8)
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        return to_uint8(np.asarray(img))
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return to_uint8(np.asarray(img).astype(np.uint16), path=path)
+    if mode in ("I", "F"):  # Pillow opens 16-bit PNGs as mode I (int32): their depth is 16
+        arr = np.asarray(img)
+        if mode == "I" and arr.size and arr.min() >= 0 and arr.max() <= 65535:
+            arr = arr.astype(np.uint16)
+        return to_uint8(arr, path=path)
     # 1, P, PA, LA, RGB, RGBA, CMYK, YCbCr, ...: Pillow's own BT.601 luma conversion (alpha dropped)
     if mode in ("P", "PA"):
         img = img.convert("RGBA")
@@ -135,7 +177,7 @@ def _read_pil_frames(path: Path) -> list[np.ndarray]:
             for i in range(getattr(img, "n_frames", 1)):
                 img.seek(i)
                 img.load()  # force the full decode so a truncated file fails here, not later
-                frames.append(_grey_from_pil(img))
+                frames.append(_grey_from_pil(img, path))
             return frames
     except UnidentifiedImageError as exc:
         raise DataError("not a readable image (unknown or corrupt header)", path=path, hint=_FORMATS_HINT) from exc
@@ -152,15 +194,17 @@ def _read_tiff_frames(path: Path) -> list[np.ndarray]:
         import tifffile
     except ImportError:  # Pillow reads most 8/16-bit TIFFs too
         return _read_pil_frames(path)
+    bits = None
     try:
         with tifffile.TiffFile(path) as tif:
             pages = []
             for page in tif.pages:
                 arr = page.asarray()
+                bits = int(getattr(page, "bitspersample", 0) or 0) or None
                 if arr.ndim == 3 and arr.shape[-1] not in (3, 4) and arr.shape[0] in (3, 4):
                     arr = np.moveaxis(arr, 0, -1)  # planar RGB
                 if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-                    arr = _luma(arr) if arr.dtype != np.uint8 else np.rint(_luma(arr)).astype(np.uint8)
+                    arr = np.rint(_luma(arr)).astype(arr.dtype) if arr.dtype.kind in "ui" else _luma(arr)
                 if arr.ndim != 2:
                     raise DataError(f"TIFF page has shape {arr.shape}; expected a 2-D grey or RGB frame", path=path)
                 if int(getattr(page, "photometric", 1)) == 0:  # MINISWHITE
@@ -174,8 +218,7 @@ def _read_tiff_frames(path: Path) -> list[np.ndarray]:
         raise DataError("TIFF holds no pages", path=path)
     if pages[0].dtype == np.uint8:
         return pages
-    stack = to_uint8(np.stack(pages)) if len({p.shape for p in pages}) == 1 else None
-    return list(stack) if stack is not None else [to_uint8(p) for p in pages]
+    return [to_uint8(p, bits=bits, path=path) for p in pages]
 
 
 def _dicom_pixels(ds, path: Path) -> np.ndarray:
@@ -211,18 +254,16 @@ def _first_value(value) -> float:
     return float(value[0]) if hasattr(value, "__len__") and not isinstance(value, str) else float(value)
 
 
-def _window(arr: np.ndarray, ds) -> np.ndarray:
-    """Window > 8-bit samples to uint8 with WindowCenter/Width (DICOM linear function) or min/max."""
-    arr = arr.astype(np.float64)
-    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-    arr = arr * slope + intercept
+def _window(arr: np.ndarray, ds, path: Path | None = None) -> np.ndarray:
+    """> 8-bit samples to uint8: WindowCenter/Width (DICOM linear function) when present, else by BitsStored."""
     center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
     if center is not None and width is not None:
         c, w = _first_value(center), _first_value(width)  # several windows may be listed: use the first
         if w >= 1:
-            y = ((arr - (c - 0.5)) / (w - 1) + 0.5) * 255.0
+            slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+            y = ((arr.astype(np.float64) * slope + intercept - (c - 0.5)) / (w - 1) + 0.5) * 255.0
             return np.clip(np.rint(y), 0, 255).astype(np.uint8)
-    return to_uint8(arr)
+    return to_uint8(arr, bits=int(ds.get("BitsStored", 0) or 0) or None, path=path)
 
 
 def _spacing(ds) -> tuple[float, float] | None:
@@ -289,9 +330,11 @@ def read_dicom(path: str | Path) -> DicomFrames:
         arr = arr[None]
     if colour:
         arr = _luma(arr)
-        frames = np.clip(np.rint(arr), 0, 255).astype(np.uint8) if arr.max() <= 255 else to_uint8(arr)
+        frames = (np.clip(np.rint(arr), 0, 255).astype(np.uint8) if arr.max() <= 255
+                  else to_uint8(np.rint(arr).astype(np.uint16), bits=int(ds.get("BitsStored", 0) or 0) or None,
+                                path=path))
     elif int(ds.get("BitsStored", 8)) > 8 or arr.dtype.itemsize > 1 or arr.dtype.kind == "f":
-        frames = _window(arr, ds)
+        frames = _window(arr, ds, path)
     else:
         frames = arr.astype(np.uint8)
     if photometric == "MONOCHROME1":
@@ -316,7 +359,7 @@ def _frames(path: str | Path) -> list[np.ndarray] | np.ndarray:
 def read_image(path: str | Path) -> np.ndarray:
     """Read one frame as a uint8 grey (H, W) array.
 
-    PNG, JPEG, BMP, TIFF (8 or 16 bit; deeper samples stretched from the file's min/max) and DICOM (first frame;
+    PNG, JPEG, BMP, TIFF (8 or 16 bit; deeper samples mapped by their bit depth) and DICOM (first frame;
     use :func:`read_dicom` for all frames) are supported; colour becomes BT.601 luma.
 
     Args:
