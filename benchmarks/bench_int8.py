@@ -43,6 +43,19 @@ VARIANTS = [("PyTorch eager fp32", None, None), ("ORT fp32", "onnx", "fp32"), ("
             ("OpenVINO int8 (NNCF)", "openvino", "int8")]
 
 
+def cpu_class(flags: set[str]) -> str:
+    """What this CPU offers INT8 and reduced-precision inference, from its /proc/cpuinfo flags (never assumed)."""
+    if {"amx_int8", "amx_bf16"} & flags:
+        return "AMX (int8 and bf16 tiles; OpenVINO runs bf16 by default, fp16 weights compute in bf16)"
+    if "avx512_vnni" in flags or "avx_vnni" in flags:
+        bf16 = "avx512_bf16" in flags
+        return ("AVX-512 VNNI (int8 dot products)" + (" + AVX512_BF16 (native bf16)" if bf16 else "; no native bf16")
+                if "avx512_vnni" in flags else "AVX-VNNI (int8 dot products); no native bf16")
+    if "avx2" in flags:
+        return "AVX2 only (int8 GEMMs via vpmaddubsw, no VNNI; fp16/bf16 computed in f32)"
+    return "no AVX2"
+
+
 def machine() -> dict:
     info = {"python": platform.python_version(), "cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
@@ -53,6 +66,7 @@ def machine() -> dict:
             flags = set(line.split(":", 1)[1].split())
             info["isa"] = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
             info["vnni"] = bool(flags & {"avx512_vnni", "avx_vnni"})
+            info["cpu_class"] = cpu_class(flags)
             break
     from importlib import metadata
 
@@ -258,8 +272,8 @@ def bench_preset(preset: str, args, specs: list[str], work: Path) -> dict:
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = ["# INT8 benchmark (usfm-edge)", "", f"Command: `{result['command']}`", "",
-             f"Machine: {m.get('cpu')} x{m['cpus']} vCPU; ISA: {', '.join(m.get('isa', []))}; VNNI: "
-             f"{'yes' if m.get('vnni') else 'NO (AVX2 only: int8 GEMMs use vpmaddubsw, no VNNI dot products)'}; "
+             f"Machine: {m.get('cpu')} x{m['cpus']} vCPU; ISA: {', '.join(m.get('isa', []))}; class (detected): "
+             f"{m.get('cpu_class', '?')}; "
              f"load average at start {m['load_avg_start']}, end {m.get('load_avg_end')} (shared machine: "
              "compare ratios within a run).",
              f"Versions: torch {m['torch']}, onnxruntime {m['onnxruntime']}, openvino {m['openvino']}, nncf "
@@ -288,7 +302,7 @@ def markdown(result: dict) -> str:
         lines += [f"| {c['op']} | {c['kernel']} | {c['ms']} | {c['share']:.1%} |" for c in
                   p["openvino_int8_perf_counters"]]
         lines.append("")
-    lines += ["Notes: OpenVINO fp16 = fp16-compressed weights; this AVX2 CPU computes in f32 (no native fp16/bf16). "
+    lines += [f"Notes: OpenVINO fp16 = fp16-compressed weights, computed as this CPU allows ({m.get('cpu_class', '?')}). "
               "With random weights Dice is meaningless and centred cosine is harsh (perf-baseline.md §2); "
               "use `--checkpoint` for accuracy.", ""]
     return "\n".join(lines)
