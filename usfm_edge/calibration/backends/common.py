@@ -2,9 +2,10 @@
 
 The exported graph (``export.graph.RawFrameModel``) is pre-processing (Cast, Resize, band-stop DFT MatMuls,
 normalisation) -> model body -> post-processing (Resize, Softmax, ArgMax). Only the body is quantised. The body
-is found structurally, so it works whatever the node names are: it starts at the first Conv with constant
-weights (the ViT patch embedding; band-stop MatMuls come before it) and ends at the last MatMul/Gemm/Conv with
-constant weights (the task classifier, kept float by default).
+is found structurally, so it works whatever the node names are: everything the last MatMul/Gemm/Conv with
+constant weights (the task classifier, kept float by default) depends on, except what feeds the first Conv with
+constant weights (the ViT patch embedding; the pre-processing and band-stop MatMuls come before it). A second
+conv branch on the normalised input (the hires head's stem) is therefore part of the body.
 """
 
 from __future__ import annotations
@@ -135,25 +136,20 @@ def body_nodes(model, op_types=("MatMul", "Gemm", "Conv"), keep_last_float: bool
     convs = [i for i in weighted if nodes[i].op_type == "Conv"]
     first, last = (convs[0] if convs else weighted[0]), weighted[-1]
     producer = {o: i for i, n in enumerate(nodes) for o in n.output}
-    consumers: dict[str, list[int]] = defaultdict(list)
-    for i, n in enumerate(nodes):
-        for x in n.input:
-            consumers[x].append(i)
-    down, stack = {first}, [first]
-    while stack:
-        for o in nodes[stack.pop()].output:
-            for j in consumers.get(o, []):
-                if j not in down:
-                    down.add(j)
+
+    def ancestors(start: int) -> set[int]:
+        seen, stack = {start}, [start]
+        while stack:
+            for x in nodes[stack.pop()].input:
+                j = producer.get(x)
+                if j is not None and j not in seen:
+                    seen.add(j)
                     stack.append(j)
-    up, stack = {last}, [last]
-    while stack:
-        for x in nodes[stack.pop()].input:
-            j = producer.get(x)
-            if j is not None and j not in up:
-                up.add(j)
-                stack.append(j)
-    body = down & up
+        return seen
+
+    # the body: everything the classifier depends on, minus the pre-processing that feeds the first Conv
+    # (a conv branch reading the normalised input beside the patch embedding, the hires head's stem, is body)
+    body = ancestors(last) - (ancestors(first) - {first})
     chosen = [i for i in sorted(body) if nodes[i].op_type in op_types and not (keep_last_float and i == last)]
     kept = [nodes[i].name for i, n in enumerate(nodes) if n.op_type in op_types and i not in set(chosen)]
     by_type: dict[str, int] = defaultdict(int)
