@@ -48,9 +48,26 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+def _wrap(draw, text: str, font, width: int) -> list[str]:
+    """Split ``text`` at spaces into lines no wider than ``width`` pixels (a single long word stays whole)."""
+    lines, cur = [], ""
+    for word in text.split(" "):
+        trial = f"{cur} {word}" if cur else word
+        if cur and draw.textlength(trial, font=font) > width:
+            lines.append(cur)
+            cur = word
+        else:
+            cur = trial
+    return lines + [cur]
+
+
 def draw_text(rgb: np.ndarray, lines: Sequence[str], color: tuple[int, int, int] = (255, 255, 255),
               origin: tuple[int, int] | None = None) -> np.ndarray:
-    """Write text lines on a dark box in the top-left corner (font scaled to the frame); returns a new array."""
+    """Write text lines on a dark box in the top-left corner; returns a new array.
+
+    The font scales with the frame (about 1/22 of the shorter side) and shrinks, down to 9 px, until the widest
+    line fits the frame; lines still too wide are wrapped at spaces, so no text is cut at the frame's edge.
+    """
     from PIL import Image, ImageDraw
 
     if not lines:
@@ -59,12 +76,20 @@ def draw_text(rgb: np.ndarray, lines: Sequence[str], color: tuple[int, int, int]
     size = int(np.clip(min(h, w) / 22, 10, 48))
     img = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
     draw = ImageDraw.Draw(img)
-    font = _font(size)
     x, y = origin or (max(2, size // 3), max(2, size // 3))
+    avail = max(1, w - x - max(2, size // 3))
+    while True:
+        font = _font(size)
+        if size <= 9 or max(draw.textlength(line, font=font) for line in lines) <= avail:
+            break
+        size -= 1
+    x, y = origin or (max(2, size // 3), max(2, size // 3))
+    avail = max(1, w - x - max(2, size // 3))
+    lines = [part for line in lines for part in _wrap(draw, line, font, avail)]
     boxes = [draw.textbbox((0, 0), line, font=font) for line in lines]
     width = max(b[2] - b[0] for b in boxes) + size // 2
     step = max(b[3] - b[1] for b in boxes) + size // 4
-    draw.rectangle([x - size // 4, y - size // 4, x + width, y + step * len(lines)], fill=(0, 0, 0))
+    draw.rectangle([x - size // 4, y - size // 4, min(w - 1, x + width), y + step * len(lines)], fill=(0, 0, 0))
     for i, line in enumerate(lines):
         draw.text((x, y + i * step), line, fill=color, font=font)
     return np.asarray(img)
