@@ -12,7 +12,9 @@ Writes into ``--out`` (each file atomically: temporary file + rename):
   models), label/probability (cls), timing_ms.
 * ``features.npy`` for ``features`` bundles (one row per frame, in the order of ``results.csv``).
 
-Pixel spacing: a DICOM's own spacing wins; ``--pixel-spacing`` serves the other files. HC18-style models are
+Pixel spacing: a DICOM's own spacing wins, then a dataset table next to the image (HC18's
+``*pixel_size*.csv`` with ``filename`` and ``pixel size(mm)`` columns, in the image's folder or the one above),
+then ``--pixel-spacing`` for the remaining files; ``results.json`` records which source gave each frame's spacing. HC18-style models are
 recognised by a label containing ``fetal_head`` or a note in ``usfm.json`` mentioning HC18 / head circumference;
 the circumference (mm) is the ellipse fit of the head mask (``core.geometry``), drawn on the overlay.
 """
@@ -104,10 +106,46 @@ class _Names:
         return name
 
 
+class DatasetSpacing:
+    """Pixel sizes listed by dataset tables beside the images (HC18: ``training_set_pixel_size_and_HC.csv``)."""
+
+    def __init__(self):
+        self._tables: dict[Path, dict[str, float]] = {}
+
+    def _table(self, folder: Path) -> dict[str, float]:
+        if folder not in self._tables:
+            sizes: dict[str, float] = {}
+            for table in sorted(folder.glob("*pixel_size*.csv")):
+                try:
+                    with open(table, newline="", encoding="utf-8-sig") as fh:
+                        for row in csv.DictReader(fh):
+                            row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+                            name, size = row.get("filename"), row.get("pixel size(mm)")
+                            if name and size:
+                                try:
+                                    value = float(size)
+                                except ValueError:
+                                    continue
+                                if np.isfinite(value) and value > 0:
+                                    sizes[name] = value
+                except (OSError, UnicodeDecodeError, csv.Error):
+                    continue  # an unreadable table gives no spacing; the frame is still predicted
+            self._tables[folder] = sizes
+        return self._tables[folder]
+
+    def __call__(self, path: Path) -> float | None:
+        for folder in (path.parent, path.parent.parent):
+            value = self._table(folder).get(path.name)
+            if value is not None:
+                return value
+        return None
+
+
 def _frames_of(files: list[Path], spacing, pending: deque, read_errors: deque) -> Iterator:
     """Runs in the stream's loader thread: every frame of every file, as ``(frame, spacing)``; notes each in ``pending``."""
     from usfm_edge.data.readers import is_dicom, iter_frames, read_dicom
 
+    tables = DatasetSpacing()
     for f in files:
         try:
             if is_dicom(f):
@@ -116,6 +154,9 @@ def _frames_of(files: list[Path], spacing, pending: deque, read_errors: deque) -
                 source = "dicom" if sp is not None else None
             else:
                 frames, sp, source = [fr for _, fr in iter_frames(f)], None, None
+                listed = tables(f)
+                if listed is not None:
+                    sp, source = (listed, listed), "dataset csv"
         except DataError as exc:
             read_errors.append({"file": str(f), "frame": None, "error": exc.message})
             continue
