@@ -1,4 +1,8 @@
-"""In-graph pre- and post-processing: the exported graph takes a raw uint8 frame and returns task outputs.
+"""In-graph pre- and post-processing: the deployed graph takes a raw uint8 frame and returns task outputs.
+
+It lives with the models (below ``evaluation`` and ``export``): the exporter traces it to ONNX and
+``evaluation.TorchPredictor`` runs it in PyTorch, so a checkpoint and its bundle compute the same thing.
+:meth:`RawFrameModel.contract` describes the graph as a ``core.bundle_schema.BundleMeta`` (the one contract).
 
 ``RawFrameModel`` wraps a task model so the deployed graph does, inside itself::
 
@@ -28,11 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from usfm_edge.core.bundle_schema import TensorSpec
+from usfm_edge.core.bundle_schema import BundleMeta, InputContract, TensorSpec
 from usfm_edge.core.errors import ExportError
 from usfm_edge.core.preprocess import PreprocessSpec
 
-__all__ = ["PreprocessGraph", "RawFrameModel", "output_names", "describe_io"]
+__all__ = ["PreprocessGraph", "RawFrameModel", "output_names", "NO_BAND_STOP"]
+
+#: the ``band_stop`` record of a graph without band-stop filtering
+NO_BAND_STOP = {"enabled": False, "rings": None, "mask_sha256": None}
 
 _OUTPUTS = {
     (False, "seg"): ("probs", "mask"),
@@ -185,37 +192,53 @@ class RawFrameModel(nn.Module):
             axes[name] = ax
         return {k: v for k, v in axes.items() if v}
 
+    def contract(self, *, precision: str = "fp32", backend: str = "torch", target: str = "pytorch",
+                 dynamic_batch: bool = True, dynamic_hw: bool = True, static_hw: tuple[int, int] | None = None,
+                 band_stop: dict | None = None) -> BundleMeta:
+        """This graph's model contract (a ``BundleMeta`` without files): inputs, outputs, labels, preprocessing,
+        precision. The exporter completes it into ``usfm.json`` and writes it into the ONNX metadata;
+        ``evaluation.TorchPredictor`` runs the graph under it.
 
-def describe_io(model: RawFrameModel, num_outputs: int, embed_dim: int | None, batch: int | str,
-                hw: tuple[int | str, int | str]) -> tuple[TensorSpec, list[TensorSpec]]:
-    """Input and output ``TensorSpec`` of the graph for ``usfm.json``.
+        Args:
+            precision, backend, target: as recorded in the bundle.
+            dynamic_batch, dynamic_hw: the graph accepts any batch / any frame size.
+            static_hw: the fixed frame ``(H, W)`` of a static-shape raw-frame graph.
+            band_stop: the band-stop record (``{"enabled", "rings", "mask_sha256"}``).
+        """
+        m = self.model
+        labels = [str(x) for x in (getattr(m, "labels", None) or [])]
+        k = int(getattr(m, "num_classes", 0) or len(labels))
+        batch: int | str = "batch" if dynamic_batch else 1
+        hw = tuple(static_hw) if static_hw else ("height", "width")
+        inp, outs = self._tensor_specs(k, getattr(getattr(m, "backbone", None), "embed_dim", None), batch, hw)
+        axes = (["batch"] if dynamic_batch else []) + (["height", "width"] if dynamic_hw and not self.bare else [])
+        contract = InputContract(tensor=inp, layout="BCHW" if self.bare else "BHW", raw_frame=not self.bare,
+                                 dynamic_axes=axes, min_side=8, max_side=int(self.spec.max_side),
+                                 static_hw=[int(v) for v in static_hw] if static_hw else None,
+                                 max_batch=None if dynamic_batch else 1)
+        return BundleMeta(task=self.task, labels=labels, input=contract, outputs=outs,
+                          preprocessing=self.spec.to_dict(), band_stop=dict(band_stop or NO_BAND_STOP),
+                          precision=precision, backend=backend, target=target, files={})
 
-    Args:
-        model: the wrapped model.
-        num_outputs: number of classes K (seg/cls), ignored otherwise.
-        embed_dim: feature width D (features task).
-        batch: fixed batch or ``"batch"``.
-        hw: fixed ``(H, W)`` or ``("height", "width")``.
-    """
-    s = int(model.spec.img_size)
-    h, w = hw
-    if model.bare:
-        inp = TensorSpec("x", "float32", [batch, model.spec.in_chans, s, s], "normalised model input")
-    else:
-        inp = TensorSpec("frame", "uint8", [batch, h, w], "raw grey B-mode frame(s), 0..255")
-    task, k = model.task, int(num_outputs)
-    if model.bare:
-        shapes = {
-            "seg": [TensorSpec("logits", "float32", [batch, k, s, s], "class logits at model size")],
-            "cls": [TensorSpec("logits", "float32", [batch, k], "class logits")],
-            "enhance": [TensorSpec("restored", "float32", [batch, 1, s, s], "restored grey in [0, 1] at model size")],
-        }
-    else:
-        shapes = {
-            "seg": [TensorSpec("probs", "float32", [batch, k, h, w], "softmax over classes at frame size"),
-                    TensorSpec("mask", "uint8", [batch, h, w], "argmax class per pixel at frame size")],
-            "cls": [TensorSpec("probs", "float32", [batch, k], "softmax over classes")],
-            "enhance": [TensorSpec("restored", "uint8", [batch, h, w], "restored grey frame at frame size")],
-        }
-    shapes["features"] = [TensorSpec("features", "float32", [batch, int(embed_dim or 0)], "pooled embedding")]
-    return inp, shapes[task]
+    def _tensor_specs(self, k: int, embed_dim: int | None, batch: int | str,
+                      hw: tuple[int | str, int | str]) -> tuple[TensorSpec, list[TensorSpec]]:
+        """Input and output ``TensorSpec`` of the graph: K classes, feature width D, fixed or named batch/size."""
+        s, (h, w) = int(self.spec.img_size), hw
+        if self.bare:
+            inp = TensorSpec("x", "float32", [batch, self.spec.in_chans, s, s], "normalised model input")
+            shapes = {
+                "seg": [TensorSpec("logits", "float32", [batch, k, s, s], "class logits at model size")],
+                "cls": [TensorSpec("logits", "float32", [batch, k], "class logits")],
+                "enhance": [TensorSpec("restored", "float32", [batch, 1, s, s],
+                                       "restored grey in [0, 1] at model size")],
+            }
+        else:
+            inp = TensorSpec("frame", "uint8", [batch, h, w], "raw grey B-mode frame(s), 0..255")
+            shapes = {
+                "seg": [TensorSpec("probs", "float32", [batch, k, h, w], "softmax over classes at frame size"),
+                        TensorSpec("mask", "uint8", [batch, h, w], "argmax class per pixel at frame size")],
+                "cls": [TensorSpec("probs", "float32", [batch, k], "softmax over classes")],
+                "enhance": [TensorSpec("restored", "uint8", [batch, h, w], "restored grey frame at frame size")],
+            }
+        shapes["features"] = [TensorSpec("features", "float32", [batch, int(embed_dim or 0)], "pooled embedding")]
+        return inp, shapes[self.task]
