@@ -8,7 +8,7 @@ Shares the pretraining engine (``train.engine``: progress bar, JSONL log, atomic
   the 10% set lies inside the 25% set), so label-efficiency runs differ only in how many labels they see;
 * model: ``models.tasks.build_task_model`` from ``--init`` (USFM_latest.pth, a pretraining encoder, a
   task checkpoint) or ``none`` (from scratch); layer-wise lr decay (USFM: 0.65) through
-  ``models.tasks.param_groups_lrd``;
+  ``train.optim.param_groups``;
 * losses: seg = cross-entropy + soft Dice (+ 0.4 x the same on UperNet's auxiliary head); cls =
   cross-entropy with label smoothing (USFM: 0.1); enhance = L1 to the clean frame;
 * model selection: the held-out patients are evaluated every ``eval_every`` epochs through the export graph
@@ -23,7 +23,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from usfm_edge.core.config import from_dict, load_yaml, to_dict
+from usfm_edge.core.config import to_dict
 from usfm_edge.core.errors import ConfigError, UsfmEdgeError
 from usfm_edge.core.preprocess import PreprocessSpec
-from usfm_edge.data.sources import label_fraction, label_names, load_records, patient_split
-from usfm_edge.train.config import Option, _deep_merge, _nest
+from usfm_edge.data.sources import label_names, load_records
+from usfm_edge.data.splits import label_fraction, patient_split
+from usfm_edge.train.config import RunConfig, load_config
 from usfm_edge.train.dist import cleanup, init_distributed
 from usfm_edge.train.engine import (
     JsonlLogger,
@@ -47,31 +48,29 @@ from usfm_edge.train.engine import (
     save_training_state,
     set_rng_state,
 )
-from usfm_edge.train.optim import budget_cosine_lr, scaled_lr
+from usfm_edge.train.optim import budget_cosine_lr, param_groups, scaled_lr
+from usfm_edge.train.options import add_argparse_options, finetune_options, overrides_from
 
 CHECKPOINT, BEST, LAST = "checkpoint.pt", "best.safetensors", "last.safetensors"
 PRIMARY = {"seg": "dice", "cls": "auc", "enhance": "psnr"}
 
 
 @dataclass
-class FinetuneConfig:
-    """A fine-tuning run (every field is a CLI flag; see ``finetune_options``).
+class FinetuneConfig(RunConfig):
+    """A fine-tuning run: the :class:`~usfm_edge.train.config.RunConfig` fields (with fine-tuning's schedule
+    defaults) plus the ones below; every field is a CLI flag (``train.options.finetune_options``).
 
     Attributes:
         task: ``seg``, ``cls`` or ``enhance``.
-        data: source specs (``busbra:PATH``, ``hc18:PATH``, ``folder:PATH``...); records are pooled.
         init: starting weights (``USFM_latest.pth``, a pretraining ``encoder.safetensors``, a task checkpoint)
             or ``none`` for random initialisation.
         model: backbone preset (ignored when ``init`` is a task checkpoint of another preset: error).
         head: ``auto`` or a head name (seg: ``upernet`` / ``light``).
-        img_size: model input side.
         label_fraction: fraction of the training patients whose labels are used (1.0 = all).
         val_fraction, split_seed: the patient-level held-out split (keep them fixed across runs).
         label_seed: seed of the labelled subset (default ``split_seed``); vary it to measure how much the
             choice of labelled patients matters.
-        epochs, batch_size, accum_steps: schedule; lr is per 256 images (scaled by the total batch / 256).
-        min_lr, warmup_epochs, weight_decay, layer_decay, clip_grad, drop_path: optimisation (USFM: lr decay
-            0.65, wd 0.05, clip 5, drop path 0.1).
+        layer_decay: layer-wise lr decay (USFM: 0.65; with lr decay, wd 0.05, clip 5, drop path 0.1).
         label_smoothing: classification only (USFM: 0.1).
         dice_weight: weight of the soft Dice term of the seg loss.
         augment: training augmentation: ``ultrasound`` (scanner/operator effects, ``data.augment``),
@@ -82,29 +81,23 @@ class FinetuneConfig:
             hires head's stride-8 logits); None keeps the head's default (0.4), 0 turns it off.
         eval_every: epochs between validations (the last epoch is always validated); eval_limit caps the
             number of validation frames (None = all).
-        seed, device, workers, amp, save_every, log_every, max_steps, time_limit_min: as in pretraining.
     """
 
-    task: str = "seg"
-    data: list[str] = field(default_factory=list)
-    init: str = "none"
     model: str = "usfm_vit_tiny_patch16_224"
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup_epochs: float = 2.0
+    workers: int = 0
+    save_every: int = 0
+    task: str = "seg"
+    init: str = "none"
     head: str = "auto"
-    img_size: int = 224
     label_fraction: float = 1.0
     val_fraction: float = 0.2
     split_seed: int = 0
     label_seed: int | None = None
-    epochs: int = 30
-    batch_size: int = 16
-    accum_steps: int = 1
-    lr: float = 2e-3
-    min_lr: float = 1e-6
-    warmup_epochs: float = 2.0
-    weight_decay: float = 0.05
     layer_decay: float = 0.65
-    clip_grad: float = 5.0
-    drop_path: float = 0.1
     label_smoothing: float = 0.1
     dice_weight: float = 1.0
     augment: str = "ultrasound"
@@ -112,71 +105,22 @@ class FinetuneConfig:
     aux_weight: float | None = None
     eval_every: int = 5
     eval_limit: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 0
-    amp: str = "auto"
-    save_every: int = 0
-    log_every: int = 10
-    max_steps: int | None = None
-    time_limit_min: float | None = None
 
     def __post_init__(self):
         if self.task not in PRIMARY:
             raise ConfigError(f"task must be seg, cls or enhance, got {self.task!r}")
+        super().__post_init__()
         if not 0 < self.label_fraction <= 1:
             raise ConfigError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.batch_size < 1 or self.epochs < 1 or self.accum_steps < 1:
-            raise ConfigError("batch_size, epochs and accum_steps must be >= 1")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"ema must be in [0, 1) (0 = off), got {self.ema}")
 
 
-finetune_options: list[Option] = [
-    Option("--task", "task", str, "seg, cls or enhance"),
-    Option("--data", "data", list, "labelled source: busbra:PATH, hc18:PATH, folder:PATH ... (repeatable)"),
-    Option("--init", "init", str, "starting weights (USFM_latest.pth, encoder.safetensors, ...) or none"),
-    Option("--model", "model", str, "backbone preset"),
-    Option("--head", "head", str, "auto, upernet or light (seg), linear (cls), pixelshuffle (enhance)"),
-    Option("--img-size", "img_size", int, "model input side in pixels"),
-    Option("--label-fraction", "label_fraction", float, "fraction of training patients with labels"),
-    Option("--val-fraction", "val_fraction", float, "fraction of patients held out for validation"),
-    Option("--split-seed", "split_seed", int, "seed of the patient split (and of the label subset by default)"),
-    Option("--label-seed", "label_seed", int, "seed of the labelled subset of training patients (default: split seed)"),
-    Option("--epochs", "epochs", int, "epochs"),
-    Option("--batch-size", "batch_size", int, "images per micro-batch per process"),
-    Option("--accum-steps", "accum_steps", int, "micro-batches per optimiser step"),
-    Option("--lr", "lr", float, "base learning rate per 256 images"),
-    Option("--min-lr", "min_lr", float, "final learning rate"),
-    Option("--warmup-epochs", "warmup_epochs", float, "linear warm-up in epochs"),
-    Option("--weight-decay", "weight_decay", float, "AdamW weight decay"),
-    Option("--layer-decay", "layer_decay", float, "layer-wise lr decay (1 = off)"),
-    Option("--clip-grad", "clip_grad", float, "max gradient norm (0 = off)"),
-    Option("--drop-path", "drop_path", float, "stochastic depth rate"),
-    Option("--label-smoothing", "label_smoothing", float, "classification label smoothing"),
-    Option("--augment", "augment", str, "training augmentation: ultrasound, light, basic or none"),
-    Option("--ema", "ema", float, "EMA decay of the weights (0 = off)"),
-    Option("--aux-weight", "aux_weight", float, "deep-supervision loss weight (0 = off)"),
-    Option("--eval-every", "eval_every", int, "epochs between validations"),
-    Option("--eval-limit", "eval_limit", int, "at most this many validation frames"),
-    Option("--seed", "seed", int, "random seed"),
-    Option("--device", "device", str, "auto, cpu or cuda"),
-    Option("--workers", "workers", int, "DataLoader workers per process"),
-    Option("--amp", "amp", str, "auto, bf16 or off"),
-    Option("--save-every", "save_every", int, "optimiser steps between training checkpoints"),
-    Option("--log-every", "log_every", int, "optimiser steps between log lines"),
-    Option("--max-steps", "max_steps", int, "stop after this many optimiser steps"),
-    Option("--time-limit-min", "time_limit_min", float, "stop cleanly after this many minutes"),
-]
-
-
 def load_finetune_config(config=None, overrides: dict[str, Any] | None = None) -> FinetuneConfig:
-    """Defaults < YAML (path or dict) < flag overrides (None / empty lists ignored)."""
-    base = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
-    flat = {k: v for k, v in (overrides or {}).items() if not (v is None or (isinstance(v, (list, tuple)) and not v))}
-    return from_dict(FinetuneConfig, _deep_merge(base, _nest(flat)))
+    """Defaults < YAML (path or dict) < flag overrides (None / empty lists ignored): ``train.config.load_config``."""
+    return load_config(FinetuneConfig, config, overrides)
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -248,7 +192,7 @@ def _labels(cfg: FinetuneConfig, records) -> list[str] | None:
 
 
 def _evaluate(model, val, task: str, limit: int | None, device) -> dict:
-    from usfm_edge.evaluation.evaluate import TorchPredictor, evaluate_predictor
+    from usfm_edge.evaluation import TorchPredictor, evaluate_predictor
 
     recs = val if not limit or len(val) <= limit else [val[i] for i in np.linspace(0, len(val) - 1, limit).astype(int)]
     was = model.training
@@ -288,7 +232,7 @@ def fit_finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: str | Path | 
     are only recorded.
     """
     from usfm_edge.data.sampler import OrganBalancedSampler
-    from usfm_edge.models.tasks import build_task_model, param_groups_lrd, save_task_checkpoint
+    from usfm_edge.models.tasks import build_task_model, save_task_checkpoint
     from usfm_edge.train.datasets import PositionedSampler
     from usfm_edge.train.task_data import TaskDataset
 
@@ -301,10 +245,9 @@ def fit_finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: str | Path | 
             resume = Path(resume)
             resume = resume / CHECKPOINT if resume.is_dir() else resume
             payload = load_training_state(resume)
-            saved = {k: v for k, v in payload["config"].items() if k not in ("epochs", "max_steps", "time_limit_min")}
-            now = {k: v for k, v in to_dict(cfg).items() if k in saved}
-            if saved != now:
-                diff = sorted(k for k in saved if saved[k] != now.get(k))
+            saved = payload["config"]
+            diff = cfg.resume_diff(saved, sorted(k for k in saved if k not in ("epochs", "max_steps", "time_limit_min")))
+            if diff:
                 raise ConfigError(f"--resume: the config differs from the checkpoint's in {', '.join(diff)}", path=resume)
         records, train, val = _splits(cfg)
         labels = _labels(cfg, records)
@@ -333,7 +276,7 @@ def fit_finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: str | Path | 
         warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total_steps)
         total_batch = cfg.batch_size * cfg.accum_steps * info.world_size
         peak_lr = scaled_lr(cfg.lr, total_batch)
-        optimizer = torch.optim.AdamW(param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay), lr=peak_lr,
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=peak_lr,
                                       betas=(0.9, 0.999))
         state, history, best_score = TrainState(), [], -float("inf")
         clock = {"spent": 0.0, "since": time.time()}  # training seconds of earlier runs, start of this one
@@ -443,17 +386,9 @@ def fit_finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: str | Path | 
 def main(argv: list[str] | None = None) -> int:
     """argparse entry point (``python -m usfm_edge.train.finetune``; torchrun-friendly)."""
     p = argparse.ArgumentParser(prog="python -m usfm_edge.train.finetune", description=__doc__.splitlines()[0])
-    p.add_argument("--config")
-    p.add_argument("--out", required=True)
-    p.add_argument("--resume", nargs="?", const="auto")
-    for opt in finetune_options:
-        if opt.type is list:
-            p.add_argument(opt.flag, dest=opt.field, action="append", help=opt.help)
-        else:
-            p.add_argument(opt.flag, dest=opt.field, type=opt.type, help=opt.help)
-    args = p.parse_args(argv)
+    args = add_argparse_options(p, finetune_options).parse_args(argv)
     try:
-        cfg = load_finetune_config(args.config, {o.field: getattr(args, o.field) for o in finetune_options})
+        cfg = load_finetune_config(args.config, overrides_from(args, finetune_options))
         resume = (args.out if args.resume == "auto" else args.resume) if args.resume else None
         res = fit_finetune(cfg, args.out, resume)
     except UsfmEdgeError as exc:

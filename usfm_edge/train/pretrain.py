@@ -33,7 +33,7 @@ from usfm_edge.core.preprocess import PreprocessSpec
 from usfm_edge.models.checkpoint import save_checkpoint
 from usfm_edge.models.mim import UsfmMim, build_mim
 from usfm_edge.models.registry import model_args
-from usfm_edge.train.config import PretrainConfig, load_pretrain_config, pretrain_options
+from usfm_edge.train.config import PretrainConfig, load_pretrain_config
 from usfm_edge.train.dist import DistInfo, cleanup, init_distributed
 from usfm_edge.train.engine import (
     JsonlLogger,
@@ -45,6 +45,7 @@ from usfm_edge.train.engine import (
     set_rng_state,
 )
 from usfm_edge.train.optim import build_optimizer, cosine_lr, scaled_lr
+from usfm_edge.train.options import add_argparse_options, overrides_from, pretrain_options
 
 __all__ = ["PretrainResult", "fit_pretrain", "run_pretrain", "export_encoder", "main"]
 
@@ -96,15 +97,7 @@ def _step_of(line: str) -> int:
 
 
 def _check_resume(saved: dict, cfg: PretrainConfig, path: Path) -> None:
-    now = to_dict(cfg)
-    diff = []
-    for k in _RESUME_FIXED:
-        a, b = saved.get(k), now.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):  # name the nested field: mim.norm_target (True -> False)
-            diff += [f"{k}.{sub} ({a.get(sub)!r} in the checkpoint, {b.get(sub)!r} now)"
-                     for sub in sorted(set(a) | set(b)) if a.get(sub) != b.get(sub)]
-        elif a != b:
-            diff.append(f"{k} ({a!r} in the checkpoint, {b!r} now)")
+    diff = cfg.resume_diff(saved, _RESUME_FIXED)  # names the nested field: mim.norm_target (True -> False)
     if diff:
         hint = "resume with the original settings (see the run's config.yaml)"
         if any(d.startswith("mim.norm_target") for d in diff):
@@ -247,24 +240,13 @@ def run_pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: str | Path | 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m usfm_edge.train.pretrain", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="YAML config file (flags override it)")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--resume", nargs="?", const="auto", help="continue from checkpoint.pt (default: OUT's)")
-    for opt in pretrain_options:
-        dest = opt.field.replace(".", "__")
-        if opt.type is bool:
-            p.add_argument(opt.flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=opt.help)
-        elif opt.type is list:
-            p.add_argument(opt.flag, dest=dest, action="append", help=opt.help)
-        else:
-            p.add_argument(opt.flag, dest=dest, type=opt.type, help=opt.help)
-    return p
+    return add_argparse_options(p, pretrain_options)
 
 
 def main(argv: list[str] | None = None) -> int:
     """argparse entry point (``python -m usfm_edge.train.pretrain``); the click CLI wraps ``run_pretrain``."""
     args = _parser().parse_args(argv)
-    overrides = {opt.field: getattr(args, opt.field.replace(".", "__")) for opt in pretrain_options}
+    overrides = overrides_from(args, pretrain_options)
     try:
         cfg = load_pretrain_config(args.config, overrides)
         resume = Path(args.out) / CHECKPOINT if args.resume == "auto" else args.resume
