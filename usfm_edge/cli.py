@@ -20,6 +20,8 @@ from pathlib import Path
 
 import click
 
+from usfm_edge.train.options import finetune_options, overrides_from, pretrain_options
+
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=110)
 
 
@@ -51,79 +53,16 @@ def main():
 
 
 # --------------------------------------------------------------------------------------------- info
-def _version(dist: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _devices() -> dict[str, str]:
-    out = {}
-    try:
-        import torch
-
-        cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        out["torch"] = ", ".join(["cpu", *cuda])
-    except ImportError:
-        out["torch"] = "not installed"
-    try:
-        import onnxruntime as ort
-
-        out["onnxruntime"] = ", ".join(ort.get_available_providers())
-    except ImportError:
-        out["onnxruntime"] = "not installed"
-    try:
-        import openvino as ov
-
-        core = ov.Core()
-        out["openvino"] = ", ".join(f"{d} ({core.get_property(d, 'FULL_DEVICE_NAME')})" for d in core.available_devices)
-    except ImportError:
-        out["openvino"] = "not installed"
-    except Exception as exc:  # a broken driver must not break `info`
-        out["openvino"] = f"error: {exc}"
-    try:
-        import tensorrt as trt  # noqa: F401
-        import torch
-
-        out["tensorrt"] = "usable" if torch.cuda.is_available() else "installed, but no CUDA GPU visible"
-    except ImportError:
-        out["tensorrt"] = "not installed (engines are built on the device: see the bundle's build_engine.sh)"
-    return out
-
-
-def _mkl_shim_state() -> dict:
-    from usfm_edge.kernels.mkl_dispatch import ENV_VAR, shim_applicable, shim_loaded
-
-    (ok, reason), loaded = shim_applicable(), shim_loaded()
-    state = "loaded" if loaded else (f"off; set {ENV_VAR}=1 to use it ({reason})" if ok else f"not needed: {reason}")
-    return {"env_var": ENV_VAR, "applicable": ok, "loaded": loaded, "state": state}
-
-
 @main.command(context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
 def info(as_json):
     """Versions of usfm-edge and its backends, and the devices each backend sees."""
-    import platform
+    import json
 
-    versions = {d: _version(d) for d in ("usfm-edge", "torch", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt")}
-    devices = _devices()
-    mkl = _mkl_shim_state()
-    if as_json:
-        import json
+    from usfm_edge.bench.sysinfo import environment, environment_text
 
-        click.echo(json.dumps({"versions": versions, "devices": devices, "python": platform.python_version(),
-                               "machine": platform.machine(), "mkl_avx2_shim": mkl}, indent=2))
-        return
-    click.echo(f"python {platform.python_version()} on {platform.machine()} ({platform.system()})")
-    for k, v in versions.items():
-        click.echo(f"  {k:<12} {v}")
-    click.echo(f"MKL AVX2 shim ({mkl['env_var']}): {mkl['state']}")
-    click.echo("devices:")
-    for k, v in devices.items():
-        click.echo(f"  {k:<12} {v}")
+    env = environment()
+    click.echo(json.dumps(env, indent=2) if as_json else environment_text(env))
 
 
 # --------------------------------------------------------------------------------- convert-weights
@@ -142,7 +81,7 @@ def convert_weights(src, dst, model, half):
       usfm-edge convert-weights USFM_latest.pth -o usfm_base.safetensors
     """
     from usfm_edge.core.errors import ConfigError
-    from usfm_edge.models.checkpoint import convert_weights as convert
+    from usfm_edge.models.registry import convert_weights as convert
 
     if dst.suffix != ".safetensors":
         raise ConfigError(f"output must end in .safetensors, got '{dst.name}'")
@@ -167,116 +106,45 @@ def features(images, output, checkpoint, model, pool, batch_size):
 
     Writes OUTPUT (N, D) float32 and OUTPUT.json listing the source of each row.
     """
-    import json
+    import warnings
 
-    import numpy as np
-    import torch
-
-    from usfm_edge.core.io import atomic_save_npy
-    from usfm_edge.core.preprocess import PreprocessSpec, preprocess
-    from usfm_edge.data.readers import iter_frames
-    from usfm_edge.models import create_model
-    from usfm_edge.models.checkpoint import read_checkpoint
-    from usfm_edge.runtime.predict_cli import expand_inputs
+    from usfm_edge.evaluation.features import extract_features, save_features
 
     if checkpoint is None:
         click.secho("warning: no --checkpoint given: features come from RANDOM weights", fg="yellow", err=True)
-    else:
-        _, cfg = read_checkpoint(checkpoint) if checkpoint.suffix == ".safetensors" else (None, None)
-        if cfg and cfg.get("model"):
-            model = cfg["model"]
-    net = create_model(model, checkpoint=checkpoint).eval()
-    spec = PreprocessSpec(img_size=net.img_size[0])
-    files = expand_inputs(images)
-    rows, sources, batch = [], [], []
 
-    def flush():
-        with torch.inference_mode():
-            tokens = net.forward_features(torch.from_numpy(np.stack(batch)))
-            rows.append((tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(1)).numpy())
-        batch.clear()
-
-    with click.progressbar(files, label="features", file=sys.stderr) as bar:
-        for f in bar:
-            for i, frame in iter_frames(f):
-                batch.append(preprocess(frame, spec))
-                sources.append({"file": str(f), "frame": i})
-                if len(batch) == batch_size:
-                    flush()
-    if batch:
-        flush()
-    feats = np.concatenate(rows).astype(np.float32)
-    atomic_save_npy(output, feats)
-    meta = {"model": model, "checkpoint": str(checkpoint) if checkpoint else None, "pool": pool, "rows": sources}
-    Path(str(output) + ".json").write_text(json.dumps(meta, indent=1))
-    click.echo(f"wrote {output} {feats.shape} and {output}.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the random-weights warning is printed above
+        res = extract_features(images, checkpoint, model, pool, batch_size, progress=lambda f: _progress(f, "features"))
+    save_features(output, res)
+    click.echo(f"wrote {output} {res['features'].shape} and {output}.json")
 
 
 # ----------------------------------------------------------------------------- pretrain / finetune
-def _options_from(options):
-    """Turn a list of ``train.config.Option`` tuples into stacked click options."""
+def _train_options(options):
+    """Click options from ``train.options`` rows (torch-free), plus ``--out``, ``--config``, ``--resume``."""
+    decos = [click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="run folder"),
+             click.option("--config", "config", type=click.Path(exists=True, dir_okay=False), default=None,
+                          help="YAML config (flags override it)"),
+             click.option("--resume", is_flag=True, help="continue exactly from OUT/checkpoint.pt")]
+    for opt in options:
+        name, flag = opt.field.replace(".", "__"), opt.flag[2:]
+        if opt.type is bool:
+            decos.append(click.option(f"--{flag}/--no-{flag}", name, default=None, help=opt.help))
+        else:
+            decos.append(click.option(opt.flag, name, multiple=opt.type is list, default=None, help=opt.help,
+                                      type=None if opt.type is list else opt.type))
 
     def deco(fn):
-        for opt in reversed(options):
-            name = opt.field.replace(".", "__")
-            if opt.type is bool:
-                flag = opt.flag[2:]
-                fn = click.option(f"--{flag}/--no-{flag}", name, default=None, help=opt.help)(fn)
-            elif opt.type is list:
-                fn = click.option(opt.flag, name, multiple=True, help=opt.help)(fn)
-            else:
-                fn = click.option(opt.flag, name, type=opt.type, default=None, help=opt.help)(fn)
+        for d in reversed([*decos, _handle_errors]):
+            fn = d(fn)
         return fn
 
     return deco
 
 
-def _lazy_options(module: str, attr: str):
-    """Options are declared next to the config dataclasses; importing them needs torch, so only do it
-    when the command itself is resolved (not for ``usfm-edge --help``)."""
-    import importlib
-
-    return getattr(importlib.import_module(module), attr)
-
-
-class _TrainCommand(click.Command):
-    """A click command whose options come from a training module, loaded on first use."""
-
-    def __init__(self, *args, options_from: tuple[str, str], **kwargs):
-        self._options_from = options_from
-        self._loaded = False
-        super().__init__(*args, **kwargs)
-
-    def _load(self):
-        if not self._loaded:
-            opts = _lazy_options(*self._options_from)
-            holder = _options_from(opts)(lambda **kw: None)
-            self.params.extend(holder.__click_params__[::-1] if hasattr(holder, "__click_params__") else [])
-            self._loaded = True
-
-    def get_params(self, ctx):
-        self._load()
-        return super().get_params(ctx)
-
-    def parse_args(self, ctx, args):
-        self._load()
-        return super().parse_args(ctx, args)
-
-
-def _overrides(options, kwargs):
-    out = {}
-    for opt in options:
-        v = kwargs.get(opt.field.replace(".", "__"))
-        out[opt.field] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
-@main.command(cls=_TrainCommand, options_from=("usfm_edge.train.config", "pretrain_options"), context_settings=CONTEXT)
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="run folder")
-@click.option("--config", "config", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="YAML config (flags override it)")
-@click.option("--resume", is_flag=True, help="continue exactly from OUT/checkpoint.pt")
-@_handle_errors
+@main.command(context_settings=CONTEXT)
+@_train_options(pretrain_options)
 def pretrain(out, config, resume, **kwargs):
     """Dual masked image modelling pretraining (spatial + frequency band-stop masks).
 
@@ -286,20 +154,16 @@ def pretrain(out, config, resume, **kwargs):
           --model usfm_vit_tiny_patch16_224 --out runs/pretrain_tiny --time-limit-min 30
     Multi-GPU: torchrun --nproc_per_node 8 -m usfm_edge.train.pretrain --data ... --out ...
     """
-    from usfm_edge.train.config import load_pretrain_config, pretrain_options
+    from usfm_edge.train.config import load_pretrain_config
     from usfm_edge.train.pretrain import fit_pretrain
 
-    cfg = load_pretrain_config(config, _overrides(pretrain_options, kwargs))
+    cfg = load_pretrain_config(config, overrides_from(kwargs, pretrain_options))
     res = fit_pretrain(cfg, out, resume=(out if resume else None))
     click.echo(f"wrote {res.checkpoint}\nwrote {res.encoder}")
 
 
-@main.command(cls=_TrainCommand, options_from=("usfm_edge.train.finetune", "finetune_options"), context_settings=CONTEXT)
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="run folder")
-@click.option("--config", "config", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="YAML config (flags override it)")
-@click.option("--resume", is_flag=True, help="continue exactly from OUT/checkpoint.pt")
-@_handle_errors
+@main.command(context_settings=CONTEXT)
+@_train_options(finetune_options)
 def finetune(out, config, resume, **kwargs):
     """Fine-tune a segmentation, classification or enhancement head with few labels.
 
@@ -308,9 +172,9 @@ def finetune(out, config, resume, **kwargs):
       usfm-edge finetune --task seg --data busbra:PATH --init runs/pretrain_tiny/encoder.safetensors \\
           --label-fraction 0.1 --out runs/busbra_seg_10
     """
-    from usfm_edge.train.finetune import finetune_options, fit_finetune, load_finetune_config
+    from usfm_edge.train.finetune import fit_finetune, load_finetune_config
 
-    cfg = load_finetune_config(config, _overrides(finetune_options, kwargs))
+    cfg = load_finetune_config(config, overrides_from(kwargs, finetune_options))
     res = fit_finetune(cfg, out, resume=(out if resume else None))
     click.echo(f"wrote {res.best}\nwrote {res.last}")
 
@@ -340,6 +204,7 @@ def evaluate(source, data, split, val_fraction, split_seed, limit, backend, devi
 
     res = run(source, list(data), split=split, val_fraction=val_fraction, seed=split_seed, limit=limit,
               backend=backend, device=device)
+    click.echo(res["scored"]["text"], err=True)
     click.echo(json.dumps(res, indent=2))
     if json_out:
         atomic_write_json(json_out, res)
@@ -347,12 +212,6 @@ def evaluate(source, data, split, val_fraction, split_seed, limit, backend, devi
 
 
 # ------------------------------------------------------------------------------------------ export
-def _target_names() -> list[str]:
-    from usfm_edge.export.targets import list_targets
-
-    return list_targets()
-
-
 _MAX_HC_INCREASE = click.option(
     "--max-hc-increase", type=float, default=None,
     help="INT8 of a fetal-head model gated on HC18-style frames: largest allowed rise of the mean absolute "
@@ -405,52 +264,32 @@ def export(checkpoint, target, precision, calib, max_drop, max_hc_increase, img_
       usfm-edge export runs/busbra_seg/best.safetensors --target openvino -p int8 --calib busbra:PATH
     """
     from usfm_edge.core.errors import ConfigError
+    from usfm_edge.export import ExportConfig, check_precision, get_target
     from usfm_edge.export import export as run_export
-    from usfm_edge.export.targets import check_precision, get_target
 
     try:
-        tgt = get_target(target)
-        prec = check_precision(tgt, precision)
+        prec = check_precision(get_target(target), precision)
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--target/--precision") from None
-    if prec != "int8" and calib:
-        raise click.BadParameter("--calib is only used with --precision int8", param_hint="--calib")
-    frames = None
-    if verify_data:
-        from usfm_edge.data.sources import load_records
-
-        frames = [r.image for r in load_records(verify_data)[:8]]
-    kwargs = dict(target=target, precision=prec, out=out, task=task, img_size=img_size, band_stop=band_stop,
-                  bare=bare, frame_size=frame_size, verify_frames=frames, force=force, dla_core=dla_core,
-                  workspace_gb=workspace_gb)
+    if (prec == "int8") != bool(calib):
+        raise click.BadParameter("--calib is only used with --precision int8" if calib else
+                                 "INT8 needs a real ultrasound calibration set: pass --calib SOURCE", param_hint="--calib")
+    cfg = ExportConfig(target=target, precision=prec, out=out, task=task, img_size=img_size, band_stop=band_stop,
+                       bare=bare, frame_size=frame_size, force=force, dla_core=dla_core, workspace_gb=workspace_gb,
+                       verify_frames=verify_data)
     if prec == "int8":
-        if not calib:
-            raise click.BadParameter("INT8 needs a real ultrasound calibration set: pass --calib SOURCE",
-                                     param_hint="--calib")
         from usfm_edge.calibration import make_quantizer
         from usfm_edge.calibration.recipe import get_recipe
 
         recipe = get_recipe(None).replace(max_hc_increase_mm=max_hc_increase)
-        kwargs["quantizer"] = make_quantizer(list(calib), max_drop=max_drop, force=force, recipe=recipe)
-    path = run_export(checkpoint, **kwargs)
-    _print_bundle(path)
+        cfg.quantizer = make_quantizer(list(calib), max_drop=max_drop, force=force, recipe=recipe)
+    _print_bundle(run_export(checkpoint, cfg))
 
 
 def _print_bundle(path: Path) -> None:
-    import json
+    from usfm_edge.export.bundle import bundle_summary
 
-    meta = json.loads((path / "usfm.json").read_text())
-    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
-    parity = meta.get("parity") or {}
-    click.echo(f"bundle  {path}  ({size:.1f} MB)")
-    click.echo(f"  task {meta['task']}  target {meta['target']}  backend {meta['backend']}  precision {meta['precision']}")
-    click.echo(f"  parity vs PyTorch on {parity.get('frames', '?')} real frames via {parity.get('backend', '?')}: "
-               f"{'passed' if parity.get('passed') else 'FAILED'}")
-    for name, o in (parity.get("outputs") or {}).items():
-        stats = ", ".join(f"{k} {o[k]:.6g}" for k in ("cosine", "max_abs", "dice") if o.get(k) is not None)
-        click.echo(f"    {name}: {stats}")
-    for name in sorted(p.name for p in path.iterdir()):
-        click.echo(f"  {name}")
+    click.echo(bundle_summary(path))
 
 
 # ------------------------------------------------------------------------------------------- bench
@@ -493,20 +332,13 @@ def bench(bundles, torch_ckpt, data, batch, threads, runs, eval_frames, device, 
 
     from usfm_edge.bench.latency import run_bench
     from usfm_edge.bench.report import markdown, write_all
-    from usfm_edge.core.errors import ConfigError
 
     try:
         batches = tuple(int(b) for b in batch.split(","))
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {batch!r}", param_hint="--batch") from None
-
-    def progress(it, label):
-        return click.progressbar(it, label=label, file=sys.stderr)
-
-    if not bundles and torch_ckpt is None:
-        raise ConfigError("nothing to benchmark: give bundle folders and/or --torch CKPT")
     result = run_bench(list(bundles), torch_ckpt, data, batches, threads, runs, eval_frames=eval_frames,
-                       device=device, torch_bf16=torch_bf16, progress=_bar_ctx(progress), memory=not no_memory,
+                       device=device, torch_bf16=torch_bf16, progress=_progress, memory=not no_memory,
                        fps=fps, isolate=not one_process, rounds=rounds, spin=not no_spin)
     command = "usfm-edge bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     click.echo(markdown(result, command))
@@ -514,14 +346,10 @@ def bench(bundles, torch_ckpt, data, batch, threads, runs, eval_frames, device, 
         click.echo(f"wrote {p}")
 
 
-def _bar_ctx(make):
-    """Adapt click's progressbar context manager to a plain iterator wrapper."""
-
-    def wrap(it, label):
-        with make(it, label) as bar:
-            yield from bar
-
-    return wrap
+def _progress(it, label):
+    """click's progress bar on stderr, as a plain iterator wrapper."""
+    with click.progressbar(it, label=label, file=sys.stderr) as bar:
+        yield from bar
 
 
 # ---------------------------------------------------------------------------------------------- predict
