@@ -295,11 +295,12 @@ class BundleMeta:
             BundleError: a contract field is missing or malformed (a graph not exported by this usfm-edge).
         """
         data: dict[str, Any] = {"files": dict(files or {})}
+        missing = [ONNX_META_PREFIX + k for k in CONTRACT_FIELDS if ONNX_META_PREFIX + k not in props]
+        if missing:
+            raise BundleError(f"{where} lacks the model contract metadata {', '.join(missing)}: not a graph exported "
+                              "by this usfm-edge", hint="export it again with usfm_edge.export (usfm-edge export)")
         for k in CONTRACT_FIELDS:
-            raw = props.get(ONNX_META_PREFIX + k)
-            if raw is None:
-                raise BundleError(f"{where} carries no {ONNX_META_PREFIX}{k} metadata: not a graph exported by "
-                                  "this usfm-edge", hint="export it again with usfm_edge.export (usfm-edge export)")
+            raw = props[ONNX_META_PREFIX + k]
             try:
                 data[k] = raw if k in _TEXT_FIELDS else json.loads(raw)
             except json.JSONDecodeError as exc:
