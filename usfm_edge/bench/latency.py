@@ -169,7 +169,7 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
     """
     if rounds < 1 or block < 1:
         raise ConfigError(f"rounds and block must be >= 1, got {rounds} and {block}")
-    from usfm_edge.evaluation import evaluate_predictor, read_frame, select_records
+    from usfm_edge.evaluation import read_frame, select_records
 
     if not bundles and torch_ckpt is None:
         raise ConfigError("nothing to benchmark: give bundle folders and/or --torch CKPT")
@@ -178,36 +178,15 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
 
         data = f"busbra:{sample_dir() / 'busbra'}"
     records = select_records(data, split="all")
-    frames_all = [read_frame(r) for r in records[:8]]
-    variants: list[Variant] = []
-    skipped: list[dict] = []
-    if torch_ckpt is not None:
-        for bf16 in (False, True) if torch_bf16 else (False,):
-            try:  # never a silent fallback to the CPU: a device torch cannot use is reported as skipped
-                variants.append(open_torch(Path(torch_ckpt), threads, device, bf16=bf16))
-            except BackendUnavailableError as exc:
-                skipped.append({"bundle": f"{torch_ckpt} (PyTorch {'bf16' if bf16 else 'fp32'})",
-                                "reason": f"{type(exc).__name__}: {exc}"})
-    for b in bundles:
-        try:
-            variants.append(open_bundle(Path(b), threads, device, backend, spin))
-        except Exception as exc:  # a backend or device that is not here: report, do not abort the others
-            skipped.append({"bundle": str(b), "reason": f"{type(exc).__name__}: {exc}"})
+    variants, skipped = _open_variants(bundles, torch_ckpt, torch_bf16, threads, device, backend, spin)
     if isolate:
         times, paced_runs, peaks = _time_isolated(variants, skipped, records[0].image, batches, threads, runs,
                                                   warmup, rounds, device, backend, fps, progress, spin)
         variants = [v for v in variants if v.name in peaks]
     else:
-        times, paced_runs, peaks = _time_shared(variants, frames_all[0], batches, runs, warmup, block, fps, progress)
-    rows: list[BenchRow] = []
-    for batch in batches:
-        ref = np.median(times[batch]["pytorch-fp32"]) if "pytorch-fp32" in times[batch] else None
-        for v in variants:
-            t = np.asarray(times[batch][v.name])
-            p50 = float(np.median(t))
-            rows.append(BenchRow(v.name, v.backend, v.precision, v.target, v.device, batch, p50,
-                                 float(np.percentile(t, 90)), float(np.percentile(t, 99)), 1000.0 * batch / p50,
-                                 float(ref / p50) if ref is not None else None, v.size_mb, v.rss_mb))
+        frame = read_frame(records[0])
+        times, paced_runs, peaks = _time_shared(variants, frame, batches, runs, warmup, block, fps, progress)
+    rows = _rows(variants, times, batches)
     paced = []
     if fps:
         b2b = {r.name: r.p50_ms for r in rows if r.batch == 1}
@@ -223,23 +202,64 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
     for r in rows:
         r.peak_rss_mb = peaks.get(r.name)
     if eval_frames:
-        held = select_records(data, split="val", limit=eval_frames)
-        for v in variants:
-            task = getattr(v.predictor, "task", None)
-            metric = PRIMARY.get(task)
-            if metric is None:
-                continue
-            try:
-                res = evaluate_predictor(v.predictor, held, task)  # static-shape bundles: the Engine fits frames
-            except Exception as exc:
-                skipped.append({"bundle": v.name, "reason": f"accuracy: {type(exc).__name__}: {exc}"})
-                continue
-            for r in rows:
-                if r.name == v.name:
-                    r.metric, r.metric_value = metric, float(res[metric])
-                    r.extra = {k: res[k] for k in ("iou", "hd95", "accuracy", "ssim", "hc_mae_mm") if k in res}
+        _accuracy(variants, rows, select_records(data, split="val", limit=eval_frames), skipped)
     return {"machine": machine_info(), "rows": [asdict(r) for r in rows], "skipped": skipped, "paced": paced,
             "settings": {"threads": threads, "runs": runs, "warmup": warmup, "batches": list(batches), "data": data,
                          "eval_frames": eval_frames, "device": device, "fps": fps, "isolate": isolate,
                          "rounds": rounds if isolate else None, "block": None if isolate else block, "spin": spin,
                          "peak_rss_mb": process_rss_mb("VmHWM")}}
+
+
+def _open_variants(bundles, torch_ckpt, torch_bf16: bool, threads: int, device: str, backend: str,
+                   spin: bool) -> tuple[list[Variant], list[dict]]:
+    """The PyTorch row(s) and the bundles, opened; what cannot run here is reported as skipped, with the reason."""
+    variants: list[Variant] = []
+    skipped: list[dict] = []
+    if torch_ckpt is not None:
+        for bf16 in (False, True) if torch_bf16 else (False,):
+            try:  # never a silent fallback to the CPU: a device torch cannot use is reported as skipped
+                variants.append(open_torch(Path(torch_ckpt), threads, device, bf16=bf16))
+            except BackendUnavailableError as exc:
+                skipped.append({"bundle": f"{torch_ckpt} (PyTorch {'bf16' if bf16 else 'fp32'})",
+                                "reason": f"{type(exc).__name__}: {exc}"})
+    for b in bundles:
+        try:
+            variants.append(open_bundle(Path(b), threads, device, backend, spin))
+        except Exception as exc:  # a backend or device that is not here: report, do not abort the others
+            skipped.append({"bundle": str(b), "reason": f"{type(exc).__name__}: {exc}"})
+    return variants, skipped
+
+
+def _rows(variants: list[Variant], times: dict, batches) -> list[BenchRow]:
+    """One row per variant and batch size: percentiles, throughput and the ratio to PyTorch fp32's median."""
+    rows: list[BenchRow] = []
+    for batch in batches:
+        ref = np.median(times[batch]["pytorch-fp32"]) if "pytorch-fp32" in times[batch] else None
+        for v in variants:
+            t = np.asarray(times[batch][v.name])
+            p50 = float(np.median(t))
+            rows.append(BenchRow(v.name, v.backend, v.precision, v.target, v.device, batch, p50,
+                                 float(np.percentile(t, 90)), float(np.percentile(t, 99)), 1000.0 * batch / p50,
+                                 float(ref / p50) if ref is not None else None, v.size_mb, v.rss_mb))
+    return rows
+
+
+def _accuracy(variants: list[Variant], rows: list[BenchRow], held: list, skipped: list[dict]) -> None:
+    """The task metric of every variant on the held-out records (``evaluation.evaluate_predictor``: the one
+    scoring path; static-shape bundles' engines fit the frames), into its rows."""
+    from usfm_edge.evaluation import evaluate_predictor
+
+    for v in variants:
+        task = getattr(v.predictor, "task", None)
+        metric = PRIMARY.get(task)
+        if metric is None:
+            continue
+        try:
+            res = evaluate_predictor(v.predictor, held, task)
+        except Exception as exc:
+            skipped.append({"bundle": v.name, "reason": f"accuracy: {type(exc).__name__}: {exc}"})
+            continue
+        for r in rows:
+            if r.name == v.name:
+                r.metric, r.metric_value = metric, float(res[metric])
+                r.extra = {k: res[k] for k in ("iou", "hd95", "accuracy", "ssim", "hc_mae_mm") if k in res}
