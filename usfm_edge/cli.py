@@ -14,7 +14,6 @@ torch. Exit codes (one place, used by every command):
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
@@ -25,28 +24,25 @@ from usfm_edge.train.options import finetune_options, overrides_from, pretrain_o
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=110)
 
 
-def _handle_errors(fn):
-    """Turn UsfmEdgeError into a one-line message on stderr and its documented exit code."""
+class _Group(click.Group):
+    """Every command's ``UsfmEdgeError`` becomes a one-line message on stderr (plus a gate's numbers) and its
+    documented exit code."""
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def invoke(self, ctx):
         from usfm_edge.core.errors import UsfmEdgeError
 
         try:
-            return fn(*args, **kwargs)
+            return super().invoke(ctx)
         except UsfmEdgeError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
-            results = getattr(exc, "results", None)
-            if results:
+            if getattr(exc, "results", None):
                 import json
 
-                click.echo(json.dumps(results, indent=2, default=str), err=True)
+                click.echo(json.dumps(exc.results, indent=2, default=str), err=True)
             sys.exit(exc.exit_code)
 
-    return wrapper
 
-
-@click.group(context_settings=CONTEXT)
+@click.group(cls=_Group, context_settings=CONTEXT)
 @click.version_option(package_name="usfm-edge", prog_name="usfm-edge")
 def main():
     """usfm-edge: the USFM ultrasound foundation model, from pretraining to a quantised edge engine."""
@@ -72,7 +68,6 @@ def info(as_json):
               help="destination .safetensors")
 @click.option("--model", default=None, help="preset name (inferred from the embedding width if omitted)")
 @click.option("--half", is_flag=True, help="store fp16 weights")
-@_handle_errors
 def convert_weights(src, dst, model, half):
     """Convert USFM_latest.pth, a SimMIM checkpoint or ours to a usfm-edge .safetensors (strictly verified).
 
@@ -80,11 +75,8 @@ def convert_weights(src, dst, model, half):
     Example:
       usfm-edge convert-weights USFM_latest.pth -o usfm_base.safetensors
     """
-    from usfm_edge.core.errors import ConfigError
     from usfm_edge.models.registry import convert_weights as convert
 
-    if dst.suffix != ".safetensors":
-        raise ConfigError(f"output must end in .safetensors, got '{dst.name}'")
     report = convert(src, dst, model_name=model, half=half)
     click.echo(report.summary())
     click.echo(f"wrote {dst}")
@@ -100,7 +92,6 @@ def convert_weights(src, dst, model, half):
 @click.option("--pool", type=click.Choice(["cls", "avg"]), default="cls", show_default=True,
               help="cls token after the final norm, or mean of the patch tokens")
 @click.option("--batch-size", default=8, show_default=True)
-@_handle_errors
 def features(images, output, checkpoint, model, pool, batch_size):
     """Extract one embedding per frame (PNG/JPEG/TIFF/DICOM files or folders; cine DICOMs give one per frame).
 
@@ -136,7 +127,7 @@ def _train_options(options):
                                       type=None if opt.type is list else opt.type))
 
     def deco(fn):
-        for d in reversed([*decos, _handle_errors]):
+        for d in reversed(decos):
             fn = d(fn)
         return fn
 
@@ -191,7 +182,6 @@ def finetune(out, config, resume, **kwargs):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the results here")
-@_handle_errors
 def evaluate(source, data, split, val_fraction, split_seed, limit, backend, device, json_out):
     """Score a fine-tuned checkpoint (.safetensors) or an exported bundle (NAME.usfm/) on real frames.
 
@@ -240,7 +230,8 @@ def _parse_hw(ctx, param, value):
 @click.option("--task", type=click.Choice(["seg", "cls", "enhance", "features"]), default=None,
               help="expected task (a backbone-only checkpoint exports as features)")
 @click.option("--frame-size", callback=_parse_hw, default=None,
-              help="HxW of the scanner's frames, for static-shape targets (jetson, tensorrt)")
+              help="HxW of the scanner's frames, for static-shape targets (jetson, tensorrt); default: the model "
+                   "input size, with a warning")
 @click.option("--band-stop", is_flag=True, help="add the band-stop frequency filter (DFT as MatMul) to the graph")
 @click.option("--bare", is_flag=True, help="export the plain model on normalised (B, 3, S, S) input")
 @click.option("--verify-data", default=None, help="data source whose frames the parity gate uses (default: bundled sample)")
@@ -249,7 +240,6 @@ def _parse_hw(ctx, param, value):
 @click.option("--force", is_flag=True, help="keep the bundle even if the parity/accuracy gate fails")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="bundle folder (default: NAME-TARGET-PRECISION.usfm)")
-@_handle_errors
 def export(checkpoint, target, precision, calib, max_drop, max_hc_increase, img_size, task, frame_size, band_stop,
            bare, verify_data, dla_core, workspace_gb, force, out):
     """Export a checkpoint to a verified bundle (model files, usfm.json, SHA256SUMS) for one target.
@@ -283,13 +273,9 @@ def export(checkpoint, target, precision, calib, max_drop, max_hc_increase, img_
 
         recipe = get_recipe(None).replace(max_hc_increase_mm=max_hc_increase)
         cfg.quantizer = make_quantizer(list(calib), max_drop=max_drop, force=force, recipe=recipe)
-    _print_bundle(run_export(checkpoint, cfg))
-
-
-def _print_bundle(path: Path) -> None:
     from usfm_edge.export.bundle import bundle_summary
 
-    click.echo(bundle_summary(path))
+    click.echo(bundle_summary(run_export(checkpoint, cfg)))
 
 
 # ------------------------------------------------------------------------------------------- bench
@@ -316,7 +302,6 @@ def _print_bundle(path: Path) -> None:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--md", "md_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "png_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@_handle_errors
 def bench(bundles, torch_ckpt, data, batch, threads, runs, eval_frames, device, torch_bf16, no_memory, fps, rounds,
           one_process, no_spin, json_out, md_out, png_out):
     """Latency (p50/p90/p99), throughput, memory, size and task metric of bundles vs PyTorch fp32, side by side.
@@ -365,7 +350,6 @@ def _progress(it, label):
               metavar="MM", help="mm per pixel for files without their own spacing (a DICOM's own wins)")
 @click.option("--threads", type=int, default=None, help="backend CPU threads")
 @click.option("--no-overlays", is_flag=True, help="write results.json/.csv only")
-@_handle_errors
 def predict(bundle, inputs, out, backend, device, pixel_spacing, threads, no_overlays):
     """Run BUNDLE on INPUTS (PNG/JPEG/DICOM files, folders, multi-frame DICOM cine); write overlays and tables.
 
@@ -385,7 +369,6 @@ def predict(bundle, inputs, out, backend, device, pixel_spacing, threads, no_ove
 @click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--runs", default=20, show_default=True, help="timed runs per variant in the benchmark")
 @click.option("--no-int8", is_flag=True, help="skip the INT8 exports")
-@_handle_errors
 def demo(out, runs, no_int8):
     """The whole pipeline on the bundled real sample: export, INT8 behind the accuracy gate, predict, bench."""
     from usfm_edge.bench.demo import run_demo
@@ -414,7 +397,6 @@ def demo(out, runs, no_int8):
 @click.option("--force", is_flag=True, help="keep the INT8 bundle even if the accuracy gate fails")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="INT8 bundle folder (default: NAME-int8.usfm next to BUNDLE)")
-@_handle_errors
 def quantize(bundle, calib, max_drop, max_hc_increase, val, checkpoint, n, seed, recipe, manifest, force, out):
     """Make the INT8 bundle of an exported fp32 bundle, gated on held-out real frames.
 
@@ -427,11 +409,12 @@ def quantize(bundle, calib, max_drop, max_hc_increase, val, checkpoint, n, seed,
     """
     from usfm_edge.calibration import quantize_bundle
     from usfm_edge.calibration.recipe import get_recipe
+    from usfm_edge.export.bundle import bundle_summary
 
     path = quantize_bundle(bundle, list(calib), out=out, max_drop=max_drop, force=force, checkpoint=checkpoint,
                            recipe=get_recipe(recipe).replace(max_hc_increase_mm=max_hc_increase), n=n, seed=seed,
                            val_specs=list(val) or None, manifest_out=manifest)
-    _print_bundle(path)
+    click.echo(bundle_summary(path))
 
 
 if __name__ == "__main__":  # pragma: no cover

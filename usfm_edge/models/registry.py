@@ -76,7 +76,13 @@ def convert_weights(src: str | Path, dst: str | Path, model_name: str | None = N
     """Convert any supported checkpoint to a usfm-edge ``.safetensors`` file (verified by a strict load).
 
     The preset is inferred from the embedding width when ``model_name`` is not given.
+
+    Raises:
+        ConfigError: ``dst`` does not end in ``.safetensors``.
+        CheckpointError: not a USFM/ViT checkpoint, or no preset of its width.
     """
+    if Path(dst).suffix != ".safetensors":
+        raise ConfigError(f"output must end in .safetensors, got '{Path(dst).name}'")
     raw, config = read_checkpoint(src)
     if config is not None and model_name is None:
         model_name = config.get("model")

@@ -4,7 +4,7 @@ The contract of a graph is its ``core.bundle_schema.BundleMeta`` (:func:`read_co
 ``usfm_edge.*`` metadata the exporter wrote into the ONNX file; a bundle's ``usfm.json`` holds the same). Frames
 are fed to a graph as a bundle feeds them: ``runtime.engine.graph_input`` (static shapes fitted by the runtime).
 
-The exported graph (``export.graph.RawFrameModel``) is pre-processing (Cast, Resize, band-stop DFT MatMuls,
+The exported graph (``models.raw_frame.RawFrameModel``) is pre-processing (Cast, Resize, band-stop DFT MatMuls,
 normalisation) -> model body -> post-processing (Resize, Softmax, ArgMax). Only the body is quantised. The body
 is found structurally, so it works whatever the node names are: it starts at the first Conv with constant
 weights (the ViT patch embedding; band-stop MatMuls come before it) and ends at the last MatMul/Gemm/Conv with

@@ -4,8 +4,8 @@
                     nodes_to_quantize=<model body>, per_channel=True, activation/weight int8 (symmetric)...)
 
 The calibration reader feeds real uint8 frames to the graph input ``frame`` one at a time (batch 1, each at
-its own size: the graph is dynamic; static graphs get the frame resized to their fixed size). Before that,
-``quant_pre_process`` runs ONNX + symbolic shape inference (not ORT's graph optimiser, which would emit
+its own size: the graph is dynamic; a static graph gets each frame fitted to its size by
+``runtime.engine.graph_input``, as a bundle is fed). Before that, ``quant_pre_process`` runs ONNX + symbolic shape inference (not ORT's graph optimiser, which would emit
 ``com.microsoft`` fused ops a portable bundle must not contain); if it fails on a graph, the original graph is
 quantised and the report says so.
 """

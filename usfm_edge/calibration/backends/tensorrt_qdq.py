@@ -31,7 +31,8 @@ __all__ = ["quantize_tensorrt_qdq"]
 def quantize_tensorrt_qdq(onnx_fp32: str | Path, frames, recipe, workdir: str | Path) -> tuple[Path, dict]:
     """Quantise an exported static-shape graph to TensorRT-ready Q/DQ ONNX.
 
-    Calibration frames are resized to the graph's static frame size first (as the bundle will be fed).
+    Calibration frames are fitted to the graph's static frame size by ``runtime.engine.graph_input``, as a bundle
+    is fed.
 
     Returns:
         ``(path, info)`` as ``quantize_onnx_qdq``, plus ``static_hw``.
