@@ -99,7 +99,8 @@ class InputContract:
         dynamic_axes: names of the axes that may vary between calls.
         min_side: smallest accepted frame side in pixels.
         max_side: largest accepted frame side in pixels.
-        static_hw: fixed ``(H, W)`` of the frame for static-shape targets (TensorRT/DLA), else None.
+        static_hw: fixed ``(H, W)`` of the frame a static-shape graph (TensorRT/DLA) was built for, else None;
+            ``runtime.Engine`` fits frames of other sizes to it and maps the outputs back.
         max_batch: largest batch the graph accepts (1 for static targets).
     """
 

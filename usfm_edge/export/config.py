@@ -71,7 +71,8 @@ def export_config_from_meta(meta: BundleMeta, **overrides) -> ExportConfig:
 
     Target, precision, task, graph form (bare or raw-frame), band-stop rings, static frame size and (for a
     backbone exported as ``features``) the input size come from the contract; ``overrides`` change any of them
-    (e.g. ``precision="int8", quantizer=...`` to re-export a bundle as INT8).
+    (e.g. ``precision="int8", quantizer=...`` to re-export a bundle as INT8). A band-stop mask that was given as
+    an array is not recorded (``rings`` None): it comes back as ``band_stop=True`` (the model's own rings).
     """
     band = meta.band_stop or {}
     model = meta.model or {}
