@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from usfm_edge.calibration import CalibrationSet, QuantRecipe, build_calibration_set, make_quantizer
-from usfm_edge.calibration.backends import check_qdq, describe_onnx
+from usfm_edge.calibration.backends import check_qdq, read_contract
 from usfm_edge.core.errors import BackendUnavailableError, ConfigError, DataError, ValidationError
 from usfm_edge.data.readers import read_image
 
@@ -109,12 +109,16 @@ def test_recipe_translations():
 
 
 def test_missing_backend_names_the_extra(monkeypatch):
-    from usfm_edge.calibration.backends import GraphInfo, quantize
+    from usfm_edge.calibration.backends import quantize
+    from usfm_edge.core.bundle_schema import BundleMeta, InputContract, TensorSpec
 
     monkeypatch.setitem(sys.modules, "nncf", None)
-    info = GraphInfo(task="seg", labels=["background", "lesion"], preprocess={"img_size": 64})
+    meta = BundleMeta(task="seg", labels=["background", "lesion"],
+                      input=InputContract(TensorSpec("frame", "uint8", ["batch", "height", "width"])),
+                      outputs=[TensorSpec("probs", "float32", []), TensorSpec("mask", "uint8", [])],
+                      preprocessing={"img_size": 64}, precision="int8", backend="openvino", target="openvino", files={})
     with pytest.raises(BackendUnavailableError, match=r"usfm-edge\[openvino\]"):
-        quantize("never-read.onnx", [np.zeros((8, 8), np.uint8)], QuantRecipe(), "/tmp", "openvino", info=info)
+        quantize("never-read.onnx", [np.zeros((8, 8), np.uint8)], QuantRecipe(), "/tmp", "openvino", meta=meta)
 
 
 def test_import_stays_light():
@@ -205,7 +209,7 @@ def test_qdq_bundles_pass_gate_and_parity(seg_ckpt, target, tmp_path):
     summary = _qdq_rules(out / "model.onnx", tensorrt=target == "jetson")
     if target == "jetson":
         assert summary["weight_axes"] == {"Conv": [0], "MatMul": [1]}
-        assert describe_onnx(out / "model.onnx").static_hw == (64, 64)
+        assert read_contract(out / "model.onnx").input.static_hw == [64, 64]
         assert "build_engine.sh" in meta["files"].values()
     with Engine.open(out) as engine:
         res = engine.predict(read_image(SAMPLE / "busbra" / "Images" / "bus_0090-l.png").copy()

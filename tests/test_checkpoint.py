@@ -9,7 +9,8 @@ import torch
 
 import usfm_edge
 from usfm_edge.core.errors import CheckpointError
-from usfm_edge.models.checkpoint import checkpoint_filter_fn, convert_weights, load_into, save_checkpoint
+from usfm_edge.models.checkpoint import checkpoint_filter_fn, load_into, save_checkpoint
+from usfm_edge.models.registry import convert_weights
 
 
 def official_usfm_state_dict(dim=768, depth=12, heads=12, grid=14, seed=0) -> dict[str, torch.Tensor]:

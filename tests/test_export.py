@@ -22,10 +22,10 @@ from usfm_edge.core.preprocess import PreprocessSpec, preprocess, resize_gray  #
 from usfm_edge.export import check_precision, get_target, list_targets  # noqa: E402
 from usfm_edge.export.bundle import update_meta, verify_bundle, write_sums  # noqa: E402
 from usfm_edge.export.exporter import export  # noqa: E402
-from usfm_edge.export.graph import PreprocessGraph, RawFrameModel  # noqa: E402
 from usfm_edge.export.onnx_export import check_onnx_ops, onnx_is_static, onnx_opset, torch2onnx  # noqa: E402
 from usfm_edge.export.parity import default_frames  # noqa: E402
 from usfm_edge.export.tensorrt_export import trtexec_command  # noqa: E402
+from usfm_edge.models.raw_frame import PreprocessGraph, RawFrameModel  # noqa: E402
 from usfm_edge.runtime import ClsResult, Engine, FeaturesResult, SegResult  # noqa: E402
 from usfm_edge.runtime.bundle_io import read_meta  # noqa: E402
 

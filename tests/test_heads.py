@@ -17,9 +17,9 @@ from usfm_edge.models.tasks import (
     build_task_model,
     default_head,
     load_task_model,
-    param_groups_lrd,
     save_task_checkpoint,
 )
+from usfm_edge.train.optim import param_groups
 
 TEST, TINY = "usfm_vit_test", "usfm_vit_tiny_patch16_224"
 CASES = [("seg", "upernet", {}), ("seg", "light", {}), ("cls", "auto", {"num_classes": 3}), ("enhance", "auto", {}),
@@ -210,7 +210,7 @@ def test_task_checkpoint_initialises_other_task(tmp_path):
 
 def test_param_groups_layer_decay():
     model = build_task_model("cls", TEST, num_classes=3, img_size=64)
-    groups = param_groups_lrd(model, weight_decay=0.05, layer_decay=0.5, lr=1e-3)
+    groups = param_groups(model, weight_decay=0.05, layer_decay=0.5, lr=1e-3)
     names = [n for g in groups for n in g["names"]]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert sorted(names) == sorted(trainable) and len(names) == len(set(names))
@@ -223,10 +223,5 @@ def test_param_groups_layer_decay():
     for n in ("backbone.cls_token", "backbone.rel_pos_bias.relative_position_bias_table", "head.fc.bias",
               "backbone.blocks.0.gamma_1", "head.fc_norm.weight"):
         assert by_name[n]["weight_decay"] == 0.0, n
+    assert by_name["head.fc.weight"]["layer_id"] == depth + 1 and by_name["backbone.cls_token"]["layer_id"] == 0
     torch.optim.AdamW(groups, lr=1e-3)  # valid optimiser groups
-    try:
-        from usfm_edge.train.optim import param_groups
-    except ImportError:
-        return
-    other = {n: g["lr_scale"] for g in param_groups(model, 0.05, 0.5) for n in g["names"]}
-    assert other == {n: g["lr_scale"] for n, g in by_name.items()}

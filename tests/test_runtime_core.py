@@ -136,16 +136,22 @@ def test_batching_and_threads_match_single_predictions(bundles, which):
             assert np.abs(a.probs - b.probs).max() < 1e-4 and np.abs(a.probs - c.probs).max() < 1e-5
 
 
-def test_static_bundle_checks_the_frame_size(bundles):
+def test_static_bundle_takes_any_frame_size(bundles):
+    """Static shapes belong to the Engine: a jetson bundle built for 120x160 frames takes any frame, fitted to its
+    size and mapped back (predict, predict_batch and stream alike)."""
     from usfm_edge.runtime import Engine
 
     with Engine.open(bundles["jetson"]) as engine:  # TensorRT-ready ONNX, run by ONNX Runtime here
         assert engine.backend.name == "onnxruntime" and not engine.dynamic_batch
         assert engine.predict(np.zeros((120, 160), np.uint8)).mask.shape == (120, 160)
-        with pytest.raises(InputError, match="static shapes for 120x160"):
-            engine.predict(np.zeros((160, 120), np.uint8))
-        out = engine.predict_batch([np.zeros((120, 160), np.uint8)] * 3)  # looped, batch 1
-        assert len(out) == 3
+        rng = np.random.default_rng(0)
+        frames = [rng.integers(0, 256, hw, dtype=np.uint8) for hw in ((160, 120), (540, 800), (352, 276))]
+        one = [engine.predict(f) for f in frames]
+        for f, r in zip(frames, one):
+            assert r.mask.shape == f.shape and r.probs.shape[1:] == f.shape and sum(r.areas_px.values()) == f.size
+            assert np.array_equal(r.mask, r.probs.argmax(0))
+        for got in (engine.predict_batch(frames), list(engine.stream(frames))):  # looped, batch 1
+            assert all(np.array_equal(a.mask, b.mask) and np.allclose(a.probs, b.probs) for a, b in zip(one, got))
 
 
 def test_missing_backend_names_the_extra(bundles, monkeypatch):
@@ -171,46 +177,45 @@ def test_openvino_fp32_bundles_compile_with_f32_hint(bundles):
 
 
 def test_static_bundle_results_map_back_by_one_rule(bundles, sample_png):
-    """usfm-edge evaluate/bench (StaticSizeAdapter) and the INT8 gate (GatePredictor) score a static bundle on a
-    frame of another size identically: bilinear probabilities at the frame's size, their argmax as the mask."""
-    from usfm_edge.calibration.backends.common import describe_onnx
-    from usfm_edge.calibration.gate import GatePredictor
+    """The engine's static-shape rule: the frame is fitted to the static size with the bundle's interpolation
+    (rounded to uint8), the graph runs, its probabilities are resized bilinearly to the frame and the mask is
+    their argmax; the INT8 gate's engines (Engine.from_file on the bare model file) do exactly the same."""
+    from usfm_edge.core.preprocess import fit_frame
     from usfm_edge.data import read_image
-    from usfm_edge.evaluation.evaluate import StaticSizeAdapter
     from usfm_edge.runtime import Engine
     from usfm_edge.runtime.bundle_io import read_meta
+    from usfm_edge.runtime.results import resize_maps
 
     frame = read_image(sample_png)
     assert frame.shape != (120, 160)
-    model = bundles["jetson"] / read_meta(bundles["jetson"]).files["onnx"]
-    gate = GatePredictor(model, describe_onnx(model), "onnxruntime", "fp32")
+    meta = read_meta(bundles["jetson"])
     with Engine.open(bundles["jetson"], backend="onnxruntime") as engine:
-        a = StaticSizeAdapter(engine, (120, 160)).predict(frame)
+        a = engine.predict(frame)
+        raw = engine.run_raw(fit_frame(frame, (120, 160))[None])
+    with Engine.from_file(bundles["jetson"] / meta.files["onnx"], meta) as gate:
         b = gate.predict(frame)
-    gate.close()
+    probs = resize_maps(raw["probs"][0], frame.shape)
     for r in (a, b):
         assert r.mask.shape == frame.shape and r.probs.shape[1:] == frame.shape
         assert np.array_equal(r.mask, r.probs.argmax(0))
         assert sum(r.areas_px.values()) == frame.size
+        assert np.abs(r.probs - probs).max() < 1e-6 and np.array_equal(r.mask, probs.argmax(0))
     assert np.array_equal(a.mask, b.mask) and np.abs(a.probs - b.probs).max() < 1e-6
 
 
-def test_result_at_size_rules():
-    from usfm_edge.runtime.results import ClsResult, EnhanceResult, SegResult, result_at_size
+def test_outputs_at_size_rules():
+    from usfm_edge.runtime.results import outputs_at_size
 
-    probs = np.zeros((2, 4, 4), np.float32)
-    probs[1, 1:3, 1:3], probs[0] = 1.0, 1.0
-    probs[0, 1:3, 1:3] = 0.0
-    seg = SegResult(mask=probs.argmax(0).astype(np.uint8), probs=probs, labels=["bg", "lesion"],
-                    areas_px={"bg": 12, "lesion": 4}, areas_mm2={"bg": 1.2, "lesion": 0.4}, pixel_spacing_mm=(0.1, 1.0))
-    big = result_at_size(seg, (8, 12))
-    assert big.mask.shape == (8, 12) and big.probs.shape == (2, 8, 12) and big.mask.dtype == np.uint8
-    assert big.areas_px["lesion"] == int((big.mask == 1).sum()) > 0 and sum(big.areas_px.values()) == 96
-    assert big.areas_mm2["lesion"] == pytest.approx(big.areas_px["lesion"] * 0.1)
-    assert seg.mask.shape == (4, 4)  # a new result; the input is untouched
-    assert result_at_size(seg, (4, 4)) is seg
-    img = EnhanceResult(image=np.full((4, 4), 200, np.uint8))
-    out = result_at_size(img, (6, 5))
-    assert out.image.shape == (6, 5) and out.image.dtype == np.uint8 and (out.image == 200).all()
-    cls = ClsResult(probs=np.array([0.2, 0.8], np.float32), label=1, label_name="m", labels=["b", "m"])
-    assert result_at_size(cls, (10, 10)) is cls
+    probs = np.zeros((1, 2, 4, 4), np.float32)
+    probs[0, 1, 1:3, 1:3], probs[0, 0] = 1.0, 1.0
+    probs[0, 0, 1:3, 1:3] = 0.0
+    seg = {"probs": probs, "mask": probs.argmax(1).astype(np.uint8)}
+    big = outputs_at_size(seg, "seg", (8, 12))
+    assert big["mask"].shape == (1, 8, 12) and big["probs"].shape == (1, 2, 8, 12) and big["mask"].dtype == np.uint8
+    assert np.array_equal(big["mask"], big["probs"].argmax(1)) and 0 < int((big["mask"] == 1).sum()) < 96
+    assert seg["mask"].shape == (1, 4, 4)  # new arrays; the input is untouched
+    assert outputs_at_size(seg, "seg", (4, 4)) is seg
+    out = outputs_at_size({"restored": np.full((1, 4, 4), 200, np.uint8)}, "enhance", (6, 5))["restored"]
+    assert out.shape == (1, 6, 5) and out.dtype == np.uint8 and (out == 200).all()
+    cls = {"probs": np.array([[0.2, 0.8]], np.float32)}
+    assert outputs_at_size(cls, "cls", (10, 10)) is cls

@@ -14,116 +14,51 @@ torch. Exit codes (one place, used by every command):
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
 import click
 
+from usfm_edge.train.options import finetune_options, overrides_from, pretrain_options
+
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=110)
 
 
-def _handle_errors(fn):
-    """Turn UsfmEdgeError into a one-line message on stderr and its documented exit code."""
+class _Group(click.Group):
+    """Every command's ``UsfmEdgeError`` becomes a one-line message on stderr (plus a gate's numbers) and its
+    documented exit code."""
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def invoke(self, ctx):
         from usfm_edge.core.errors import UsfmEdgeError
 
         try:
-            return fn(*args, **kwargs)
+            return super().invoke(ctx)
         except UsfmEdgeError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
-            results = getattr(exc, "results", None)
-            if results:
+            if getattr(exc, "results", None):
                 import json
 
-                click.echo(json.dumps(results, indent=2, default=str), err=True)
+                click.echo(json.dumps(exc.results, indent=2, default=str), err=True)
             sys.exit(exc.exit_code)
 
-    return wrapper
 
-
-@click.group(context_settings=CONTEXT)
+@click.group(cls=_Group, context_settings=CONTEXT)
 @click.version_option(package_name="usfm-edge", prog_name="usfm-edge")
 def main():
     """usfm-edge: the USFM ultrasound foundation model, from pretraining to a quantised edge engine."""
 
 
 # --------------------------------------------------------------------------------------------- info
-def _version(dist: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _devices() -> dict[str, str]:
-    out = {}
-    try:
-        import torch
-
-        cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        out["torch"] = ", ".join(["cpu", *cuda])
-    except ImportError:
-        out["torch"] = "not installed"
-    try:
-        import onnxruntime as ort
-
-        out["onnxruntime"] = ", ".join(ort.get_available_providers())
-    except ImportError:
-        out["onnxruntime"] = "not installed"
-    try:
-        import openvino as ov
-
-        core = ov.Core()
-        out["openvino"] = ", ".join(f"{d} ({core.get_property(d, 'FULL_DEVICE_NAME')})" for d in core.available_devices)
-    except ImportError:
-        out["openvino"] = "not installed"
-    except Exception as exc:  # a broken driver must not break `info`
-        out["openvino"] = f"error: {exc}"
-    try:
-        import tensorrt as trt  # noqa: F401
-        import torch
-
-        out["tensorrt"] = "usable" if torch.cuda.is_available() else "installed, but no CUDA GPU visible"
-    except ImportError:
-        out["tensorrt"] = "not installed (engines are built on the device: see the bundle's build_engine.sh)"
-    return out
-
-
-def _mkl_shim_state() -> dict:
-    from usfm_edge.kernels.mkl_dispatch import ENV_VAR, shim_applicable, shim_loaded
-
-    (ok, reason), loaded = shim_applicable(), shim_loaded()
-    state = "loaded" if loaded else (f"off; set {ENV_VAR}=1 to use it ({reason})" if ok else f"not needed: {reason}")
-    return {"env_var": ENV_VAR, "applicable": ok, "loaded": loaded, "state": state}
-
-
 @main.command(context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
 def info(as_json):
     """Versions of usfm-edge and its backends, and the devices each backend sees."""
-    import platform
+    import json
 
-    versions = {d: _version(d) for d in ("usfm-edge", "torch", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt")}
-    devices = _devices()
-    mkl = _mkl_shim_state()
-    if as_json:
-        import json
+    from usfm_edge.bench.sysinfo import environment, environment_text
 
-        click.echo(json.dumps({"versions": versions, "devices": devices, "python": platform.python_version(),
-                               "machine": platform.machine(), "mkl_avx2_shim": mkl}, indent=2))
-        return
-    click.echo(f"python {platform.python_version()} on {platform.machine()} ({platform.system()})")
-    for k, v in versions.items():
-        click.echo(f"  {k:<12} {v}")
-    click.echo(f"MKL AVX2 shim ({mkl['env_var']}): {mkl['state']}")
-    click.echo("devices:")
-    for k, v in devices.items():
-        click.echo(f"  {k:<12} {v}")
+    env = environment()
+    click.echo(json.dumps(env, indent=2) if as_json else environment_text(env))
 
 
 # --------------------------------------------------------------------------------- convert-weights
@@ -133,7 +68,6 @@ def info(as_json):
               help="destination .safetensors")
 @click.option("--model", default=None, help="preset name (inferred from the embedding width if omitted)")
 @click.option("--half", is_flag=True, help="store fp16 weights")
-@_handle_errors
 def convert_weights(src, dst, model, half):
     """Convert USFM_latest.pth, a SimMIM checkpoint or ours to a usfm-edge .safetensors (strictly verified).
 
@@ -141,11 +75,8 @@ def convert_weights(src, dst, model, half):
     Example:
       usfm-edge convert-weights USFM_latest.pth -o usfm_base.safetensors
     """
-    from usfm_edge.core.errors import ConfigError
-    from usfm_edge.models.checkpoint import convert_weights as convert
+    from usfm_edge.models.registry import convert_weights as convert
 
-    if dst.suffix != ".safetensors":
-        raise ConfigError(f"output must end in .safetensors, got '{dst.name}'")
     report = convert(src, dst, model_name=model, half=half)
     click.echo(report.summary())
     click.echo(f"wrote {dst}")
@@ -161,122 +92,50 @@ def convert_weights(src, dst, model, half):
 @click.option("--pool", type=click.Choice(["cls", "avg"]), default="cls", show_default=True,
               help="cls token after the final norm, or mean of the patch tokens")
 @click.option("--batch-size", default=8, show_default=True)
-@_handle_errors
 def features(images, output, checkpoint, model, pool, batch_size):
     """Extract one embedding per frame (PNG/JPEG/TIFF/DICOM files or folders; cine DICOMs give one per frame).
 
     Writes OUTPUT (N, D) float32 and OUTPUT.json listing the source of each row.
     """
-    import json
+    import warnings
 
-    import numpy as np
-    import torch
-
-    from usfm_edge.core.io import atomic_save_npy
-    from usfm_edge.core.preprocess import PreprocessSpec, preprocess
-    from usfm_edge.data.readers import iter_frames
-    from usfm_edge.models import create_model
-    from usfm_edge.models.checkpoint import read_checkpoint
-    from usfm_edge.runtime.predict_cli import expand_inputs
+    from usfm_edge.evaluation.features import extract_features, save_features
 
     if checkpoint is None:
         click.secho("warning: no --checkpoint given: features come from RANDOM weights", fg="yellow", err=True)
-    else:
-        _, cfg = read_checkpoint(checkpoint) if checkpoint.suffix == ".safetensors" else (None, None)
-        if cfg and cfg.get("model"):
-            model = cfg["model"]
-    net = create_model(model, checkpoint=checkpoint).eval()
-    spec = PreprocessSpec(img_size=net.img_size[0])
-    files = expand_inputs(images)
-    rows, sources, batch = [], [], []
 
-    def flush():
-        with torch.inference_mode():
-            tokens = net.forward_features(torch.from_numpy(np.stack(batch)))
-            rows.append((tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(1)).numpy())
-        batch.clear()
-
-    with click.progressbar(files, label="features", file=sys.stderr) as bar:
-        for f in bar:
-            for i, frame in iter_frames(f):
-                batch.append(preprocess(frame, spec))
-                sources.append({"file": str(f), "frame": i})
-                if len(batch) == batch_size:
-                    flush()
-    if batch:
-        flush()
-    feats = np.concatenate(rows).astype(np.float32)
-    atomic_save_npy(output, feats)
-    meta = {"model": model, "checkpoint": str(checkpoint) if checkpoint else None, "pool": pool, "rows": sources}
-    Path(str(output) + ".json").write_text(json.dumps(meta, indent=1))
-    click.echo(f"wrote {output} {feats.shape} and {output}.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the random-weights warning is printed above
+        res = extract_features(images, checkpoint, model, pool, batch_size, progress=lambda f: _progress(f, "features"))
+    save_features(output, res)
+    click.echo(f"wrote {output} {res['features'].shape} and {output}.json")
 
 
 # ----------------------------------------------------------------------------- pretrain / finetune
-def _options_from(options):
-    """Turn a list of ``train.config.Option`` tuples into stacked click options."""
+def _train_options(options):
+    """Click options from ``train.options`` rows (torch-free), plus ``--out``, ``--config``, ``--resume``."""
+    decos = [click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="run folder"),
+             click.option("--config", "config", type=click.Path(exists=True, dir_okay=False), default=None,
+                          help="YAML config (flags override it)"),
+             click.option("--resume", is_flag=True, help="continue exactly from OUT/checkpoint.pt")]
+    for opt in options:
+        name, flag = opt.field.replace(".", "__"), opt.flag[2:]
+        if opt.type is bool:
+            decos.append(click.option(f"--{flag}/--no-{flag}", name, default=None, help=opt.help))
+        else:
+            decos.append(click.option(opt.flag, name, multiple=opt.type is list, default=None, help=opt.help,
+                                      type=None if opt.type is list else opt.type))
 
     def deco(fn):
-        for opt in reversed(options):
-            name = opt.field.replace(".", "__")
-            if opt.type is bool:
-                flag = opt.flag[2:]
-                fn = click.option(f"--{flag}/--no-{flag}", name, default=None, help=opt.help)(fn)
-            elif opt.type is list:
-                fn = click.option(opt.flag, name, multiple=True, help=opt.help)(fn)
-            else:
-                fn = click.option(opt.flag, name, type=opt.type, default=None, help=opt.help)(fn)
+        for d in reversed(decos):
+            fn = d(fn)
         return fn
 
     return deco
 
 
-def _lazy_options(module: str, attr: str):
-    """Options are declared next to the config dataclasses; importing them needs torch, so only do it
-    when the command itself is resolved (not for ``usfm-edge --help``)."""
-    import importlib
-
-    return getattr(importlib.import_module(module), attr)
-
-
-class _TrainCommand(click.Command):
-    """A click command whose options come from a training module, loaded on first use."""
-
-    def __init__(self, *args, options_from: tuple[str, str], **kwargs):
-        self._options_from = options_from
-        self._loaded = False
-        super().__init__(*args, **kwargs)
-
-    def _load(self):
-        if not self._loaded:
-            opts = _lazy_options(*self._options_from)
-            holder = _options_from(opts)(lambda **kw: None)
-            self.params.extend(holder.__click_params__[::-1] if hasattr(holder, "__click_params__") else [])
-            self._loaded = True
-
-    def get_params(self, ctx):
-        self._load()
-        return super().get_params(ctx)
-
-    def parse_args(self, ctx, args):
-        self._load()
-        return super().parse_args(ctx, args)
-
-
-def _overrides(options, kwargs):
-    out = {}
-    for opt in options:
-        v = kwargs.get(opt.field.replace(".", "__"))
-        out[opt.field] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
-@main.command(cls=_TrainCommand, options_from=("usfm_edge.train.config", "pretrain_options"), context_settings=CONTEXT)
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="run folder")
-@click.option("--config", "config", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="YAML config (flags override it)")
-@click.option("--resume", is_flag=True, help="continue exactly from OUT/checkpoint.pt")
-@_handle_errors
+@main.command(context_settings=CONTEXT)
+@_train_options(pretrain_options)
 def pretrain(out, config, resume, **kwargs):
     """Dual masked image modelling pretraining (spatial + frequency band-stop masks).
 
@@ -286,20 +145,16 @@ def pretrain(out, config, resume, **kwargs):
           --model usfm_vit_tiny_patch16_224 --out runs/pretrain_tiny --time-limit-min 30
     Multi-GPU: torchrun --nproc_per_node 8 -m usfm_edge.train.pretrain --data ... --out ...
     """
-    from usfm_edge.train.config import load_pretrain_config, pretrain_options
+    from usfm_edge.train.config import load_pretrain_config
     from usfm_edge.train.pretrain import fit_pretrain
 
-    cfg = load_pretrain_config(config, _overrides(pretrain_options, kwargs))
+    cfg = load_pretrain_config(config, overrides_from(kwargs, pretrain_options))
     res = fit_pretrain(cfg, out, resume=(out if resume else None))
     click.echo(f"wrote {res.checkpoint}\nwrote {res.encoder}")
 
 
-@main.command(cls=_TrainCommand, options_from=("usfm_edge.train.finetune", "finetune_options"), context_settings=CONTEXT)
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="run folder")
-@click.option("--config", "config", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="YAML config (flags override it)")
-@click.option("--resume", is_flag=True, help="continue exactly from OUT/checkpoint.pt")
-@_handle_errors
+@main.command(context_settings=CONTEXT)
+@_train_options(finetune_options)
 def finetune(out, config, resume, **kwargs):
     """Fine-tune a segmentation, classification or enhancement head with few labels.
 
@@ -308,9 +163,9 @@ def finetune(out, config, resume, **kwargs):
       usfm-edge finetune --task seg --data busbra:PATH --init runs/pretrain_tiny/encoder.safetensors \\
           --label-fraction 0.1 --out runs/busbra_seg_10
     """
-    from usfm_edge.train.finetune import finetune_options, fit_finetune, load_finetune_config
+    from usfm_edge.train.finetune import fit_finetune, load_finetune_config
 
-    cfg = load_finetune_config(config, _overrides(finetune_options, kwargs))
+    cfg = load_finetune_config(config, overrides_from(kwargs, finetune_options))
     res = fit_finetune(cfg, out, resume=(out if resume else None))
     click.echo(f"wrote {res.best}\nwrote {res.last}")
 
@@ -327,7 +182,6 @@ def finetune(out, config, resume, **kwargs):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the results here")
-@_handle_errors
 def evaluate(source, data, split, val_fraction, split_seed, limit, backend, device, json_out):
     """Score a fine-tuned checkpoint (.safetensors) or an exported bundle (NAME.usfm/) on real frames.
 
@@ -340,6 +194,7 @@ def evaluate(source, data, split, val_fraction, split_seed, limit, backend, devi
 
     res = run(source, list(data), split=split, val_fraction=val_fraction, seed=split_seed, limit=limit,
               backend=backend, device=device)
+    click.echo(res["scored"]["text"], err=True)
     click.echo(json.dumps(res, indent=2))
     if json_out:
         atomic_write_json(json_out, res)
@@ -347,12 +202,6 @@ def evaluate(source, data, split, val_fraction, split_seed, limit, backend, devi
 
 
 # ------------------------------------------------------------------------------------------ export
-def _target_names() -> list[str]:
-    from usfm_edge.export.targets import list_targets
-
-    return list_targets()
-
-
 _MAX_HC_INCREASE = click.option(
     "--max-hc-increase", type=float, default=None,
     help="INT8 of a fetal-head model gated on HC18-style frames: largest allowed rise of the mean absolute "
@@ -381,7 +230,8 @@ def _parse_hw(ctx, param, value):
 @click.option("--task", type=click.Choice(["seg", "cls", "enhance", "features"]), default=None,
               help="expected task (a backbone-only checkpoint exports as features)")
 @click.option("--frame-size", callback=_parse_hw, default=None,
-              help="HxW of the scanner's frames, for static-shape targets (jetson, tensorrt)")
+              help="HxW of the scanner's frames, for static-shape targets (jetson, tensorrt); default: the model "
+                   "input size, with a warning")
 @click.option("--band-stop", is_flag=True, help="add the band-stop frequency filter (DFT as MatMul) to the graph")
 @click.option("--bare", is_flag=True, help="export the plain model on normalised (B, 3, S, S) input")
 @click.option("--verify-data", default=None, help="data source whose frames the parity gate uses (default: bundled sample)")
@@ -390,7 +240,6 @@ def _parse_hw(ctx, param, value):
 @click.option("--force", is_flag=True, help="keep the bundle even if the parity/accuracy gate fails")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="bundle folder (default: NAME-TARGET-PRECISION.usfm)")
-@_handle_errors
 def export(checkpoint, target, precision, calib, max_drop, max_hc_increase, img_size, task, frame_size, band_stop,
            bare, verify_data, dla_core, workspace_gb, force, out):
     """Export a checkpoint to a verified bundle (model files, usfm.json, SHA256SUMS) for one target.
@@ -405,52 +254,28 @@ def export(checkpoint, target, precision, calib, max_drop, max_hc_increase, img_
       usfm-edge export runs/busbra_seg/best.safetensors --target openvino -p int8 --calib busbra:PATH
     """
     from usfm_edge.core.errors import ConfigError
+    from usfm_edge.export import ExportConfig, check_precision, get_target
     from usfm_edge.export import export as run_export
-    from usfm_edge.export.targets import check_precision, get_target
 
     try:
-        tgt = get_target(target)
-        prec = check_precision(tgt, precision)
+        prec = check_precision(get_target(target), precision)
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--target/--precision") from None
-    if prec != "int8" and calib:
-        raise click.BadParameter("--calib is only used with --precision int8", param_hint="--calib")
-    frames = None
-    if verify_data:
-        from usfm_edge.data.sources import load_records
-
-        frames = [r.image for r in load_records(verify_data)[:8]]
-    kwargs = dict(target=target, precision=prec, out=out, task=task, img_size=img_size, band_stop=band_stop,
-                  bare=bare, frame_size=frame_size, verify_frames=frames, force=force, dla_core=dla_core,
-                  workspace_gb=workspace_gb)
+    if (prec == "int8") != bool(calib):
+        raise click.BadParameter("--calib is only used with --precision int8" if calib else
+                                 "INT8 needs a real ultrasound calibration set: pass --calib SOURCE", param_hint="--calib")
+    cfg = ExportConfig(target=target, precision=prec, out=out, task=task, img_size=img_size, band_stop=band_stop,
+                       bare=bare, frame_size=frame_size, force=force, dla_core=dla_core, workspace_gb=workspace_gb,
+                       verify_frames=verify_data)
     if prec == "int8":
-        if not calib:
-            raise click.BadParameter("INT8 needs a real ultrasound calibration set: pass --calib SOURCE",
-                                     param_hint="--calib")
         from usfm_edge.calibration import make_quantizer
         from usfm_edge.calibration.recipe import get_recipe
 
         recipe = get_recipe(None).replace(max_hc_increase_mm=max_hc_increase)
-        kwargs["quantizer"] = make_quantizer(list(calib), max_drop=max_drop, force=force, recipe=recipe)
-    path = run_export(checkpoint, **kwargs)
-    _print_bundle(path)
+        cfg.quantizer = make_quantizer(list(calib), max_drop=max_drop, force=force, recipe=recipe)
+    from usfm_edge.export.bundle import bundle_summary
 
-
-def _print_bundle(path: Path) -> None:
-    import json
-
-    meta = json.loads((path / "usfm.json").read_text())
-    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
-    parity = meta.get("parity") or {}
-    click.echo(f"bundle  {path}  ({size:.1f} MB)")
-    click.echo(f"  task {meta['task']}  target {meta['target']}  backend {meta['backend']}  precision {meta['precision']}")
-    click.echo(f"  parity vs PyTorch on {parity.get('frames', '?')} real frames via {parity.get('backend', '?')}: "
-               f"{'passed' if parity.get('passed') else 'FAILED'}")
-    for name, o in (parity.get("outputs") or {}).items():
-        stats = ", ".join(f"{k} {o[k]:.6g}" for k in ("cosine", "max_abs", "dice") if o.get(k) is not None)
-        click.echo(f"    {name}: {stats}")
-    for name in sorted(p.name for p in path.iterdir()):
-        click.echo(f"  {name}")
+    click.echo(bundle_summary(run_export(checkpoint, cfg)))
 
 
 # ------------------------------------------------------------------------------------------- bench
@@ -477,7 +302,6 @@ def _print_bundle(path: Path) -> None:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--md", "md_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "png_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@_handle_errors
 def bench(bundles, torch_ckpt, data, batch, threads, runs, eval_frames, device, torch_bf16, no_memory, fps, rounds,
           one_process, no_spin, json_out, md_out, png_out):
     """Latency (p50/p90/p99), throughput, memory, size and task metric of bundles vs PyTorch fp32, side by side.
@@ -493,20 +317,13 @@ def bench(bundles, torch_ckpt, data, batch, threads, runs, eval_frames, device, 
 
     from usfm_edge.bench.latency import run_bench
     from usfm_edge.bench.report import markdown, write_all
-    from usfm_edge.core.errors import ConfigError
 
     try:
         batches = tuple(int(b) for b in batch.split(","))
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {batch!r}", param_hint="--batch") from None
-
-    def progress(it, label):
-        return click.progressbar(it, label=label, file=sys.stderr)
-
-    if not bundles and torch_ckpt is None:
-        raise ConfigError("nothing to benchmark: give bundle folders and/or --torch CKPT")
     result = run_bench(list(bundles), torch_ckpt, data, batches, threads, runs, eval_frames=eval_frames,
-                       device=device, torch_bf16=torch_bf16, progress=_bar_ctx(progress), memory=not no_memory,
+                       device=device, torch_bf16=torch_bf16, progress=_progress, memory=not no_memory,
                        fps=fps, isolate=not one_process, rounds=rounds, spin=not no_spin)
     command = "usfm-edge bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     click.echo(markdown(result, command))
@@ -514,14 +331,10 @@ def bench(bundles, torch_ckpt, data, batch, threads, runs, eval_frames, device, 
         click.echo(f"wrote {p}")
 
 
-def _bar_ctx(make):
-    """Adapt click's progressbar context manager to a plain iterator wrapper."""
-
-    def wrap(it, label):
-        with make(it, label) as bar:
-            yield from bar
-
-    return wrap
+def _progress(it, label):
+    """click's progress bar on stderr, as a plain iterator wrapper."""
+    with click.progressbar(it, label=label, file=sys.stderr) as bar:
+        yield from bar
 
 
 # ---------------------------------------------------------------------------------------------- predict
@@ -537,7 +350,6 @@ def _bar_ctx(make):
               metavar="MM", help="mm per pixel for files without their own spacing (a DICOM's own wins)")
 @click.option("--threads", type=int, default=None, help="backend CPU threads")
 @click.option("--no-overlays", is_flag=True, help="write results.json/.csv only")
-@_handle_errors
 def predict(bundle, inputs, out, backend, device, pixel_spacing, threads, no_overlays):
     """Run BUNDLE on INPUTS (PNG/JPEG/DICOM files, folders, multi-frame DICOM cine); write overlays and tables.
 
@@ -557,7 +369,6 @@ def predict(bundle, inputs, out, backend, device, pixel_spacing, threads, no_ove
 @click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--runs", default=20, show_default=True, help="timed runs per variant in the benchmark")
 @click.option("--no-int8", is_flag=True, help="skip the INT8 exports")
-@_handle_errors
 def demo(out, runs, no_int8):
     """The whole pipeline on the bundled real sample: export, INT8 behind the accuracy gate, predict, bench."""
     from usfm_edge.bench.demo import run_demo
@@ -586,7 +397,6 @@ def demo(out, runs, no_int8):
 @click.option("--force", is_flag=True, help="keep the INT8 bundle even if the accuracy gate fails")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="INT8 bundle folder (default: NAME-int8.usfm next to BUNDLE)")
-@_handle_errors
 def quantize(bundle, calib, max_drop, max_hc_increase, val, checkpoint, n, seed, recipe, manifest, force, out):
     """Make the INT8 bundle of an exported fp32 bundle, gated on held-out real frames.
 
@@ -599,11 +409,12 @@ def quantize(bundle, calib, max_drop, max_hc_increase, val, checkpoint, n, seed,
     """
     from usfm_edge.calibration import quantize_bundle
     from usfm_edge.calibration.recipe import get_recipe
+    from usfm_edge.export.bundle import bundle_summary
 
     path = quantize_bundle(bundle, list(calib), out=out, max_drop=max_drop, force=force, checkpoint=checkpoint,
                            recipe=get_recipe(recipe).replace(max_hc_increase_mm=max_hc_increase), n=n, seed=seed,
                            val_specs=list(val) or None, manifest_out=manifest)
-    _print_bundle(path)
+    click.echo(bundle_summary(path))
 
 
 if __name__ == "__main__":  # pragma: no cover

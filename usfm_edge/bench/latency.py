@@ -1,7 +1,7 @@
 """Measure bundles and the PyTorch fp32 model side by side on real ultrasound frames.
 
-Every variant (each bundle, and the checkpoint in PyTorch through the same raw-frame graph) is timed in
-processes of its own (``bench.memprobe.run_isolated``): ``rounds`` fresh processes per variant, the variants
+Every variant (each bundle, and the checkpoint in PyTorch through the same raw-frame graph; ``bench.variants``
+opens and times both) is timed in processes of its own (``bench.memprobe.run_isolated``): ``rounds`` fresh processes per variant, the variants
 in a rotating order, so a slow spell of a shared machine is spread over all of them. One runtime per
 process is what scanner software runs, and it matters: timed call by call in ONE process, each variant
 competes with the others' idle worker threads (ONNX Runtime's pool and libgomp spin after each call). On the
@@ -25,15 +25,25 @@ calls at the scanner's frame rate, per variant, reported beside the back-to-back
 
 from __future__ import annotations
 
-import os
-import platform
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from usfm_edge.bench.sysinfo import machine_info
+from usfm_edge.bench.variants import (
+    Variant,
+    open_bundle,
+    open_torch,
+    paced_latency,
+    paced_summary,
+    process_rss_mb,
+    time_once,
+)
 from usfm_edge.core.errors import BackendUnavailableError, ConfigError
+
+__all__ = ["BenchRow", "run_bench", "rotating_rounds", "machine_info", "paced_latency", "paced_summary",
+           "process_rss_mb"]
 
 PRIMARY = {"seg": "dice", "cls": "auc", "enhance": "psnr", "features": None}
 
@@ -59,154 +69,6 @@ class BenchRow:
     peak_rss_mb: float | None = None
     metric_value: float | None = None
     extra: dict = field(default_factory=dict)
-
-
-def process_rss_mb(key: str = "VmRSS") -> float:
-    """Resident set size (``VmRSS``) or its peak (``VmHWM``) of this process in MB; nan where /proc is missing."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return float("nan")
-
-
-def machine_info() -> dict:
-    """CPU model, ISA flags that matter for inference, core count and library versions."""
-    from importlib import metadata
-
-    cpu, flags = platform.processor() or "?", []
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                flags = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-                         if f in have]
-                break
-    except OSError:
-        pass
-    versions = {}
-    for dist in ("usfm-edge", "torch", "onnxruntime", "openvino", "nncf", "tensorrt", "numpy"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    gpus = []
-    try:
-        import torch
-
-        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    except ImportError:
-        pass
-    return {"cpu": cpu, "isa": flags, "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "gpus": gpus, "versions": versions}
-
-
-def _dir_size_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
-
-
-class _Variant:
-    def __init__(self, name, predictor, backend, precision, target, device, size_mb, rss_mb, static_hw, path=None):
-        self.name, self.predictor, self.backend, self.precision = name, predictor, backend, precision
-        self.target, self.device, self.size_mb, self.rss_mb, self.static_hw = target, device, size_mb, rss_mb, static_hw
-        self.path = path
-
-
-def _frames_for(variant: _Variant, frames: list[np.ndarray]) -> list[np.ndarray]:
-    """Static-shape bundles (jetson/tensorrt) accept only their frame size: resize to it as evaluation does
-    (``core.preprocess.fit_frame``)."""
-    if variant.static_hw is None:
-        return frames
-    from usfm_edge.core.preprocess import fit_frame
-
-    return [fit_frame(f, variant.static_hw) for f in frames]
-
-
-def _open_bundle(path: Path, threads: int, device: str, backend: str, spin: bool = True) -> _Variant:
-    from usfm_edge.runtime import Engine
-
-    before = process_rss_mb()
-    eng = Engine.open(path, backend=backend, device=device, threads=threads, spin=spin)
-    meta = eng.meta
-    static = tuple(meta.input.static_hw) if meta.input.static_hw else None
-    return _Variant(path.name.removesuffix(".usfm"), eng, getattr(eng.backend, "name", backend), meta.precision,
-                    meta.target, device, _dir_size_mb(path), process_rss_mb() - before, static, path)
-
-
-def _open_torch(ckpt: Path, threads: int, device: str, bf16: bool = False) -> _Variant:
-    import torch
-
-    from usfm_edge.evaluation.evaluate import TorchPredictor
-    from usfm_edge.models.tasks import load_task_model
-
-    if device != "cpu" and not (device == "cuda" and torch.cuda.is_available()):
-        why = (f"torch {torch.__version__} sees no CUDA device" if device == "cuda" else
-               f"the PyTorch reference runs on cpu or cuda, not on OpenVINO's {device!r}")
-        raise BackendUnavailableError(f"PyTorch on {device!r}: {why}", hint="use --device cpu for the CPU rows")
-    torch.set_num_threads(threads)
-    before = process_rss_mb()
-    model = load_task_model(ckpt)
-    pred = TorchPredictor(model, device=device)
-    if bf16:
-        pred.graph.model = pred.graph.model.to(torch.bfloat16)
-        pred.graph.half = False
-        inner = pred.graph._model
-        pred.graph._model = lambda x: inner(x.to(torch.bfloat16)).float()  # noqa: E731
-    name = f"pytorch-{'bf16' if bf16 else 'fp32'}"
-    return _Variant(name, pred, "torch", "bf16" if bf16 else "fp32", "pytorch", device, ckpt.stat().st_size / 1e6,
-                    process_rss_mb() - before, None, ckpt)
-
-
-def _time_once(v: _Variant, frames: list[np.ndarray]) -> float:
-    t0 = time.perf_counter()
-    if len(frames) == 1 or not hasattr(v.predictor, "predict_batch"):
-        for f in frames:
-            v.predictor.predict(f)
-    else:
-        v.predictor.predict_batch(frames, batch_size=len(frames))
-    return (time.perf_counter() - t0) * 1000.0
-
-
-def paced_latency(call, fps: float, runs: int, clock=time.perf_counter, sleep=time.sleep) -> dict:
-    """Time ``call`` once per frame slot of a ``fps`` frame rate, as a scanner delivers frames.
-
-    Frame ``i`` arrives at ``t0 + (i + 1) / fps`` (a fixed grid); its call starts when it has arrived and the
-    previous call has returned, idling until then. Returns the call latencies' percentiles in ms and
-    ``over_budget``, the calls longer than one frame period (the rate could not be sustained for that frame).
-    """
-    if not fps > 0:
-        raise ConfigError(f"fps must be > 0, got {fps!r}")
-    if runs < 1:
-        raise ConfigError(f"runs must be >= 1, got {runs!r}")
-    period = 1.0 / fps
-    times = []
-    start = clock()
-    for i in range(runs):
-        wait = start + (i + 1) * period - clock()
-        if wait > 0:
-            sleep(wait)
-        t0 = clock()
-        call()
-        times.append((clock() - t0) * 1000.0)
-    return paced_summary(times, fps)
-
-
-def paced_summary(times_ms: list[float], fps: float) -> dict:
-    """Percentiles of paced call latencies and how many exceeded the frame period (``over_budget``)."""
-    t = np.asarray(times_ms, dtype=float)
-    period_ms = 1000.0 / fps
-    return {"fps": float(fps), "runs": len(t), "p50_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)),
-            "p99_ms": float(np.percentile(t, 99)), "over_budget": int((t > period_ms).sum()), "period_ms": period_ms,
-            "times_ms": [float(x) for x in t]}
-
-
-def _kind(v: _Variant) -> str:
-    return ("torch-bf16" if v.precision == "bf16" else "torch") if v.backend == "torch" else "bundle"
 
 
 def rotating_rounds(items: list, runs: int, rounds: int) -> list[tuple[int, object]]:
@@ -235,7 +97,7 @@ def _time_isolated(variants, skipped, frame_path, batches, threads, runs, warmup
             continue
         spec = {"batches": list(batches), "runs": n_runs, "warmup": warmup, "fps": fps, "spin": spin}
         try:
-            res = run_isolated(_kind(v), v.path, frame_path, threads, device, backend, spec)
+            res = run_isolated(v.kind, v.path, frame_path, threads, device, backend, spec)
         except RuntimeError as exc:
             failed.add(v.name)
             skipped.append({"bundle": v.name, "reason": f"timing: {exc}"})
@@ -256,24 +118,23 @@ def _time_shared(variants, frame, batches, runs, warmup, block, fps, progress):
     times = {b: {v.name: [] for v in variants} for b in batches}
     for batch in batches:
         # the same real frame repeated: batching needs same-size frames
-        inputs = {v.name: _frames_for(v, [frame] * batch) for v in variants}
+        inputs = [frame] * batch
         for v in variants:
             for _ in range(warmup):
-                _time_once(v, inputs[v.name])
+                time_once(v, inputs)
         rounds = -(-runs // block)
         it = range(rounds) if progress is None else progress(range(rounds), f"batch {batch}")
         for _ in it:
             for v in variants:
                 if block > 1:  # let the previous variant's worker threads go idle before timing this one
-                    _time_once(v, inputs[v.name])
+                    time_once(v, inputs)
                 for _ in range(block):
-                    times[batch][v.name].append(_time_once(v, inputs[v.name]))
+                    times[batch][v.name].append(time_once(v, inputs))
     paced_runs = {}
     for v in variants:
         if fps:
-            one = _frames_for(v, [frame])
-            _time_once(v, one)
-            paced_runs[v.name] = paced_latency(lambda v=v, one=one: _time_once(v, one), fps, runs)["times_ms"]
+            time_once(v, [frame])
+            paced_runs[v.name] = paced_latency(lambda v=v: time_once(v, [frame]), fps, runs)["times_ms"]
     return times, paced_runs, {}
 
 
@@ -308,45 +169,24 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
     """
     if rounds < 1 or block < 1:
         raise ConfigError(f"rounds and block must be >= 1, got {rounds} and {block}")
-    from usfm_edge.data.readers import read_image
-    from usfm_edge.evaluation.evaluate import StaticSizeAdapter, evaluate_predictor, select_records
+    from usfm_edge.evaluation import read_frame, select_records
 
     if not bundles and torch_ckpt is None:
-        raise ConfigError("nothing to benchmark: give bundles and/or --torch CKPT")
+        raise ConfigError("nothing to benchmark: give bundle folders and/or --torch CKPT")
     if data is None:
         from usfm_edge.data import sample_dir
 
         data = f"busbra:{sample_dir() / 'busbra'}"
     records = select_records(data, split="all")
-    frames_all = [read_image(r.image) for r in records[:8]]
-    variants, skipped = [], []
-    if torch_ckpt is not None:
-        for bf16 in (False, True) if torch_bf16 else (False,):
-            try:  # never a silent fallback to the CPU: a device torch cannot use is reported as skipped
-                variants.append(_open_torch(Path(torch_ckpt), threads, device, bf16=bf16))
-            except BackendUnavailableError as exc:
-                skipped.append({"bundle": f"{torch_ckpt} (PyTorch {'bf16' if bf16 else 'fp32'})",
-                                "reason": f"{type(exc).__name__}: {exc}"})
-    for b in bundles:
-        try:
-            variants.append(_open_bundle(Path(b), threads, device, backend, spin))
-        except Exception as exc:  # a backend or device that is not here: report, do not abort the others
-            skipped.append({"bundle": str(b), "reason": f"{type(exc).__name__}: {exc}"})
+    variants, skipped = _open_variants(bundles, torch_ckpt, torch_bf16, threads, device, backend, spin)
     if isolate:
         times, paced_runs, peaks = _time_isolated(variants, skipped, records[0].image, batches, threads, runs,
                                                   warmup, rounds, device, backend, fps, progress, spin)
         variants = [v for v in variants if v.name in peaks]
     else:
-        times, paced_runs, peaks = _time_shared(variants, frames_all[0], batches, runs, warmup, block, fps, progress)
-    rows: list[BenchRow] = []
-    for batch in batches:
-        ref = np.median(times[batch]["pytorch-fp32"]) if "pytorch-fp32" in times[batch] else None
-        for v in variants:
-            t = np.asarray(times[batch][v.name])
-            p50 = float(np.median(t))
-            rows.append(BenchRow(v.name, v.backend, v.precision, v.target, v.device, batch, p50,
-                                 float(np.percentile(t, 90)), float(np.percentile(t, 99)), 1000.0 * batch / p50,
-                                 float(ref / p50) if ref is not None else None, v.size_mb, v.rss_mb))
+        frame = read_frame(records[0])
+        times, paced_runs, peaks = _time_shared(variants, frame, batches, runs, warmup, block, fps, progress)
+    rows = _rows(variants, times, batches)
     paced = []
     if fps:
         b2b = {r.name: r.p50_ms for r in rows if r.batch == 1}
@@ -358,28 +198,68 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
         from usfm_edge.bench.memprobe import isolated_peak_rss_mb
 
         for v in variants:
-            peaks[v.name] = isolated_peak_rss_mb(_kind(v), v.path, records[0].image, threads, device, backend)
+            peaks[v.name] = isolated_peak_rss_mb(v.kind, v.path, records[0].image, threads, device, backend)
     for r in rows:
         r.peak_rss_mb = peaks.get(r.name)
     if eval_frames:
-        held = select_records(data, split="val", limit=eval_frames)
-        for v in variants:
-            task = getattr(v.predictor, "task", None)
-            metric = PRIMARY.get(task)
-            if metric is None:
-                continue
-            try:
-                pred = v.predictor if v.static_hw is None else StaticSizeAdapter(v.predictor, v.static_hw)
-                res = evaluate_predictor(pred, held, task)
-            except Exception as exc:
-                skipped.append({"bundle": v.name, "reason": f"accuracy: {type(exc).__name__}: {exc}"})
-                continue
-            for r in rows:
-                if r.name == v.name:
-                    r.metric, r.metric_value = metric, float(res[metric])
-                    r.extra = {k: res[k] for k in ("iou", "hd95", "accuracy", "ssim", "hc_mae_mm") if k in res}
+        _accuracy(variants, rows, select_records(data, split="val", limit=eval_frames), skipped)
     return {"machine": machine_info(), "rows": [asdict(r) for r in rows], "skipped": skipped, "paced": paced,
             "settings": {"threads": threads, "runs": runs, "warmup": warmup, "batches": list(batches), "data": data,
                          "eval_frames": eval_frames, "device": device, "fps": fps, "isolate": isolate,
                          "rounds": rounds if isolate else None, "block": None if isolate else block, "spin": spin,
                          "peak_rss_mb": process_rss_mb("VmHWM")}}
+
+
+def _open_variants(bundles, torch_ckpt, torch_bf16: bool, threads: int, device: str, backend: str,
+                   spin: bool) -> tuple[list[Variant], list[dict]]:
+    """The PyTorch row(s) and the bundles, opened; what cannot run here is reported as skipped, with the reason."""
+    variants: list[Variant] = []
+    skipped: list[dict] = []
+    if torch_ckpt is not None:
+        for bf16 in (False, True) if torch_bf16 else (False,):
+            try:  # never a silent fallback to the CPU: a device torch cannot use is reported as skipped
+                variants.append(open_torch(Path(torch_ckpt), threads, device, bf16=bf16))
+            except BackendUnavailableError as exc:
+                skipped.append({"bundle": f"{torch_ckpt} (PyTorch {'bf16' if bf16 else 'fp32'})",
+                                "reason": f"{type(exc).__name__}: {exc}"})
+    for b in bundles:
+        try:
+            variants.append(open_bundle(Path(b), threads, device, backend, spin))
+        except Exception as exc:  # a backend or device that is not here: report, do not abort the others
+            skipped.append({"bundle": str(b), "reason": f"{type(exc).__name__}: {exc}"})
+    return variants, skipped
+
+
+def _rows(variants: list[Variant], times: dict, batches) -> list[BenchRow]:
+    """One row per variant and batch size: percentiles, throughput and the ratio to PyTorch fp32's median."""
+    rows: list[BenchRow] = []
+    for batch in batches:
+        ref = np.median(times[batch]["pytorch-fp32"]) if "pytorch-fp32" in times[batch] else None
+        for v in variants:
+            t = np.asarray(times[batch][v.name])
+            p50 = float(np.median(t))
+            rows.append(BenchRow(v.name, v.backend, v.precision, v.target, v.device, batch, p50,
+                                 float(np.percentile(t, 90)), float(np.percentile(t, 99)), 1000.0 * batch / p50,
+                                 float(ref / p50) if ref is not None else None, v.size_mb, v.rss_mb))
+    return rows
+
+
+def _accuracy(variants: list[Variant], rows: list[BenchRow], held: list, skipped: list[dict]) -> None:
+    """The task metric of every variant on the held-out records (``evaluation.evaluate_predictor``: the one
+    scoring path; static-shape bundles' engines fit the frames), into its rows."""
+    from usfm_edge.evaluation import evaluate_predictor
+
+    for v in variants:
+        task = getattr(v.predictor, "task", None)
+        metric = PRIMARY.get(task)
+        if metric is None:
+            continue
+        try:
+            res = evaluate_predictor(v.predictor, held, task)
+        except Exception as exc:
+            skipped.append({"bundle": v.name, "reason": f"accuracy: {type(exc).__name__}: {exc}"})
+            continue
+        for r in rows:
+            if r.name == v.name:
+                r.metric, r.metric_value = metric, float(res[metric])
+                r.extra = {k: res[k] for k in ("iou", "hd95", "accuracy", "ssim", "hc_mae_mm") if k in res}

@@ -4,7 +4,7 @@ Scanner software runs one model with one runtime. Timed in one process beside th
 with their idle worker threads (ONNX Runtime's and libgomp's spin after each call; measured on the demo
 model: PyTorch 47.6 ms per frame alternating with ONNX Runtime, 23.0 ms alone), and memory freed by one
 engine is reused by the next. So :func:`run_isolated` starts a fresh interpreter that opens ONE bundle (or the
-PyTorch checkpoint), times it on a real frame exactly as the benchmark feeds it (``latency._time_once``),
+PyTorch checkpoint), times it on a real frame exactly as the benchmark feeds it (``variants.time_once``),
 optionally paced at a frame rate, and reports the times and the process's peak resident set (``VmHWM``,
 interpreter and libraries included: what an embedding application holds; host memory only on a GPU).
 """
@@ -65,38 +65,29 @@ def isolated_peak_rss_mb(kind: str, path: str | Path, frame: str | Path, threads
 
 def _probe(kind: str, path: str, frame_path: str, threads: int, device: str, backend: str, timing: dict) -> dict:
     # opened and fed exactly as the benchmark opens and feeds the variant
-    from usfm_edge.bench.latency import (
-        _frames_for,
-        _open_bundle,
-        _open_torch,
-        _time_once,
-        paced_latency,
-        process_rss_mb,
-    )
+    from usfm_edge.bench.variants import open_bundle, open_torch, paced_latency, process_rss_mb, time_once
     from usfm_edge.data.readers import read_image
 
     if kind == "bundle":
-        v = _open_bundle(Path(path), threads, device, backend, (timing or {}).get("spin", True))
+        v = open_bundle(Path(path), threads, device, backend, (timing or {}).get("spin", True))
     else:
-        v = _open_torch(Path(path), threads, device, bf16=kind == "torch-bf16")
+        v = open_torch(Path(path), threads, device, bf16=kind == "torch-bf16")
     frame = read_image(frame_path)
     if not timing or "batches" not in timing:
-        one = _frames_for(v, [frame])
         for _ in range(3):
-            _time_once(v, one)
+            time_once(v, [frame])
         return {"peak_rss_mb": process_rss_mb("VmHWM"), "times": {}, "paced": None}
     times, peak = {}, None
     for batch in timing["batches"]:
-        inputs = _frames_for(v, [frame] * batch)
+        inputs = [frame] * batch
         for _ in range(timing.get("warmup", 3)):
-            _time_once(v, inputs)
-        times[str(batch)] = [_time_once(v, inputs) for _ in range(timing["runs"])]
+            time_once(v, inputs)
+        times[str(batch)] = [time_once(v, inputs) for _ in range(timing["runs"])]
         if peak is None:  # the peak of the first (smallest) batch, as a scanner feeding frames one by one
             peak = process_rss_mb("VmHWM")
     paced = None
     if timing.get("fps"):
-        one = _frames_for(v, [frame])
-        paced = paced_latency(lambda: _time_once(v, one), timing["fps"], timing["runs"])
+        paced = paced_latency(lambda: time_once(v, [frame]), timing["fps"], timing["runs"])
     return {"peak_rss_mb": peak, "times": times, "paced": paced}
 
 

@@ -8,7 +8,7 @@
 Sampling is a stratified round robin: records are grouped by ``(organ, scanner model)``, each group is
 shuffled with the seed, and the groups are visited in turn (one frame each) until ``n`` frames are taken,
 so a scanner with 40 images is not drowned by one with 1 000. Patients can be excluded (the held-out
-patients of the accuracy gate). Frames are read as ``uint8 (H, W)`` by ``data.readers.read_image``: exactly
+patients of the accuracy gate). Frames are read as ``uint8 (H, W)`` by ``evaluation.read_frame``: exactly
 what a bundle is fed.
 
 Refusals (``DataError``) and warnings, never silent fallbacks:
@@ -35,8 +35,7 @@ import numpy as np
 
 from usfm_edge.core.errors import DataError
 from usfm_edge.core.io import atomic_write_text
-from usfm_edge.data.readers import read_image
-from usfm_edge.data.sources import Record, load_records
+from usfm_edge.evaluation.records import Record, read_frame, select_records
 
 __all__ = ["CalibrationSet", "build_calibration_set", "MANIFEST_FORMAT", "RECOMMENDED_FRAMES", "MIN_FRAMES",
            "no_signal", "sha256_bytes", "stratified_round_robin", "check_frames"]
@@ -151,7 +150,7 @@ class CalibrationSet:
             if sha256_bytes(raw) != e["sha256"]:
                 raise DataError("calibration file changed since the manifest was written (SHA-256 mismatch)", path=f,
                                 hint="restore the original file or rebuild the calibration set")
-            frames.append(read_image(f))
+            frames.append(read_frame(f))
             entries.append(dict(e))
         return cls(frames=frames, entries=entries, sources=list(data.get("sources", [])), seed=int(data.get("seed", 0)),
                    n_requested=int(data.get("n_requested", len(frames))),
@@ -267,14 +266,14 @@ def build_calibration_set(sources: str | Sequence[str], n: int = RECOMMENDED_FRA
     """
     specs = [sources] if isinstance(sources, str) else [str(s) for s in sources]
     if records is None:
-        records = [r for s in specs for r in load_records(s)]
+        records = select_records(specs, split="all")
     excluded = set(exclude_patients or [])
     pool = [r for r in records if _patient_key(r) not in excluded]
     picked = stratified_round_robin(pool, int(n), seed)
     frames, entries = [], []
     for r in picked:
         path = Path(r.image)
-        frames.append(read_image(path))  # DataError names the file; nothing is skipped
+        frames.append(read_frame(path))  # DataError names the file; nothing is skipped
         entries.append({"path": str(path.resolve()), "sha256": _sha256_file(path), "organ": r.organ,
                         "device": r.device, "patient": r.patient})
     msgs = check_frames(frames, [e["path"] for e in entries], min_frames, strict)

@@ -1,7 +1,7 @@
 """The INT8 accuracy gate: the quantised artifact against its fp32 source on held-out real frames.
 
-Both models run through the same runtime code (``runtime.backends`` + ``runtime.Engine`` result types) and
-are scored by the one evaluation path, ``usfm_edge.evaluation.evaluate_predictor``, with the task metric:
+Both models run through ``runtime.Engine`` (``Engine.from_file``: frames of any size, a static-shape graph's
+frames fitted and its outputs mapped back by the engine, as for a bundle) and are scored by the one evaluation path, ``usfm_edge.evaluation.evaluate_predictor``, with the task metric:
 Dice (seg), AUC (cls; accuracy when the held-out set has one class) or PSNR (enhance). On top, per output:
 raw cosine and **centred** cosine (the fp32 mean output over the evaluation frames is subtracted from both
 sides first: raw cosine hides damage, reference/perf-baseline.md §2), and for seg the agreement (Dice) of the
@@ -17,6 +17,7 @@ of each graph on a few frames): the first candidates to keep in float.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -25,89 +26,39 @@ from pathlib import Path
 
 import numpy as np
 
-from usfm_edge.calibration.backends.common import GraphInfo, fit_frame
-from usfm_edge.core.bundle_schema import BundleMeta, InputContract, TensorSpec
-from usfm_edge.data.readers import read_image
-from usfm_edge.runtime.results import resize_maps, result_at_size
+from usfm_edge.core.bundle_schema import BundleMeta
+from usfm_edge.evaluation.records import read_frame
+from usfm_edge.export.parity import cosine, mask_dice, result_arrays
+from usfm_edge.runtime.engine import Engine
+from usfm_edge.runtime.results import resize_maps
 
-__all__ = ["GatePredictor", "accuracy_gate", "sensitivity_report", "fidelity", "centred_cosines"]
+__all__ = ["accuracy_gate", "sensitivity_report", "fidelity", "centred_cosines"]
 
 log = logging.getLogger(__name__)
 _MAIN = {"seg": "probs", "cls": "probs", "enhance": "restored", "features": "features"}
+_cos = cosine  # the name benchmarks/bench_int8.py imports
 
 
-class GatePredictor:
-    """A model file run like a bundle: ``predict(frame) -> Result`` and a record of every output.
+class _Recorded:
+    """An engine whose every result is also kept as arrays (the fidelity comparison of int8 vs fp32)."""
 
-    Args:
-        path: ``.onnx`` (ONNX Runtime) or ``.xml``/``.onnx`` (OpenVINO) model file.
-        info: the graph contract.
-        backend: ``onnxruntime`` or ``openvino`` (TensorRT Q/DQ graphs are checked in ONNX Runtime).
-        precision: ``fp32`` (OpenVINO then computes in f32, never bf16) or ``int8``.
-        threads: CPU threads (None = backend default).
-    """
-
-    def __init__(self, path: str | Path, info: GraphInfo, backend: str = "onnxruntime", precision: str = "fp32",
-                 threads: int | None = None):
-        from usfm_edge.runtime.backends import OnnxRuntimeBackend, OpenVINOBackend
-        from usfm_edge.runtime.engine import Engine
-
-        path = Path(path)
-        names = list(info.output_names)
-        if backend == "openvino":
-            be = OpenVINOBackend(path, names, "cpu", "fp32" if precision == "fp32" else "int8", threads)
-        else:
-            be = OnnxRuntimeBackend(path, names, "cpu", threads)
-        hw = list(info.static_hw) if info.static_hw else None
-        spec = info.spec
-        tensor = TensorSpec(info.input_name, "uint8" if info.raw else "float32",
-                            [1, *(hw or ["height", "width"])] if info.raw else [1, spec.in_chans, spec.img_size,
-                                                                                 spec.img_size])
-        meta = BundleMeta(task=info.task, input=InputContract(tensor=tensor, layout="BHW" if info.raw else "BCHW",
-                                                              raw_frame=info.raw, static_hw=hw, max_side=spec.max_side),
-                          outputs=[TensorSpec(n, "float32", []) for n in names], preprocessing=info.preprocess,
-                          precision=precision, backend=be.name, target="calibration", files={"model": path.name},
-                          labels=list(info.labels))
-        self.engine = Engine(path.parent, meta, be)
-        self.info = info
-        self.task = info.task
+    def __init__(self, engine: Engine):
+        self.engine, self.task = engine, engine.task
         self.outputs: list[dict[str, np.ndarray]] = []
 
     def predict(self, frame: np.ndarray):
-        """Predict one frame (resized to the static size of static graphs, results mapped back with
-        ``runtime.results.result_at_size``, as ``usfm-edge evaluate`` does)."""
-        res = self.engine.predict(fit_frame(frame, self.info.static_hw))
-        if self.info.static_hw is not None:
-            res = result_at_size(res, frame.shape[:2])
-        self.outputs.append(_arrays(res))
+        res = self.engine.predict(frame)
+        self.outputs.append(result_arrays(res))
         return res
 
     def close(self) -> None:
         self.engine.close()
 
 
-def _arrays(res) -> dict[str, np.ndarray]:
-    if res.task == "seg":
-        return {"probs": res.probs, "mask": res.mask}
-    if res.task == "cls":
-        return {"probs": res.probs}
-    if res.task == "enhance":
-        return {"restored": res.image}
-    return {"features": res.features}
-
-
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    if na == 0 and nb == 0:
-        return 1.0
-    return 0.0 if na == 0 or nb == 0 else float(a @ b / (na * nb))
-
-
-def _mask_agreement(a: np.ndarray, b: np.ndarray) -> float:
-    scores = [2.0 * np.count_nonzero((a == c) & (b == c)) / (np.count_nonzero(a == c) + np.count_nonzero(b == c))
-              for c in np.union1d(np.unique(a), np.unique(b))]
-    return float(np.mean(scores)) if scores else 1.0
+def _open(path: str | Path, meta: BundleMeta, backend: str, precision: str) -> _Recorded:
+    """A model file run like a bundle: ``fp32`` makes OpenVINO compute in f32 (never bf16); TensorRT Q/DQ graphs
+    are run by ONNX Runtime here."""
+    return _Recorded(Engine.from_file(path, dataclasses.replace(meta, precision=precision), backend))
 
 
 def centred_cosines(ref: Sequence[np.ndarray], got: Sequence[np.ndarray], grid: int) -> list[float] | None:
@@ -124,7 +75,7 @@ def centred_cosines(ref: Sequence[np.ndarray], got: Sequence[np.ndarray], grid: 
 
     r, q = [g(a) for a in ref], [g(a) for a in got]
     mean = np.mean(r, axis=0)
-    return [_cos(a - mean, b - mean) for a, b in zip(r, q)]
+    return [cosine(a - mean, b - mean) for a, b in zip(r, q)]
 
 
 def fidelity(ref: list[dict], got: list[dict], grid: int) -> dict:
@@ -132,10 +83,10 @@ def fidelity(ref: list[dict], got: list[dict], grid: int) -> dict:
     out = {}
     for name in ref[0] if ref else []:
         if name == "mask":
-            ag = [_mask_agreement(a["mask"], b["mask"]) for a, b in zip(ref, got)]
+            ag = [mask_dice(a["mask"], b["mask"], min_fraction=0.0) for a, b in zip(ref, got)]
             out["mask"] = {"agreement_mean": round(float(np.mean(ag)), 5), "agreement_min": round(float(min(ag)), 5)}
             continue
-        raw = [_cos(a[name], b[name]) for a, b in zip(ref, got)]
+        raw = [cosine(a[name], b[name]) for a, b in zip(ref, got)]
         cc = centred_cosines([a[name] for a in ref], [b[name] for b in got], grid)
         out[name] = {"cosine_mean": round(float(np.mean(raw)), 5), "cosine_min": round(float(min(raw)), 5),
                      "centred_cosine_mean": None if cc is None else round(float(np.mean(cc)), 5),
@@ -147,7 +98,7 @@ def _has_target(task: str, r) -> bool:
     return {"seg": r.mask is not None, "cls": r.label is not None, "enhance": True}.get(task, False)
 
 
-def accuracy_gate(fp32_path: str | Path, int8_path: str | Path, info: GraphInfo, records: Sequence,
+def accuracy_gate(fp32_path: str | Path, int8_path: str | Path, meta: BundleMeta, records: Sequence,
                   recipe, backend: str = "onnxruntime", max_drop: float | None = None,
                   fp32_backend: str | None = None) -> dict:
     """Score the INT8 artifact against its fp32 source on held-out records; never raises on failure.
@@ -155,7 +106,7 @@ def accuracy_gate(fp32_path: str | Path, int8_path: str | Path, info: GraphInfo,
     Args:
         fp32_path: the fp32 graph (ONNX, or fp32 IR).
         int8_path: the quantised artifact.
-        info: graph contract.
+        meta: the graph contract (``BundleMeta``).
         records: held-out records (patients not used for calibration); labels/masks enable the task metric.
         recipe: the ``QuantRecipe`` (``min_centred_cosine``, ``gate_frames``).
         backend: runtime backend of the INT8 artifact (``tensorrt`` Q/DQ runs in ONNX Runtime here).
@@ -171,15 +122,14 @@ def accuracy_gate(fp32_path: str | Path, int8_path: str | Path, info: GraphInfo,
     if len(records) > recipe.gate_frames:
         idx = np.linspace(0, len(records) - 1, recipe.gate_frames).round().astype(int)
         records = [records[i] for i in idx]
-    task = info.task
+    task = meta.task
     max_drop = recipe.max_drop_for(task) if max_drop is None else float(max_drop)
-    preds = [GatePredictor(fp32_path, info, fp32_backend or run_backend, "fp32"),
-             GatePredictor(int8_path, info, run_backend, "int8")]
+    preds = [_open(fp32_path, meta, fp32_backend or run_backend, "fp32"), _open(int8_path, meta, run_backend, "int8")]
     scored = [r for r in records if _has_target(task, r)]
     metric, scores, notes = None, [{}, {}], []
     try:
         if task in ("seg", "cls", "enhance") and scored:
-            from usfm_edge.evaluation.evaluate import PRIMARY, evaluate_predictor  # the one scoring path
+            from usfm_edge.evaluation import PRIMARY, evaluate_predictor  # the one scoring path
 
             scores = [evaluate_predictor(p, scored, task) for p in preds]
             metric = PRIMARY[task]
@@ -190,11 +140,11 @@ def accuracy_gate(fp32_path: str | Path, int8_path: str | Path, info: GraphInfo,
             notes.append("no held-out labels for the task metric: fidelity only")
             for p in preds:
                 for r in records:
-                    p.predict(read_image(r.image))
+                    p.predict(read_frame(r))
     finally:
         for p in preds:
             p.close()
-    fid = fidelity(preds[0].outputs, preds[1].outputs, int(info.spec.img_size))
+    fid = fidelity(preds[0].outputs, preds[1].outputs, int(meta.preprocessing["img_size"]))
     failures = []
     drop = None
     if metric is not None:
@@ -228,7 +178,7 @@ def accuracy_gate(fp32_path: str | Path, int8_path: str | Path, info: GraphInfo,
             "backend": run_backend, "notes": notes, "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def sensitivity_report(fp32_path: str | Path, int8_path: str | Path, info: GraphInfo, frames: Sequence[np.ndarray],
+def sensitivity_report(fp32_path: str | Path, int8_path: str | Path, meta: BundleMeta, frames: Sequence[np.ndarray],
                        backend: str, workdir: str | Path, top_k: int = 5) -> dict:
     """The ``top_k`` layers whose quantisation adds most error (int8 vs fp32 intermediate outputs).
 
@@ -240,7 +190,7 @@ def sensitivity_report(fp32_path: str | Path, int8_path: str | Path, info: Graph
         if backend == "openvino":
             from usfm_edge.calibration.backends.nncf_openvino import openvino_layer_errors
 
-            rows = openvino_layer_errors(fp32_path, int8_path, frames, info)
+            rows = openvino_layer_errors(fp32_path, int8_path, frames, meta)
         else:
             from usfm_edge.calibration.backends.ort_qdq import onnx_layer_errors
 

@@ -7,7 +7,7 @@
 What one quantisation does (``_quantize``):
 
 1. Held-out patients: ``val_specs`` when given, else a seeded 20 % patient split of the calibration sources
-   (``data.splits.patient_split``). Their images never enter the calibration set.
+   (``evaluation.split_records``, the split fine-tuning and evaluation use). Their images never enter the calibration set.
 2. Calibration set (``calibset.build_calibration_set``): up to ``n`` real frames of the other patients,
    balanced across organ and scanner; its manifest goes into the report and its SHA-256 into ``usfm.json``.
 3. Backend by target: openvino -> NNCF PTQ; onnx -> ONNX Runtime Q/DQ; jetson/tensorrt -> TensorRT Q/DQ.
@@ -21,7 +21,6 @@ The minimum calibration size defaults to 32 frames; ``USFM_EDGE_MIN_CALIB_FRAMES
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import time
@@ -29,12 +28,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from usfm_edge.calibration.backends import quantize as run_backend
-from usfm_edge.calibration.backends.common import GraphInfo, describe_onnx
+from usfm_edge.calibration.backends.common import read_contract
 from usfm_edge.calibration.calibset import MIN_FRAMES, build_calibration_set
 from usfm_edge.calibration.gate import accuracy_gate, sensitivity_report
 from usfm_edge.calibration.recipe import QuantRecipe, get_recipe
+from usfm_edge.core.bundle_schema import BundleMeta
 from usfm_edge.core.errors import ConfigError, DataError, ValidationError
-from usfm_edge.data.sources import load_records, patient_split, read_record_mask
+from usfm_edge.evaluation.records import read_frame, read_mask, select_records, split_records
 
 __all__ = ["make_quantizer", "quantize_bundle", "held_out_split", "min_frames_default"]
 
@@ -63,10 +63,10 @@ def held_out_split(records: Sequence, val_specs: Sequence[str] | None = None, se
         ``(held-out records, excluded "organ/patient" keys, description)``.
     """
     if val_specs:
-        val = [r for s in val_specs for r in load_records(s)]
+        val = select_records(list(val_specs), split="all")
         return val, {_key(r) for r in val}, f"{len(val)} frames of {', '.join(val_specs)}"
     try:
-        _, val = patient_split(records, val_fraction=val_fraction, seed=seed)
+        val = split_records(records, "val", val_fraction=val_fraction, seed=seed)
     except DataError:
         return [], set(), "no held-out patients (the calibration sources hold a single patient)"
     keys = {_key(r) for r in val}
@@ -75,16 +75,15 @@ def held_out_split(records: Sequence, val_specs: Sequence[str] | None = None, se
 
 def _validation_items(task: str, records: Sequence) -> list:
     from usfm_edge.calibration.backends.nncf_openvino import ValidationItem
-    from usfm_edge.data.readers import read_image
 
     if task == "seg":
-        return [ValidationItem(read_image(r.image), read_record_mask(r) > 0) for r in records if r.mask is not None]
+        return [ValidationItem(read_frame(r), read_mask(r) > 0) for r in records if r.mask is not None]
     if task == "cls":
-        return [ValidationItem(read_image(r.image), int(r.label)) for r in records if r.label is not None]
+        return [ValidationItem(read_frame(r), int(r.label)) for r in records if r.label is not None]
     return []  # enhance/features: no per-frame metric NNCF can optimise here
 
 
-def _quantize(model_path: Path, info: GraphInfo, backend: str, workdir: Path, *, calib_specs: Sequence[str],
+def _quantize(model_path: Path, meta: BundleMeta, backend: str, workdir: Path, *, calib_specs: Sequence[str],
               recipe: QuantRecipe, max_drop: float | None, force: bool, n: int, seed: int,
               val_specs: Sequence[str] | None, organs: Sequence[str] | None, min_frames: int | None,
               manifest_out: str | Path | None) -> dict:
@@ -93,7 +92,7 @@ def _quantize(model_path: Path, info: GraphInfo, backend: str, workdir: Path, *,
     if not specs:
         raise ConfigError("INT8 needs a real ultrasound calibration set: give at least one data source",
                           hint="--calib busbra:PATH (repeatable)")
-    records = [r for s in specs for r in load_records(s)]
+    records = select_records(specs, split="all")
     held, excluded, held_desc = held_out_split(records, val_specs, seed)
     if not held and not force:
         raise DataError(f"no held-out frames for the INT8 accuracy gate: {held_desc}",
@@ -104,15 +103,15 @@ def _quantize(model_path: Path, info: GraphInfo, backend: str, workdir: Path, *,
     if manifest_out:
         calib.save_manifest(manifest_out)
     calib.save_manifest(workdir / "calibration_manifest.json")
-    drop_limit = recipe.max_drop_for(info.task) if max_drop is None else float(max_drop)
-    items = _validation_items(info.task, held) if backend == "openvino" and recipe.accuracy_control != "never" \
+    drop_limit = recipe.max_drop_for(meta.task) if max_drop is None else float(max_drop)
+    items = _validation_items(meta.task, held) if backend == "openvino" and recipe.accuracy_control != "never" \
         else []
     attempts = []
     validation = items if recipe.accuracy_control == "always" and items else None
     while True:
         out_dir = workdir / f"int8-{len(attempts)}"
-        artifact, details = run_backend(model_path, calib, recipe, out_dir, backend, info, validation, drop_limit)
-        gate = accuracy_gate(model_path, artifact, info, held, recipe, backend, drop_limit) if held else \
+        artifact, details = run_backend(model_path, calib, recipe, out_dir, backend, meta, validation, drop_limit)
+        gate = accuracy_gate(model_path, artifact, meta, held, recipe, backend, drop_limit) if held else \
             {"passed": True, "failures": [], "notes": [held_desc], "skipped": True}
         attempts.append({"mode": details.get("mode", "ptq"), "passed": gate["passed"], "failures": gate["failures"]})
         metric_failed = gate.get("drop") is not None and drop_limit is not None and gate["drop"] > drop_limit
@@ -124,10 +123,8 @@ def _quantize(model_path: Path, info: GraphInfo, backend: str, workdir: Path, *,
               "manifest": calib.manifest(), "held_out": held_desc, "quantizer": details, "gate": gate,
               "attempts": attempts}
     if not gate["passed"]:
-        from usfm_edge.data.readers import read_image
-
-        probe = [read_image(r.image) for r in held[:4]] or calib.frames[:4]  # real held-out frames first
-        report["sensitivity"] = sensitivity_report(model_path, artifact, info, probe, backend, workdir,
+        probe = [read_frame(r) for r in held[:4]] or calib.frames[:4]  # real held-out frames first
+        report["sensitivity"] = sensitivity_report(model_path, artifact, meta, probe, backend, workdir,
                                                    recipe.sensitivity_top_k)
         worst = ", ".join(f"{r['layer']} (+{r['added']:.3f})" for r in report["sensitivity"].get("layers", []))
         msg = f"INT8 accuracy gate failed ({backend}): " + "; ".join(gate["failures"])
@@ -170,7 +167,7 @@ def make_quantizer(calib_specs: Sequence[str], max_drop: float | None = None, fo
 
     def quantizer(onnx_fp32: Path, target, workdir: Path) -> dict:
         backend = getattr(target, "backend", str(target))
-        return _quantize(Path(onnx_fp32), describe_onnx(onnx_fp32), backend, Path(workdir), calib_specs=specs,
+        return _quantize(Path(onnx_fp32), read_contract(onnx_fp32), backend, Path(workdir), calib_specs=specs,
                          recipe=rec, max_drop=max_drop, force=force, n=n, seed=seed, val_specs=val_specs,
                          organs=organs, min_frames=min_frames, manifest_out=manifest_out)
 
@@ -226,20 +223,10 @@ def quantize_bundle(bundle_path: str | Path, calib_specs: Sequence[str], out: st
     band = meta.band_stop or {}
     reproducible = not band.get("enabled") or band.get("rings") is not None
     if ckpt is not None and reproducible:
-        export = importlib.import_module("usfm_edge.export").export  # torch needed only on this path
-        hw = tuple(meta.input.static_hw) if meta.input.static_hw else None
-        return export(ckpt, target=meta.target, precision="int8", out=out, task=meta.task,
-                      img_size=(meta.model or {}).get("img_size") if (meta.source or {}).get("kind") == "backbone"
-                      else None, band_stop=band.get("rings") if band.get("enabled") else False,
-                      bare=bool((meta.model or {}).get("bare")), frame_size=hw, force=force, quantizer=quantizer)
+        from usfm_edge.export import export, export_config_from_meta  # torch is needed on this path only
+
+        return export(ckpt, export_config_from_meta(meta, precision="int8", out=out, force=force, quantizer=quantizer))
     return _quantize_files(bundle, meta, out, quantizer)
-
-
-def _info_from_meta(meta) -> GraphInfo:
-    hw = tuple(meta.input.static_hw) if meta.input.static_hw else None
-    return GraphInfo(task=meta.task, labels=list(meta.labels), preprocess=dict(meta.preprocessing),
-                     input_name=meta.input.tensor.name, raw=bool(meta.input.raw_frame), static_hw=hw,
-                     output_names=[o.name for o in meta.outputs], band_stop=dict(meta.band_stop))
 
 
 def _quantize_files(bundle: Path, meta, out: Path, quantizer) -> Path:
@@ -270,7 +257,7 @@ def _quantize_files(bundle: Path, meta, out: Path, quantizer) -> Path:
         work = tmp.parent / f"{tmp.name}-work"
         work.mkdir()
         try:
-            quant = _quantize(model, _info_from_meta(meta), meta.backend, work, **quantizer.settings)
+            quant = _quantize(model, meta, meta.backend, work, **quantizer.settings)
             artifact = Path(quant[_ARTIFACT_KEY[meta.backend]])
             skip = {META_FILE, SUMS_FILE, *DEVICE_BUILT_FILES, meta.files[role], meta.files.get("openvino_bin", "")}
             for f in bundle.iterdir():

@@ -1,10 +1,15 @@
-"""The ``usfm.json`` schema of a bundle: one dataclass, its version, and its validation (stdlib only).
+"""The model contract: ``BundleMeta``, the one description of a model's inputs, outputs, labels, preprocessing
+and precision; its ``usfm.json`` form, its ONNX-metadata form, its version and its validation (stdlib only).
 
 A bundle (``NAME.usfm/``) is what a device runs: the model file(s), ``usfm.json`` described here and
 ``SHA256SUMS``. ``usfm.json`` is the contract between the exporter (torch side) and every runtime (this
 package's ``runtime.Engine``, or scanner software in C++/C#/Java reading the JSON itself): what the input
 is, what the graph already does inside (resize, band-stop, normalisation), what comes out, and how
 closely the artifact matched PyTorch when it was made.
+
+The same contract fields travel inside the model file as ``usfm_edge.<field>`` metadata
+(:meth:`BundleMeta.onnx_metadata`, read back by :meth:`BundleMeta.from_onnx_metadata`), so a bare ONNX/IR file
+carries what a runtime or the INT8 calibration needs; there is no second schema.
 
 Versioning: ``SCHEMA_VERSION`` grows by one whenever a reader of the previous version would
 misinterpret a bundle. A reader refuses bundles with a *newer* version (``BundleError``: "written by a
@@ -31,8 +36,14 @@ PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 DTYPES = ("uint8", "float16", "float32", "int64")
 
+ONNX_META_PREFIX = "usfm_edge."
+#: the ``BundleMeta`` fields that describe the model itself, written into the model file's metadata too
+CONTRACT_FIELDS = ("schema_version", "task", "labels", "input", "outputs", "preprocessing", "band_stop", "precision",
+                   "backend", "target")
+_TEXT_FIELDS = ("task", "precision", "backend", "target")  # stored as plain strings, the others as JSON
+
 __all__ = ["SCHEMA_VERSION", "META_FILE", "SUMS_FILE", "BUNDLE_SUFFIX", "TASKS", "PRECISIONS", "BACKENDS",
-           "TensorSpec", "InputContract", "BundleMeta", "default_thresholds"]
+           "ONNX_META_PREFIX", "CONTRACT_FIELDS", "TensorSpec", "InputContract", "BundleMeta", "default_thresholds"]
 
 
 def default_thresholds(precision: str) -> dict[str, float | None]:
@@ -88,7 +99,8 @@ class InputContract:
         dynamic_axes: names of the axes that may vary between calls.
         min_side: smallest accepted frame side in pixels.
         max_side: largest accepted frame side in pixels.
-        static_hw: fixed ``(H, W)`` of the frame for static-shape targets (TensorRT/DLA), else None.
+        static_hw: fixed ``(H, W)`` of the frame a static-shape graph (TensorRT/DLA) was built for, else None;
+            ``runtime.Engine`` fits frames of other sizes to it and maps the outputs back.
         max_batch: largest batch the graph accepts (1 for static targets).
     """
 
@@ -182,6 +194,16 @@ class BundleMeta:
     # -- validation -----------------------------------------------------------------------------
     def validate(self) -> BundleMeta:
         """Check types and allowed values; raise BundleError naming the field. Returns self."""
+        self.validate_contract()
+        if not isinstance(self.files, dict) or not self.files:
+            raise BundleError("files must map roles to file names")
+        for role, name in self.files.items():
+            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+                raise BundleError(f"files['{role}'] = {name!r} must be a plain file name inside the bundle")
+        return self
+
+    def validate_contract(self) -> BundleMeta:
+        """Check the model-contract fields only (``CONTRACT_FIELDS``: what a model file carries). Returns self."""
         if not isinstance(self.schema_version, int) or self.schema_version < 1:
             raise BundleError(f"schema_version must be a positive int, got {self.schema_version!r}")
         if self.schema_version > SCHEMA_VERSION:
@@ -203,11 +225,6 @@ class BundleMeta:
             raise BundleError("a bundle needs at least one output")
         for out in self.outputs:
             out.validate("output")
-        if not isinstance(self.files, dict) or not self.files:
-            raise BundleError("files must map roles to file names")
-        for role, name in self.files.items():
-            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
-                raise BundleError(f"files['{role}'] = {name!r} must be a plain file name inside the bundle")
         if not isinstance(self.preprocessing, dict) or "img_size" not in self.preprocessing:
             raise BundleError("preprocessing must be a PreprocessSpec dict with img_size")
         if not isinstance(self.band_stop, dict) or "enabled" not in self.band_stop:
@@ -227,6 +244,10 @@ class BundleMeta:
     @classmethod
     def from_dict(cls, data: Any) -> BundleMeta:
         """Parse and validate a ``usfm.json`` object (newer schema -> BundleError)."""
+        return cls._parse(data).validate()
+
+    @classmethod
+    def _parse(cls, data: Any) -> BundleMeta:
         if not isinstance(data, dict):
             raise BundleError(f"{META_FILE} must hold a JSON object")
         version = data.get("schema_version")
@@ -245,10 +266,9 @@ class BundleMeta:
         except (KeyError, TypeError) as exc:
             raise BundleError(f"{META_FILE} lacks a required entry: {exc}") from exc
         try:
-            meta = cls(**known, extra=extra)
+            return cls(**known, extra=extra)
         except TypeError as exc:
             raise BundleError(f"{META_FILE} is incomplete: {exc}") from exc
-        return meta.validate()
 
     @classmethod
     def from_json(cls, text: str) -> BundleMeta:
@@ -257,6 +277,36 @@ class BundleMeta:
         except json.JSONDecodeError as exc:
             raise BundleError(f"{META_FILE} is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
+
+    # -- the same contract inside a model file ---------------------------------------------------------
+    def onnx_metadata(self) -> dict[str, str]:
+        """The contract fields as ``usfm_edge.<field>`` string metadata (ONNX ``metadata_props``, OpenVINO
+        ``rt_info``): plain strings for task/precision/backend/target, JSON for the others."""
+        d = self.to_dict()
+        return {ONNX_META_PREFIX + k: d[k] if k in _TEXT_FIELDS else json.dumps(d[k], sort_keys=True)
+                for k in CONTRACT_FIELDS}
+
+    @classmethod
+    def from_onnx_metadata(cls, props: dict[str, str], files: dict[str, str] | None = None,
+                           where: str = "the model file") -> BundleMeta:
+        """Rebuild the contract from the metadata :meth:`onnx_metadata` wrote (``files`` as given, other
+        bundle fields at their defaults); validated with :meth:`validate_contract`.
+
+        Raises:
+            BundleError: a contract field is missing or malformed (a graph not exported by this usfm-edge).
+        """
+        data: dict[str, Any] = {"files": dict(files or {})}
+        missing = [ONNX_META_PREFIX + k for k in CONTRACT_FIELDS if ONNX_META_PREFIX + k not in props]
+        if missing:
+            raise BundleError(f"{where} lacks the model contract metadata {', '.join(missing)}: not a graph exported "
+                              "by this usfm-edge", hint="export it again with usfm_edge.export (usfm-edge export)")
+        for k in CONTRACT_FIELDS:
+            raw = props[ONNX_META_PREFIX + k]
+            try:
+                data[k] = raw if k in _TEXT_FIELDS else json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise BundleError(f"{where}: metadata {ONNX_META_PREFIX}{k} is not valid JSON: {exc}") from exc
+        return cls._parse(data).validate_contract()
 
     def output(self, name: str) -> TensorSpec:
         for o in self.outputs:

@@ -121,12 +121,13 @@ def resize_gray(frame: np.ndarray, out_hw: tuple[int, int], interpolation="bicub
     return wh @ frame.astype(np.float32) @ ww.T
 
 
-def fit_frame(frame: np.ndarray, hw: tuple[int, int] | None) -> np.ndarray:
-    """Resize a uint8 frame to ``hw`` (bicubic, rounded, clipped) for static-shape graphs; unchanged when ``hw`` is
-    None or already the frame's size."""
+def fit_frame(frame: np.ndarray, hw: tuple[int, int] | None, interpolation: str = "bicubic",
+              antialias: bool = False) -> np.ndarray:
+    """Resize a uint8 frame to ``hw`` (rounded, clipped to uint8) for a static-shape graph; unchanged when ``hw``
+    is None or already the frame's size. Only ``runtime.Engine`` calls it (with the bundle's interpolation)."""
     if hw is None or tuple(frame.shape) == tuple(hw):
         return frame
-    return np.clip(np.round(resize_gray(frame, tuple(hw))), 0, 255).astype(np.uint8)
+    return np.clip(np.round(resize_gray(frame, tuple(hw), interpolation, antialias)), 0, 255).astype(np.uint8)
 
 
 def resize_nearest(a: np.ndarray, hw: tuple[int, int], centred: bool = True) -> np.ndarray:
@@ -178,11 +179,20 @@ def check_frame(frame, spec: PreprocessSpec | None = None, name: str = "frame") 
     return np.ascontiguousarray(frame)
 
 
-def preprocess(frame: np.ndarray, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:
-    """Raw uint8 frame (any size) -> float32 model input of shape (in_chans, S, S)."""
+def preprocess(frame: np.ndarray, spec: PreprocessSpec = PreprocessSpec(),
+               band_stop_mask: np.ndarray | None = None) -> np.ndarray:
+    """Raw uint8 frame (any size) -> float32 model input of shape (in_chans, S, S).
+
+    ``band_stop_mask``: an ``(S, S)`` mask (``core.band_stop``) applied to the resized [0, 1] image before the
+    normalisation, as the exported graph does in-graph (bare bundles with band-stop filtering).
+    """
     gray = check_frame(frame, spec)
     s = spec.img_size
     img = resize_gray(gray, (s, s), spec.interpolation, spec.antialias) / np.float32(255.0)
+    if band_stop_mask is not None:
+        from usfm_edge.core.band_stop import band_stop_filter_np
+
+        img = band_stop_filter_np(img.astype(np.float64), band_stop_mask).astype(np.float32)
     mean = np.asarray(spec.mean, np.float32)[:, None, None]
     std = np.asarray(spec.std, np.float32)[:, None, None]
     return ((img[None] - mean) / std).astype(np.float32)

@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from usfm_edge.core.errors import ConfigError, DataError
-from usfm_edge.core.geometry import fill_outline_mask, head_circumference_mm  # noqa: F401 (re-exported)
+from usfm_edge.core.geometry import fill_outline_mask
 from usfm_edge.data.readers import IMAGE_SUFFIXES, read_mask
-from usfm_edge.data.splits import label_fraction, patient_split  # noqa: F401 (re-exported)
 
 KINDS = ("busbra", "hc18", "folder", "pairs", "csv")
 BUSBRA_LABELS = ("benign", "malignant")

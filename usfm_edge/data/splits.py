@@ -9,14 +9,22 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
 import numpy as np
 
 from usfm_edge.core.errors import ConfigError, DataError
 
-if TYPE_CHECKING:
-    from usfm_edge.data.sources import Record
+
+class _Patient(Protocol):
+    """What a split needs of a record (``data.sources.Record`` has it): its organ, patient id and class label."""
+
+    organ: str
+    patient: str
+    label: int | None
+
+
+Record = TypeVar("Record", bound=_Patient)
 
 
 def _patients(records: Sequence[Record]) -> dict[tuple[str, str], int | None]:

@@ -1,18 +1,19 @@
 """Export: one target table, torch -> ONNX -> OpenVINO IR / TensorRT, in-graph preprocessing, bundles, parity.
 
-Heavy modules (torch, onnx) load on first use of ``export`` and friends, so ``import usfm_edge.export.targets``
-stays cheap for the CLI.
+Heavy modules (torch, onnx) load on first use of ``export`` and friends, so ``import usfm_edge.export`` (the
+target table, ``ExportConfig``) stays cheap for the CLI and for ``usfm_edge.calibration``.
 """
 
 from __future__ import annotations
 
+from usfm_edge.export.config import ExportConfig, export_config_from_meta
 from usfm_edge.export.targets import TARGETS, Target, check_precision, get_target, list_targets, target_table
 
 _LAZY = {
     "export": "usfm_edge.export.exporter",
     "load_for_export": "usfm_edge.export.exporter",
-    "RawFrameModel": "usfm_edge.export.graph",
-    "PreprocessGraph": "usfm_edge.export.graph",
+    "RawFrameModel": "usfm_edge.models.raw_frame",
+    "PreprocessGraph": "usfm_edge.models.raw_frame",
     "torch2onnx": "usfm_edge.export.onnx_export",
     "check_onnx_ops": "usfm_edge.export.onnx_export",
     "onnx2openvino": "usfm_edge.export.openvino_export",
@@ -26,7 +27,8 @@ _LAZY = {
     "run_parity": "usfm_edge.export.parity",
 }
 
-__all__ = ["TARGETS", "Target", "check_precision", "get_target", "list_targets", "target_table", *_LAZY]
+__all__ = ["TARGETS", "Target", "check_precision", "get_target", "list_targets", "target_table", "ExportConfig",
+           "export_config_from_meta", *_LAZY]
 
 
 def __getattr__(name: str):

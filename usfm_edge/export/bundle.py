@@ -36,7 +36,7 @@ from usfm_edge.runtime.bundle_io import (
     verify_bundle,
 )
 
-__all__ = ["BundleWriter", "write_bundle", "write_sums", "update_meta", "verify_bundle", "read_meta", "read_sums",
+__all__ = ["BundleWriter", "write_bundle", "bundle_summary", "write_sums", "update_meta", "verify_bundle", "read_meta", "read_sums",
            "sha256_file", "tool_versions", "bundle_path"]
 
 
@@ -184,3 +184,20 @@ def write_bundle(out: str | Path, meta: BundleMeta, files: Mapping[str, str | Pa
         meta.name = meta.name or w.out.name[: -len(BUNDLE_SUFFIX)]
         w.write_meta(meta)
         return w.commit()
+
+
+def bundle_summary(path: str | Path) -> str:
+    """A few lines for people: size, task, target, backend, precision, the parity result per output, the files."""
+    path = Path(path)
+    meta = read_meta(path)
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
+    parity = meta.parity or {}
+    lines = [f"bundle  {path}  ({size:.1f} MB)",
+             f"  task {meta.task}  target {meta.target}  backend {meta.backend}  precision {meta.precision}",
+             f"  parity vs PyTorch on {parity.get('frames', '?')} real frames via {parity.get('backend', '?')}: "
+             f"{'passed' if parity.get('passed') else 'FAILED'}"]
+    for name, o in (parity.get("outputs") or {}).items():
+        stats = ", ".join(f"{k} {o[k]:.6g}" for k in ("cosine", "max_abs", "dice") if o.get(k) is not None)
+        lines.append(f"    {name}: {stats}")
+    lines += [f"  {name}" for name in sorted(p.name for p in path.iterdir())]
+    return "\n".join(lines)

@@ -1,15 +1,17 @@
 """``export``: checkpoint -> raw-frame graph -> target artifact -> bundle -> parity gate.
 
     from usfm_edge.export import export
-    export("seg.safetensors", target="jetson")          # -> seg-jetson-fp16.usfm/
+    export("seg.safetensors", target="jetson", frame_size=(540, 800))   # -> seg-jetson-fp16.usfm/
+    export("seg.safetensors", ExportConfig(target="openvino"))          # the same settings as one object
 
-Steps: load the task model (or a backbone as a ``features`` model) -> wrap it in ``graph.RawFrameModel``
-(pre/post-processing in the graph) -> ONNX (opset 17, op check per target) -> OpenVINO IR / TensorRT engine or
-``build_engine.sh`` -> ``usfm.json`` + ``SHA256SUMS`` in a temporary folder -> parity against the same
-RawFrameModel in PyTorch fp32 through ``runtime.Engine`` on real frames -> rename into place. A failed
-step or a failed gate leaves no bundle (unless ``force=True``, which keeps it and records the failure).
+Steps: load the task model (or a backbone as a ``features`` model) -> wrap it in ``models.raw_frame.RawFrameModel``
+(pre/post-processing in the graph) -> its contract (``RawFrameModel.contract``: the ``BundleMeta`` that goes into
+the ONNX metadata and ``usfm.json`` alike) -> ONNX (opset 17, op check per target) -> OpenVINO IR / TensorRT engine
+or ``build_engine.sh`` -> ``usfm.json`` + ``SHA256SUMS`` in a temporary folder -> parity against the same graph in
+PyTorch fp32 (``evaluation.TorchPredictor``), both through ``predict`` on real frames -> rename into place. A
+failed step or a failed gate leaves no bundle (unless ``force``, which keeps it and records the failure).
 
-INT8 is produced by ``usfm_edge.calibration`` and enters through ``quantizer``: a callable
+INT8 is produced by ``usfm_edge.calibration`` and enters through ``ExportConfig.quantizer``: a callable
 ``quantizer(onnx_fp32: Path, target: Target, workdir: Path) -> dict`` returning ``{"onnx": Path}`` (Q/DQ ONNX,
 for onnx/jetson/tensorrt) or ``{"openvino_xml": Path}`` (for openvino), plus ``"manifest_sha256"`` of the
 calibration set and optional ``"thresholds"`` and ``"report"``.
@@ -21,22 +23,23 @@ import datetime as _dt
 import hashlib
 import logging
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from usfm_edge.core.bundle_schema import BUNDLE_SUFFIX, BundleMeta, InputContract, default_thresholds
+from usfm_edge.core.bundle_schema import BUNDLE_SUFFIX, BundleMeta, default_thresholds
 from usfm_edge.core.errors import ConfigError, ExportError, ValidationError
 from usfm_edge.core.preprocess import PreprocessSpec
 from usfm_edge.export.bundle import BundleWriter, bundle_path, sha256_file, tool_versions
-from usfm_edge.export.graph import RawFrameModel, describe_io
+from usfm_edge.export.config import ExportConfig, resolve_frame_size
 from usfm_edge.export.onnx_export import torch2onnx
 from usfm_edge.export.parity import default_frames, run_parity
 from usfm_edge.export.targets import Target, check_precision, get_target
+from usfm_edge.models.raw_frame import RawFrameModel
 
-__all__ = ["export", "load_for_export", "band_stop_from"]
+__all__ = ["export", "load_for_export", "band_stop_from", "ExportConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +47,15 @@ Quantizer = Callable[[Path, Target, Path], dict]
 
 
 def _backbone_preset(sd: dict, cfg: dict | None, path: Path) -> tuple[str, int]:
-    from usfm_edge.models.registry import list_models
+    from usfm_edge.models.registry import infer_preset, list_models, model_args
 
     if cfg and cfg.get("model") in list_models():
         return cfg["model"], int((cfg.get("model_args") or {}).get("img_size") or cfg.get("img_size") or 224)
-    widths = {768: "usfm_vit_base_patch16_224", 384: "usfm_vit_small_patch16_224", 192: "usfm_vit_tiny_patch16_224",
-              64: "usfm_vit_test"}
-    for k, v in sd.items():
-        if k.endswith("patch_embed.proj.weight") and hasattr(v, "shape") and int(v.shape[0]) in widths:
-            name = widths[int(v.shape[0])]
-            return name, 64 if name == "usfm_vit_test" else 224
-    raise ExportError("cannot tell which backbone preset this checkpoint holds", path=path,
-                      hint="convert it first: usfm-edge convert-weights CKPT -o backbone.safetensors")
+    name = infer_preset(sd)
+    if name is None:
+        raise ExportError("cannot tell which backbone preset this checkpoint holds", path=path,
+                          hint="convert it first: usfm-edge convert-weights CKPT -o backbone.safetensors")
+    return name, int(model_args(name)["img_size"])
 
 
 def load_for_export(checkpoint, task: str | None = None, img_size: int | None = None):
@@ -135,40 +135,15 @@ def band_stop_from(band_stop, size: int, model_cfg: dict | None = None) -> tuple
     return mask, {"enabled": True, "rings": rings, "mask_sha256": digest}
 
 
-def _reference(model: RawFrameModel) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    def run(batch: np.ndarray) -> dict[str, np.ndarray]:
-        with torch.inference_mode():
-            out = model(torch.from_numpy(np.array(batch, copy=True)))
-        out = out if isinstance(out, tuple) else (out,)
-        return {n: o.numpy() for n, o in zip(model.output_names, out)}
-
-    return run
-
-
-def export(checkpoint_or_model, target: str = "onnx", precision: str | None = None, out: str | Path | None = None,
-           *, task: str | None = None, img_size: int | None = None, band_stop=False, bare: bool = False,
-           frame_size: tuple[int, int] | None = None, verify_frames: Iterable | None = None, force: bool = False,
-           thresholds: dict | None = None, workspace_gb: float = 4.0, dla_core: int | None = None,
-           quantizer: Quantizer | None = None, overwrite: bool = True) -> Path:
+def export(checkpoint_or_model, target: str | ExportConfig = "onnx", precision: str | None = None,
+           out: str | Path | None = None, **options) -> Path:
     """Export a USFM task model to a verified bundle for one target.
 
     Args:
         checkpoint_or_model: task checkpoint, backbone checkpoint (-> ``features``), or a ``TaskModel``.
-        target: a name or alias of ``targets.TARGETS`` (``onnx``, ``openvino``, ``intel-gpu``, ``jetson``...).
-        precision: ``fp32``/``fp16``/``int8``; None = the target's default.
-        out: bundle folder (default ``<checkpoint stem>-<target>-<precision>.usfm`` in the current folder).
-        task: expected task (a backbone-only checkpoint asked for ``seg``/``cls``/``enhance`` -> ExportError).
-        img_size: model input size for backbone checkpoints.
-        band_stop: in-graph band-stop filter: False, True, ring ids, or an ``(S, S)`` mask.
-        bare: export the plain model on normalised ``(B, 3, S, S)`` input (no in-graph pre/post-processing).
-        frame_size: ``(H, W)`` of the frames for static-shape targets (jetson/tensorrt); default ``(S, S)``.
-        verify_frames: real frames (arrays or paths) for the parity gate; default: the bundled sample.
-        force: keep the bundle when the parity gate fails (the failure is recorded in ``usfm.json``).
-        thresholds: override the parity thresholds of the precision (``cosine``, ``dice``, ``max_abs``).
-        workspace_gb: TensorRT builder workspace.
-        dla_core: TensorRT DLA core (jetson).
-        quantizer: INT8 hook from ``usfm_edge.calibration`` (see the module docstring).
-        overwrite: replace an existing bundle at ``out``.
+        target: a target name (then ``precision``, ``out`` and ``options`` are the other ``ExportConfig``
+            fields), or a whole ``ExportConfig`` (``precision``/``out``/``options`` given as well override it).
+        precision, out, **options: see :class:`~usfm_edge.export.config.ExportConfig`.
 
     Returns:
         the bundle path.
@@ -178,114 +153,150 @@ def export(checkpoint_or_model, target: str = "onnx", precision: str | None = No
         BackendUnavailableError: the converter's package is missing (names the extra).
         ExportError: an op the target cannot run (names it), a converter failure, a wrong checkpoint.
         ValidationError: the parity gate failed (``results`` holds the numbers); no bundle is left.
+        TypeError: an unknown option.
     """
-    tgt = get_target(target)
-    precision = check_precision(tgt, precision)
-    if precision == "int8" and quantizer is None:
+    if isinstance(target, ExportConfig):
+        given = {k: v for k, v in (("precision", precision), ("out", out)) if v is not None}
+        cfg = target.replace(**given, **options)
+    else:
+        cfg = ExportConfig(target=target, precision=precision, out=out, **options)
+    tgt = get_target(cfg.target)
+    prec = check_precision(tgt, cfg.precision)
+    if prec == "int8" and cfg.quantizer is None:
         raise ExportError("INT8 needs a real ultrasound calibration set",
                           hint="quantise with usfm_edge.calibration (it calls export(..., quantizer=...))")
-    model, source = load_for_export(checkpoint_or_model, task, img_size)
-    cfg = model.config() if hasattr(model, "config") else {}
+    model, source = load_for_export(checkpoint_or_model, cfg.task, cfg.img_size)
     spec = getattr(model, "preprocess", None) or PreprocessSpec(img_size=int(model.img_size))
-    size = int(spec.img_size)
-    mask, band_record = band_stop_from(band_stop, size, cfg)
-    static = tgt.static_shapes
-    hw = tuple(int(v) for v in (frame_size or (size, size))) if (static and not bare) else None
-    if frame_size is not None and not static:
+    mask, band_record = band_stop_from(cfg.band_stop, int(spec.img_size), _config(model))
+    if cfg.frame_size is not None and not tgt.static_shapes:
         log.info("frame_size is ignored for '%s': its graph accepts any frame size", tgt.name)
-    half = precision == "fp16" and tgt.backend in ("onnxruntime", "tensorrt")
-    reference_model = RawFrameModel(model, spec, mask, bare=bare)
-    if out is None:
-        stem = Path(checkpoint_or_model).stem if isinstance(checkpoint_or_model, (str, Path)) else \
-            f"{getattr(model, 'preset', 'usfm')}-{model.task}"
-        out = Path(f"{stem}-{tgt.name}-{precision}{BUNDLE_SUFFIX}")
-    out = bundle_path(out)
-
-    num_out = int(getattr(model, "num_classes", 0) or len(getattr(model, "labels", []) or []))
-    embed_dim = getattr(getattr(model, "backbone", None), "embed_dim", None)
-    batch_label = "batch" if tgt.dynamic_batch else 1
-    inp, outs = describe_io(reference_model, num_out, embed_dim, batch_label, hw or ("height", "width"))
-    meta_props = {"usfm_edge.task": model.task, "usfm_edge.labels": list(getattr(model, "labels", [])),
-                  "usfm_edge.preprocess": spec.to_dict(), "usfm_edge.band_stop": band_record,
-                  "usfm_edge.precision": precision, "usfm_edge.target": tgt.name}
-    thr = {**default_thresholds(precision), "max_abs": None, **(thresholds or {})}
-    notes: list[str] = []
-    with BundleWriter(out, overwrite=overwrite) as w:
-        files: dict[str, str] = {}
-        scratch = w.path.parent / f"{w.path.name}-scratch"
-        scratch.mkdir()
-        try:
-            export_model = RawFrameModel(_clone(model) if half else model, spec, mask, bare=bare, half=half)
-            onnx_fp = scratch / "model.onnx"
-            example = export_model.example_input(1, hw)
-            torch2onnx(export_model, onnx_fp, example, input_names=[export_model.input_name],
-                       output_names=list(export_model.output_names),
-                       dynamic_axes=export_model.dynamic_axes(tgt.dynamic_batch, tgt.dynamic_hw), opset=tgt.opset,
-                       allow_opset_upgrade=(tgt.backend != "tensorrt"), metadata=meta_props, op_profile=tgt.op_profile)
-            calib = {"manifest_sha256": None}
-            quant: dict = {}
-            if precision == "int8":
-                quant = dict(quantizer(onnx_fp, tgt, scratch))
-                calib = {"manifest_sha256": quant.get("manifest_sha256"), "report": quant.get("report")}
-                if quant.get("thresholds"):
-                    thr.update(quant["thresholds"])
-                if quant.get("onnx"):  # the Q/DQ graph must obey the same op rules (no QLinear* for TensorRT)
-                    import onnx
-
-                    from usfm_edge.export.onnx_export import check_onnx_ops
-
-                    check_onnx_ops(onnx.load(str(quant["onnx"])), tgt.op_profile, quant["onnx"])
-            if tgt.backend == "openvino":
-                if quant.get("openvino_xml"):
-                    xml = Path(quant["openvino_xml"])
-                    w.add(xml, "model.xml")
-                    w.add(xml.with_suffix(".bin"), "model.bin")
-                else:
-                    from usfm_edge.export.openvino_export import onnx2openvino
-
-                    onnx2openvino(quant.get("onnx", onnx_fp), w.file("model.xml"), precision,
-                                  metadata={k: str(v) for k, v in meta_props.items()})
-                files.update(openvino_xml="model.xml", openvino_bin="model.bin")
-            else:
-                w.add(quant.get("onnx", onnx_fp), "model.onnx")
-                files["onnx"] = "model.onnx"
-            engine_info = None
-            if tgt.builds_engine:
-                engine_info = _tensorrt_artifacts(w, files, tgt, precision, workspace_gb, dla_core, notes)
-            if bare and mask is not None:
-                np.save(w.file("band_stop_mask.npy"), mask.astype(np.float32), allow_pickle=False)
-                files["band_stop_mask"] = "band_stop_mask.npy"
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        if hw is not None:
-            notes.append(f"static input: frames must be {hw[0]}x{hw[1]} (re-export with frame_size for another size)")
-        meta = BundleMeta(
-            task=model.task, labels=list(getattr(model, "labels", []) or []),
-            input=InputContract(tensor=inp, layout="BCHW" if bare else "BHW", raw_frame=not bare,
-                                dynamic_axes=(["batch"] if tgt.dynamic_batch else [])
-                                + (["height", "width"] if tgt.dynamic_hw and not bare else []),
-                                min_side=8, max_side=int(spec.max_side), static_hw=list(hw) if hw else None,
-                                max_batch=None if tgt.dynamic_batch else 1),
-            outputs=outs, preprocessing=spec.to_dict(), band_stop=band_record, precision=precision,
-            backend=tgt.backend, target=tgt.name, files=files,
-            model={"preset": getattr(model, "preset", None), "head": getattr(model, "head_name", None),
-                   "img_size": size, "embed_dim": embed_dim, "bare": bool(bare), "config": cfg},
-            source=source, calibration=calib, parity=None, thresholds=thr, tools=tool_versions(),
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            name=out.name[: -len(BUNDLE_SUFFIX)], device=tgt.device_for(str(target)), notes=notes,
-            extra={"engine": engine_info} if engine_info else {})
+    hw = resolve_frame_size(cfg.frame_size, tgt.static_shapes, cfg.bare, int(spec.img_size), tgt.name)
+    meta = RawFrameModel(model, spec, mask, bare=cfg.bare).contract(
+        precision=prec, backend=tgt.backend, target=tgt.name, dynamic_batch=tgt.dynamic_batch,
+        dynamic_hw=tgt.dynamic_hw, static_hw=hw, band_stop=band_record)
+    meta.thresholds = {**default_thresholds(prec), "max_abs": None, **(cfg.thresholds or {})}
+    out_path = bundle_path(cfg.out or _default_name(checkpoint_or_model, model, tgt, prec))
+    with BundleWriter(out_path, overwrite=cfg.overwrite) as w:
+        engine_info = _write_model_files(w, model, spec, mask, meta, tgt, cfg)
+        _describe(meta, model, source, tgt, cfg, out_path, engine_info)
         w.write_meta(meta)
-        results = _parity(w.path, reference_model, verify_frames, thr, hw)
-        meta.parity = results
-        if not results["passed"]:
-            msg = f"parity gate failed for {out.name} ({precision}, {results['backend']}): " + "; ".join(results["failures"])
-            if not force:
-                raise ValidationError(msg, path=out, results=results,
-                                      hint="inspect the numbers; force=True keeps the bundle anyway")
-            log.warning("%s (kept because force=True)", msg)
-            meta.notes.append("PARITY GATE FAILED; bundle kept with force=True")
+        _parity_gate(w.path, meta, model, spec, mask, cfg, out_path)
         w.write_meta(meta)
         return w.commit()
+
+
+def _config(model) -> dict:
+    return model.config() if hasattr(model, "config") else {}
+
+
+def _default_name(checkpoint_or_model, model, tgt: Target, precision: str) -> Path:
+    stem = Path(checkpoint_or_model).stem if isinstance(checkpoint_or_model, (str, Path)) else \
+        f"{getattr(model, 'preset', 'usfm')}-{model.task}"
+    return Path(f"{stem}-{tgt.name}-{precision}{BUNDLE_SUFFIX}")
+
+
+def _write_model_files(w: BundleWriter, model, spec: PreprocessSpec, mask, meta: BundleMeta, tgt: Target,
+                       cfg: ExportConfig) -> dict | None:
+    """ONNX (carrying ``meta``'s contract), then INT8 / OpenVINO IR / TensorRT artifacts into the bundle; fills
+    ``meta.files``, ``meta.calibration``, ``meta.thresholds`` and ``meta.notes``. Returns the built engine's record."""
+    half = meta.precision == "fp16" and tgt.backend in ("onnxruntime", "tensorrt")
+    scratch = w.path.parent / f"{w.path.name}-scratch"
+    scratch.mkdir()
+    try:
+        graph = RawFrameModel(_clone(model) if half else model, spec, mask, bare=cfg.bare, half=half)
+        onnx_fp = torch2onnx(graph, scratch / "model.onnx", graph.example_input(1, meta.input.static_hw),
+                             input_names=[graph.input_name], output_names=list(graph.output_names),
+                             dynamic_axes=graph.dynamic_axes(tgt.dynamic_batch, tgt.dynamic_hw), opset=tgt.opset,
+                             allow_opset_upgrade=(tgt.backend != "tensorrt"), metadata=meta.onnx_metadata(),
+                             op_profile=tgt.op_profile)
+        quant = _quantize(onnx_fp, tgt, scratch, meta, cfg.quantizer) if meta.precision == "int8" else {}
+        if tgt.backend == "openvino":
+            _add_openvino(w, quant.get("openvino_xml"), quant.get("onnx", onnx_fp), meta)
+        else:
+            w.add(quant.get("onnx", onnx_fp), "model.onnx")
+            meta.files["onnx"] = "model.onnx"
+        engine_info = _tensorrt_artifacts(w, meta.files, tgt, meta.precision, cfg.workspace_gb, cfg.dla_core,
+                                          meta.notes) if tgt.builds_engine else None
+        if cfg.bare and mask is not None:
+            np.save(w.file("band_stop_mask.npy"), mask.astype(np.float32), allow_pickle=False)
+            meta.files["band_stop_mask"] = "band_stop_mask.npy"
+        return engine_info
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _quantize(onnx_fp: Path, tgt: Target, scratch: Path, meta: BundleMeta, quantizer: Quantizer) -> dict:
+    """Run the INT8 hook; record its calibration and thresholds; check a Q/DQ graph against the target's op rules."""
+    quant = dict(quantizer(onnx_fp, tgt, scratch))
+    meta.calibration = {"manifest_sha256": quant.get("manifest_sha256"), "report": quant.get("report")}
+    meta.thresholds.update(quant.get("thresholds") or {})
+    if quant.get("onnx"):  # the Q/DQ graph must obey the same op rules (no QLinear* for TensorRT)
+        import onnx
+
+        from usfm_edge.export.onnx_export import check_onnx_ops
+
+        check_onnx_ops(onnx.load(str(quant["onnx"])), tgt.op_profile, quant["onnx"])
+    return quant
+
+
+def _add_openvino(w: BundleWriter, quantized_xml, onnx_path: Path, meta: BundleMeta) -> None:
+    if quantized_xml:
+        xml = Path(quantized_xml)
+        w.add(xml, "model.xml")
+        w.add(xml.with_suffix(".bin"), "model.bin")
+    else:
+        from usfm_edge.export.openvino_export import onnx2openvino
+
+        onnx2openvino(onnx_path, w.file("model.xml"), meta.precision, metadata=meta.onnx_metadata())
+    meta.files.update(openvino_xml="model.xml", openvino_bin="model.bin")
+
+
+def _describe(meta: BundleMeta, model, source: dict, tgt: Target, cfg: ExportConfig, out: Path,
+              engine_info: dict | None) -> None:
+    """Complete the contract into ``usfm.json``: provenance, tools, name, device, notes."""
+    hw = meta.input.static_hw
+    if hw is not None:
+        how = "given as frame_size" if cfg.frame_size is not None else \
+            "the model input size, chosen because no frame_size was given"
+        meta.notes.append(f"static input: the graph takes {hw[0]}x{hw[1]} frames ({how}); usfm_edge.runtime fits "
+                          "frames of other sizes to it and maps the outputs back, other callers must resize "
+                          "(re-export with frame_size for your scanner's size)")
+    meta.model = {"preset": getattr(model, "preset", None), "head": getattr(model, "head_name", None),
+                  "img_size": int(meta.preprocessing["img_size"]),
+                  "embed_dim": getattr(getattr(model, "backbone", None), "embed_dim", None), "bare": bool(cfg.bare),
+                  "config": _config(model)}
+    meta.source, meta.tools = source, tool_versions()
+    meta.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    meta.name, meta.device = out.name[: -len(BUNDLE_SUFFIX)], tgt.device_for(str(cfg.target))
+    meta.extra = {"engine": engine_info} if engine_info else {}
+
+
+def _parity_gate(folder: Path, meta: BundleMeta, model, spec: PreprocessSpec, mask, cfg: ExportConfig,
+                 out: Path) -> None:
+    """The bundle against the same graph in PyTorch fp32 on real frames; records ``meta.parity``; raises
+    ValidationError on failure unless ``cfg.force``."""
+    from usfm_edge.evaluation.torch_predictor import TorchPredictor
+    from usfm_edge.runtime.engine import Engine
+
+    if isinstance(cfg.verify_frames, str):  # a data source: its first 8 frames
+        from usfm_edge.evaluation import select_records
+
+        frames = [r.image for r in select_records(cfg.verify_frames, split="all")[:8]]
+    else:
+        frames = list(cfg.verify_frames) if cfg.verify_frames is not None else default_frames()
+    reference = TorchPredictor(model, spec, band_stop_mask=mask, bare=cfg.bare, static_hw=meta.input.static_hw)
+    device = "auto" if (folder / "model.engine").is_file() else "cpu"  # the export machine may lack the target device
+    with Engine.open(folder, device=device, warmup=0) as engine:
+        results = run_parity(engine, reference, frames, meta.thresholds)
+    meta.parity = results
+    if not results["passed"]:
+        msg = f"parity gate failed for {out.name} ({meta.precision}, {results['backend']}): " + \
+            "; ".join(results["failures"])
+        if not cfg.force:
+            raise ValidationError(msg, path=out, results=results,
+                                  hint="inspect the numbers; force=True keeps the bundle anyway")
+        log.warning("%s (kept because force=True)", msg)
+        meta.notes.append("PARITY GATE FAILED; bundle kept with force=True")
 
 
 def _clone(model: torch.nn.Module) -> torch.nn.Module:
@@ -321,10 +332,3 @@ def _tensorrt_artifacts(w: BundleWriter, files: dict, tgt: Target, precision: st
     return {"sha256": sha256_file(engine), "tensorrt": trt.__version__, "dla_core": dla_core}
 
 
-def _parity(folder: Path, reference_model: RawFrameModel, frames, thr: dict, hw) -> dict:
-    from usfm_edge.runtime.engine import Engine
-
-    frames = list(frames) if frames is not None else default_frames()
-    device = "auto" if (folder / "model.engine").is_file() else "cpu"  # the export machine may lack the target device
-    with Engine.open(folder, device=device, warmup=0) as engine:
-        return run_parity(engine, _reference(reference_model), frames, thr, hw)

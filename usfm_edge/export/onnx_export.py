@@ -7,7 +7,7 @@ computed ``Resize`` input). It is tried first. The dynamo exporter (opset >= 18)
 graphs the tracer cannot handle, and only for targets that accept opset 18; its weights are kept inside
 the file (``external_data=False``) unless the model exceeds protobuf's 2 GB.
 
-fp16: done in the graph (``graph.RawFrameModel(half=True)``: fp16 weights and compute inside the model,
+fp16: done in the graph (``models.raw_frame.RawFrameModel(half=True)``: fp16 weights and compute inside the model,
 explicit Casts, fp32 pre/post-processing), not by rewriting the ONNX: no onnxconverter-common needed and
 the uint8 input path stays fp32 by construction.
 """

@@ -1,5 +1,10 @@
 """The parity gate: every bundle is run through ``runtime.Engine`` on real frames and compared with PyTorch.
 
+Both sides are predictors with the Engine's interface: the bundle's ``Engine`` and ``evaluation.TorchPredictor``
+(the same raw-frame graph in PyTorch fp32, under the same contract: a static-shape bundle's reference fits the
+frame to the same size). Each gets the frame as it is (any size) through ``predict``; neither side is fed a
+resized frame by this module.
+
 Per output and frame: max absolute error, cosine similarity (float64, flattened) and centred cosine
 (means removed: raw cosine hides damage when every value shares a large offset, reference/perf-baseline.md);
 for segmentation also the Dice between the bundle's and PyTorch's argmax masks (mean over the classes
@@ -16,15 +21,16 @@ int8   0.98 (loose)   0.90       (set properly by the quantisation work, from he
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from usfm_edge.core.errors import DataError
-from usfm_edge.core.preprocess import fit_frame  # noqa: F401 (re-exported: the parity check feeds static graphs)
+from usfm_edge.evaluation.records import default_frames, read_frame
 
-__all__ = ["cosine", "centred_cosine", "mask_dice", "MIN_CLASS_FRACTION", "compare_outputs", "run_parity", "default_frames", "fit_frame"]
+__all__ = ["cosine", "centred_cosine", "mask_dice", "MIN_CLASS_FRACTION", "compare_outputs", "result_arrays",
+           "run_parity", "default_frames"]
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -85,41 +91,32 @@ def compare_outputs(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]
     return out
 
 
-def default_frames(n: int = 4) -> list[np.ndarray]:
-    """Real frames from the bundled sample: alternately BUS-BRA breast and HC18 fetal-head images."""
-    from usfm_edge.data import sample_dir
-    from usfm_edge.data.readers import read_image
-
-    root = sample_dir()
-    bus = sorted((root / "busbra" / "Images").glob("*.png"))
-    hc = sorted(p for p in (root / "hc18" / "training_set").glob("*.png") if "Annotation" not in p.name)
-    paths = [p for pair in zip(bus, hc) for p in pair][:n]
-    if not paths:
-        raise DataError("the bundled sample frames are missing", path=root,
-                        hint="pass verify_frames=[...] (real ultrasound frames) to export()")
-    return [read_image(p) for p in paths]
+def result_arrays(res) -> dict[str, np.ndarray]:
+    """A predictor's result as its outputs by name: seg ``probs`` and ``mask``, cls ``probs``, enhance
+    ``restored``, features ``features`` (what parity and the INT8 gate compare)."""
+    if res.task == "seg":
+        return {"probs": res.probs, "mask": res.mask}
+    if res.task == "cls":
+        return {"probs": res.probs}
+    if res.task == "enhance":
+        return {"restored": res.image}
+    return {"features": res.features}
 
 
 def _as_frames(frames: Iterable) -> list[np.ndarray]:
     from usfm_edge.core.preprocess import check_frame
-    from usfm_edge.data.readers import read_image
 
-    out = []
-    for f in frames:
-        out.append(check_frame(read_image(f) if isinstance(f, (str, Path)) else f, name="verification frame"))
-    return out
+    return [check_frame(read_frame(f) if isinstance(f, (str, Path)) else f, name="verification frame") for f in frames]
 
 
-def run_parity(engine, reference: Callable[[np.ndarray], dict[str, np.ndarray]], frames: Iterable,
-               thresholds: Mapping[str, float | None], static_hw: tuple[int, int] | None = None) -> dict:
-    """Compare a bundle (through ``engine.run_raw``) with the PyTorch reference on real frames.
+def run_parity(engine, reference, frames: Iterable, thresholds: Mapping[str, float | None]) -> dict:
+    """Compare a bundle with its PyTorch reference on real frames, both through ``predict``.
 
     Args:
         engine: an open ``runtime.Engine`` on the bundle.
-        reference: uint8 batch ``(1, H, W)`` (or normalised batch for bare bundles) -> PyTorch fp32 outputs.
-        frames: uint8 frames or image paths.
+        reference: the PyTorch fp32 predictor (``evaluation.TorchPredictor`` under the bundle's contract).
+        frames: uint8 frames or image paths, of any size.
         thresholds: ``cosine`` (min over float outputs), ``dice`` (min, seg masks), optional ``max_abs``.
-        static_hw: frame size of a static-shape bundle (frames are resized to it first).
 
     Returns:
         ``{"passed", "failures", "frames", "backend", "device", "outputs": {name: worst metrics}, "per_frame"}``.
@@ -128,11 +125,7 @@ def run_parity(engine, reference: Callable[[np.ndarray], dict[str, np.ndarray]],
     worst: dict[str, dict[str, float]] = {}
     per_frame = []
     for frame in frames:
-        frame = fit_frame(frame, static_hw)
-        x = frame[None] if engine.raw else engine._preprocess(frame)[None]
-        ref = reference(x)
-        got = engine.run_raw(x)
-        metrics = compare_outputs(ref, got)
+        metrics = compare_outputs(result_arrays(reference.predict(frame)), result_arrays(engine.predict(frame)))
         per_frame.append({"hw": list(frame.shape), **metrics})
         for name, m in metrics.items():
             w = worst.setdefault(name, {})

@@ -7,7 +7,7 @@ that will run it.
 TensorRT 10 vs 11 (reference/edge-anchors.md §7): 10.x (JetPack 6.x: 10.3) builds weakly typed networks
 where ``--fp16``/``--int8`` (``BuilderFlag.FP16/INT8``) allow lower precision; 11.x removed those flags and
 implicit calibration: the network is strongly typed and precision comes from the ONNX (fp16 weights and
-Casts from ``graph.RawFrameModel(half=True)``, Q/DQ nodes for INT8). Both code paths are below; neither
+Casts from ``models.raw_frame.RawFrameModel(half=True)``, Q/DQ nodes for INT8). Both code paths are below; neither
 could be run on the CPU-only development machine (see tests marked ``trt``).
 """
 

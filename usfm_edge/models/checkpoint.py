@@ -77,7 +77,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
     return obj, None
 
 
-def _unwrap(sd: dict) -> tuple[dict, str]:
+def unwrap_state_dict(sd: dict) -> tuple[dict, str]:
     """Strip ``{"model": ...}`` / ``{"state_dict": ...}`` nesting and ``module.`` / ``encoder.`` prefixes."""
     fmt = "usfm_official"
     for key in ("model", "state_dict", "module"):
@@ -102,7 +102,7 @@ def checkpoint_filter_fn(state_dict: dict, model: torch.nn.Module, report: LoadR
     to the model's grid without swapping axes.
     """
     report = report if report is not None else LoadReport("unknown")
-    sd, fmt = _unwrap(state_dict)
+    sd, fmt = unwrap_state_dict(state_dict)
     report.source_format = report.source_format if report.source_format != "unknown" else fmt
     out: dict[str, torch.Tensor] = {}
     per_block_tables = {}
@@ -206,30 +206,3 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], confi
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Public alias of ``read_checkpoint``: (state dict, usfm-edge config or None)."""
     return read_checkpoint(path)
-
-
-def convert_weights(src: str | Path, dst: str | Path, model_name: str | None = None, half: bool = False) -> LoadReport:
-    """Convert any supported checkpoint to a usfm-edge ``.safetensors`` file (verified by a strict load).
-
-    The preset is inferred from the embedding width when ``model_name`` is not given.
-    """
-    from usfm_edge.models.registry import create_model, model_args
-
-    raw, config = read_checkpoint(src)
-    if config is not None and model_name is None:
-        model_name = config.get("model")
-    if model_name is None:
-        sd, _ = _unwrap(raw)
-        w = sd.get("patch_embed.proj.weight")
-        if w is None:
-            raise CheckpointError("no 'patch_embed.proj.weight' found: not a USFM/ViT checkpoint", path=src)
-        by_dim = {768: "usfm_vit_base_patch16_224", 384: "usfm_vit_small_patch16_224", 192: "usfm_vit_tiny_patch16_224", 64: "usfm_vit_test"}
-        model_name = by_dim.get(w.shape[0])
-        if model_name is None:
-            raise CheckpointError(f"no preset has embedding width {w.shape[0]}", path=src, hint="pass --model")
-    model = create_model(model_name)
-    report = load_into(model, src)
-    args = model_args(model_name)
-    save_checkpoint(dst, model.state_dict(), {"model": model_name, "model_args": args, "task": "backbone",
-                                              "source": Path(src).name}, half=half)
-    return report

@@ -1,4 +1,8 @@
-"""Model registry: ``create_model`` / ``list_models`` over the presets of ``usfm_edge.models.vit``."""
+"""Model registry: ``create_model`` / ``list_models`` over the presets of ``usfm_edge.models.vit``, the preset of a
+foreign checkpoint (:func:`infer_preset`) and ``convert_weights`` (any checkpoint -> usfm-edge ``.safetensors``).
+
+It builds on ``models.checkpoint`` (reading, filtering, strict loading), which never imports this module.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,15 @@ import difflib
 import fnmatch
 from pathlib import Path
 
-from usfm_edge.core.errors import ConfigError
+from usfm_edge.core.errors import CheckpointError, ConfigError
+from usfm_edge.models.checkpoint import LoadReport, load_into, read_checkpoint, save_checkpoint, unwrap_state_dict
 from usfm_edge.models.vit import PRESETS, UsfmViT
+
+__all__ = ["list_models", "sizes", "model_args", "create_model", "infer_preset", "convert_weights"]
+
+#: embedding width -> the preset of that width (how foreign backbone checkpoints are recognised)
+_BY_WIDTH = {768: "usfm_vit_base_patch16_224", 384: "usfm_vit_small_patch16_224", 192: "usfm_vit_tiny_patch16_224",
+             64: "usfm_vit_test"}
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -51,7 +62,39 @@ def create_model(name: str, checkpoint: str | Path | None = None, img_size: int 
     model.preset = name
     model.load_report = None
     if checkpoint is not None:
-        from usfm_edge.models.checkpoint import load_into
-
         model.load_report = load_into(model, checkpoint)
     return model
+
+
+def infer_preset(state_dict: dict) -> str | None:
+    """The preset of a backbone state dict (official, SimMIM or usfm-edge layout) from its embedding width, or None."""
+    w = unwrap_state_dict(state_dict)[0].get("patch_embed.proj.weight")
+    return None if w is None else _BY_WIDTH.get(int(w.shape[0]))
+
+
+def convert_weights(src: str | Path, dst: str | Path, model_name: str | None = None, half: bool = False) -> LoadReport:
+    """Convert any supported checkpoint to a usfm-edge ``.safetensors`` file (verified by a strict load).
+
+    The preset is inferred from the embedding width when ``model_name`` is not given.
+
+    Raises:
+        ConfigError: ``dst`` does not end in ``.safetensors``.
+        CheckpointError: not a USFM/ViT checkpoint, or no preset of its width.
+    """
+    if Path(dst).suffix != ".safetensors":
+        raise ConfigError(f"output must end in .safetensors, got '{Path(dst).name}'")
+    raw, config = read_checkpoint(src)
+    if config is not None and model_name is None:
+        model_name = config.get("model")
+    if model_name is None:
+        w = unwrap_state_dict(raw)[0].get("patch_embed.proj.weight")
+        if w is None:
+            raise CheckpointError("no 'patch_embed.proj.weight' found: not a USFM/ViT checkpoint", path=src)
+        model_name = infer_preset(raw)
+        if model_name is None:
+            raise CheckpointError(f"no preset has embedding width {w.shape[0]}", path=src, hint="pass --model")
+    model = create_model(model_name)
+    report = load_into(model, src)
+    save_checkpoint(dst, model.state_dict(), {"model": model_name, "model_args": model_args(model_name),
+                                              "task": "backbone", "source": Path(src).name}, half=half)
+    return report

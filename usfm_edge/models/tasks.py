@@ -48,7 +48,7 @@ from usfm_edge.models.registry import model_args
 from usfm_edge.models.vit import UsfmViT
 
 __all__ = ["TASKS", "HEADS", "TaskModel", "build_task_model", "save_task_checkpoint", "load_task_model",
-           "param_groups_lrd", "default_head"]
+           "default_head"]
 
 log = logging.getLogger(__name__)
 
@@ -364,41 +364,3 @@ def load_task_model(path: str | Path, map_location: str | torch.device = "cpu") 
     _load_strict(model, sd, path)
     model.checkpoint_config = cfg
     return model.to(map_location).eval()
-
-
-def param_groups_lrd(model: nn.Module, weight_decay: float = 0.05, layer_decay: float = 0.65,
-                     lr: float | None = None) -> list[dict]:
-    """AdamW parameter groups with layer-wise lr decay for fine-tuning (BEiT / USFM classification recipe).
-
-    A parameter of layer id ``i`` (``model.group_matcher``: 0 = embeddings, 1..depth = blocks, depth + 1 =
-    final norm and heads) gets ``lr_scale = layer_decay ** (depth + 1 - i)``; heads train at the full lr. 1-D
-    parameters (biases, norms, layer scale), ``.bias`` and ``model.no_weight_decay()`` names get no decay.
-    Frozen parameters are left out.
-
-    Args:
-        model: a :class:`TaskModel` (or anything with ``depth``, ``group_matcher``, ``no_weight_decay``).
-        weight_decay: decay of the other parameters (USFM: 0.05).
-        layer_decay: per-layer lr factor (USFM: 0.65); 1.0 disables the decay.
-        lr: base lr; when given each group also gets ``lr = lr * lr_scale``.
-
-    Returns:
-        Groups with ``params``, ``names``, ``weight_decay``, ``lr_scale``, ``layer_id`` (and ``lr``), the
-        format of ``usfm_edge.train.optim.param_groups``.
-    """
-    skip = set(model.no_weight_decay())
-    num_layers = model.depth + 2
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        no_decay = p.ndim <= 1 or name.endswith(".bias") or name in skip
-        layer = model.group_matcher(name)
-        key = (layer, no_decay)
-        if key not in groups:
-            groups[key] = {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                           "lr_scale": layer_decay ** (num_layers - 1 - layer), "layer_id": layer}
-            if lr is not None:
-                groups[key]["lr"] = lr * groups[key]["lr_scale"]
-        groups[key]["params"].append(p)
-        groups[key]["names"].append(name)
-    return [groups[k] for k in sorted(groups)]

@@ -12,6 +12,12 @@ frame (``core.preprocess.check_frame``) and reads the outputs. ``bare`` bundles 
 ``(B, 3, S, S)`` tensor: the engine preprocesses with ``core.preprocess`` (the same resampling) and does
 the post-processing (resize back, softmax, argmax) in numpy.
 
+Static shapes belong to the engine: a bundle with a static frame size (jetson / tensorrt) still takes frames of
+any size. The engine fits each frame to ``meta.input.static_hw`` with the bundle's interpolation
+(:func:`graph_input`) and maps the outputs back to the frame's size (``results.outputs_at_size``: probabilities
+bilinearly, the mask as their argmax, a restored image resized). ``predict``, ``evaluate``, the INT8 gate,
+parity and ``bench`` all go through it; none of them resizes frames itself.
+
 Every public method is safe to call from several threads at once (see ``backends``); a bad frame raises
 ``InputError`` and leaves the engine usable.
 """
@@ -27,13 +33,22 @@ import numpy as np
 
 from usfm_edge.core.bundle_schema import BundleMeta
 from usfm_edge.core.errors import BundleError, ConfigError, DataError, InputError
-from usfm_edge.core.preprocess import PreprocessSpec, check_frame, preprocess
+from usfm_edge.core.preprocess import PreprocessSpec, check_frame, fit_frame, preprocess
 from usfm_edge.runtime.backends import Backend, available_backends, make_backend
 from usfm_edge.runtime.bundle_io import read_meta, verify_bundle
-from usfm_edge.runtime.results import ClsResult, EnhanceResult, FeaturesResult, Result, SegResult
-from usfm_edge.runtime.results import resize_maps as _resize_maps
+from usfm_edge.runtime.results import (
+    ClsResult,
+    EnhanceResult,
+    FeaturesResult,
+    Result,
+    SegResult,
+    class_areas,
+    outputs_at_size,
+    pixel_spacing,
+    resize_maps,
+)
 
-__all__ = ["Engine", "available_backends"]
+__all__ = ["Engine", "available_backends", "graph_input"]
 
 
 def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
@@ -41,33 +56,25 @@ def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def _areas(mask: np.ndarray, labels: list[str], spacing: tuple[float, float] | None):
-    """Pixels (and mm²) per class; ``count_nonzero`` per class is ~10x faster than ``bincount`` on uint8 masks."""
-    k = max(len(labels), int(mask.max()) + 1) if mask.size else len(labels)
-    names = [labels[i] if i < len(labels) else f"class_{i}" for i in range(k)]
-    if k <= 16:
-        px = {n: int(np.count_nonzero(mask == i)) for i, n in enumerate(names)}
-    else:
-        px = {n: int(c) for n, c in zip(names, np.bincount(mask.ravel(), minlength=k))}
-    if spacing is None:
-        return px, None
-    area = float(spacing[0]) * float(spacing[1])
-    return px, {n: c * area for n, c in px.items()}
+def graph_input(meta: BundleMeta, grays: Sequence[np.ndarray], spec: PreprocessSpec | None = None,
+                band_stop_mask: np.ndarray | None = None) -> np.ndarray:
+    """Checked grey frames of one size -> the graph's input batch, exactly as a bundle is fed.
 
+    Raw-frame graphs take the uint8 frames, fitted to ``meta.input.static_hw`` with the bundle's interpolation
+    when the bundle has static shapes (``core.preprocess.fit_frame``, rounded to uint8); bare graphs take the
+    normalised ``(B, C, S, S)`` tensor (``core.preprocess.preprocess``, band-stop filtered when the bundle is).
 
-def _spacing(value) -> tuple[float, float] | None:
-    """``None``, a number (isotropic) or ``(row, col)`` -> ``(row, col)`` floats in mm."""
-    if value is None:
-        return None
-    if isinstance(value, (tuple, list, np.ndarray)):
-        if len(value) != 2:
-            raise ConfigError(f"pixel spacing must be one number or (row, col) in mm, got {value!r}")
-        out = (float(value[0]), float(value[1]))
-    else:
-        out = (float(value), float(value))
-    if not all(np.isfinite(v) and v > 0 for v in out):
-        raise ConfigError(f"pixel spacing must be positive and finite, got {value!r}")
-    return out
+    Raises:
+        BundleError: a bare band-stop bundle without its mask.
+    """
+    spec = spec or PreprocessSpec.from_dict(meta.preprocessing)
+    if meta.input.raw_frame:
+        hw = meta.input.static_hw
+        fitted = [fit_frame(g, hw, spec.interpolation, spec.antialias) for g in grays]
+        return fitted[0][None] if len(fitted) == 1 else np.stack(fitted)
+    if meta.band_stop.get("enabled") and band_stop_mask is None:
+        raise BundleError("a bare bundle with band-stop filtering needs its band_stop_mask to be fed")
+    return np.stack([preprocess(g, spec, band_stop_mask) for g in grays])
 
 
 class Engine:
@@ -84,8 +91,9 @@ class Engine:
         max_side: longest frame side accepted (the bundle's limit, lowered by ``open(max_side=...)``).
     """
 
-    def __init__(self, folder: Path, meta: BundleMeta, backend: Backend, max_side: int | None = None):
-        self.folder = Path(folder)
+    def __init__(self, folder: Path | None, meta: BundleMeta, backend: Backend, max_side: int | None = None,
+                 band_stop_mask: np.ndarray | None = None):
+        self.folder = Path(folder) if folder is not None else None
         self.meta = meta
         self.backend = backend
         self.task = meta.task
@@ -101,10 +109,10 @@ class Engine:
         self.max_side = min(limits)
         self._shared: dict = {}  # threads / queues kept between streams (runtime.stream)
         self._shared_lock = threading.Lock()
-        self._mask = None
-        if not self.raw and meta.band_stop.get("enabled"):
+        self._mask = band_stop_mask
+        if not self.raw and meta.band_stop.get("enabled") and self._mask is None:
             name = meta.files.get("band_stop_mask")
-            if not name:
+            if not name or self.folder is None:
                 raise BundleError("bare bundle with band-stop filtering lacks its band_stop_mask file", path=folder)
             self._mask = np.load(self.folder / name, allow_pickle=False)
 
@@ -143,6 +151,31 @@ class Engine:
             raise
         return engine
 
+    @classmethod
+    def from_file(cls, model: str | Path, meta: BundleMeta, backend: str = "onnxruntime", device: str = "cpu",
+                  threads: int | None = None, band_stop_mask: np.ndarray | None = None) -> Engine:
+        """An engine on one model file outside a bundle (the INT8 work's fp32 and quantised graphs), described by
+        ``meta`` (its contract: ``BundleMeta.from_onnx_metadata`` or a bundle's ``usfm.json``); no warm-up.
+
+        Args:
+            model: an ``.onnx`` (ONNX Runtime) or OpenVINO ``.xml`` file.
+            meta: the contract; ``meta.precision`` ``fp32`` makes OpenVINO compute in f32 (never bf16).
+            backend: ``onnxruntime`` or ``openvino``.
+            device, threads: as for :meth:`open`.
+            band_stop_mask: the mask of a bare band-stop graph.
+        """
+        import dataclasses
+
+        model = Path(model)
+        role = "openvino_xml" if backend == "openvino" else "onnx"
+        meta = dataclasses.replace(meta, files={role: model.name})
+        be = make_backend(model.parent, meta, backend, device, threads)
+        try:
+            return cls(model.parent, meta, be, band_stop_mask=band_stop_mask)
+        except BaseException:
+            be.close()
+            raise
+
     def close(self) -> None:
         """Release the backend and the threads kept for streaming."""
         with self._shared_lock:
@@ -160,7 +193,7 @@ class Engine:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"Engine({self.folder.name}, task={self.task}, precision={self.meta.precision}, "
+        return (f"{type(self).__name__}({getattr(self.folder, 'name', '-')}, task={self.task}, precision={self.meta.precision}, "
                 f"backend={self.backend!r})")
 
     # -- low level -----------------------------------------------------------------------------------
@@ -190,7 +223,8 @@ class Engine:
 
         Raises:
             InputError: empty, non-uint8 (float, NaN/inf, int16, bool...), wrong shape, too small or too
-                large frames, or a size a static bundle was not exported for; the message names the problem.
+                large frames; the message names the problem. Any size within the limits is accepted, also by
+                static-shape bundles (the engine fits the frame, see the module docstring).
         """
         if isinstance(frame, np.ndarray):
             if frame.size == 0:
@@ -208,10 +242,6 @@ class Engine:
         if max(h, w) > self.max_side:
             raise InputError(f"frame is {h}x{w}, larger than the configured maximum side {self.max_side} px",
                              hint="crop or downsample the frame, or open the engine with a larger max_side")
-        if inp.static_hw is not None and [h, w] != list(inp.static_hw):
-            sh, sw = inp.static_hw
-            raise InputError(f"frame is {h}x{w} but this bundle has static shapes for {sh}x{sw} frames",
-                             hint="export again with frame_size=(H, W) of your scanner, or use the 'onnx' target")
         return gray
 
     def load(self, item, pixel_spacing_mm=None) -> tuple[np.ndarray, tuple[float, float] | None]:
@@ -224,7 +254,7 @@ class Engine:
             InputError: the frame is unusable.
             DataError: the file cannot be read.
         """
-        spacing = _spacing(pixel_spacing_mm)
+        spacing = pixel_spacing(pixel_spacing_mm)
         if isinstance(item, (str, Path)):
             from usfm_edge.data.readers import is_dicom, read_dicom, read_image
 
@@ -315,47 +345,33 @@ class Engine:
 
         return stream_results(self, frames, pixel_spacing_mm, depth=depth, on_error=on_error)
 
-    def _prepare(self, grays: Sequence[np.ndarray]) -> np.ndarray:
-        """Checked grey frames of one size -> the graph's input batch."""
-        if self.raw:
-            return grays[0][None] if len(grays) == 1 else np.stack(grays)
-        return np.stack([self._preprocess(g) for g in grays])
+    def prepare(self, grays: Sequence[np.ndarray]) -> np.ndarray:
+        """Checked grey frames of one size -> this bundle's graph input batch (:func:`graph_input`)."""
+        return graph_input(self.meta, grays, self.spec, self._mask)
 
     def _finish(self, outs: dict[str, np.ndarray], hw: tuple[int, int]) -> dict[str, np.ndarray]:
-        """Graph outputs -> final per-frame outputs at frame size (numpy post-processing of bare bundles)."""
+        """Graph outputs -> final per-frame outputs at frame size ``hw`` (numpy post-processing of bare bundles,
+        outputs of a static-shape graph mapped back to the frame)."""
         if self.raw:
-            return outs
+            return outputs_at_size(outs, self.task, hw)
         if self.task == "seg":
-            logits = _resize_maps(outs["logits"], hw)
+            logits = resize_maps(outs["logits"], hw)
             return {"probs": _softmax(logits, 1).astype(np.float32), "mask": logits.argmax(1).astype(np.uint8)}
         if self.task == "cls":
             return {"probs": _softmax(outs["logits"].astype(np.float32), -1)}
         if self.task == "enhance":
-            img = _resize_maps(outs["restored"][:, 0], hw)
+            img = resize_maps(outs["restored"][:, 0], hw)
             return {"restored": np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)}
         return outs
 
     def _infer(self, grays: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-        """Frames of one size -> final per-frame outputs (post-processed to frame size)."""
-        return self._finish(self.run_raw(self._prepare(grays)), grays[0].shape)
-
-    def _preprocess(self, gray: np.ndarray) -> np.ndarray:
-        if self._mask is None:
-            return preprocess(gray, self.spec)
-        from usfm_edge.core.preprocess import resize_gray
-        from usfm_edge.kernels.reference import band_stop_filter_np
-
-        s = self.spec.img_size
-        img = resize_gray(gray, (s, s), self.spec.interpolation, self.spec.antialias) / np.float32(255.0)
-        img = band_stop_filter_np(img.astype(np.float64), self._mask).astype(np.float32)
-        mean = np.asarray(self.spec.mean, np.float32)[:, None, None]
-        std = np.asarray(self.spec.std, np.float32)[:, None, None]
-        return ((img[None] - mean) / std).astype(np.float32)
+        """Frames of one size -> final per-frame outputs at frame size."""
+        return self._finish(self.run_raw(self.prepare(grays)), grays[0].shape)
 
     def _result(self, out: dict[str, np.ndarray], spacing, ms: float) -> Result:
         if self.task == "seg":
             mask = np.ascontiguousarray(out["mask"])
-            px, mm2 = _areas(mask, self.labels, spacing)
+            px, mm2 = class_areas(mask, self.labels, spacing)
             return SegResult(mask=mask, probs=np.ascontiguousarray(out["probs"], dtype=np.float32), labels=self.labels,
                              areas_px=px, areas_mm2=mm2, pixel_spacing_mm=spacing, timing_ms=ms)
         if self.task == "cls":

@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["SegResult", "ClsResult", "EnhanceResult", "FeaturesResult", "Result", "class_areas", "resize_maps", "result_at_size"]
+from usfm_edge.core.errors import ConfigError
+
+__all__ = ["SegResult", "ClsResult", "EnhanceResult", "FeaturesResult", "Result", "class_areas", "resize_maps",
+           "outputs_at_size", "pixel_spacing"]
 
 
 @dataclass
@@ -84,21 +87,44 @@ class FeaturesResult:
 Result = SegResult | ClsResult | EnhanceResult | FeaturesResult
 
 
+def pixel_spacing(value) -> tuple[float, float] | None:
+    """``None``, a number (isotropic) or ``(row, col)`` -> ``(row, col)`` floats in mm.
+
+    Raises:
+        ConfigError: not one or two positive finite numbers.
+    """
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list, np.ndarray)):
+        if len(value) != 2:
+            raise ConfigError(f"pixel spacing must be one number or (row, col) in mm, got {value!r}")
+        out = (float(value[0]), float(value[1]))
+    else:
+        out = (float(value), float(value))
+    if not all(np.isfinite(v) and v > 0 for v in out):
+        raise ConfigError(f"pixel spacing must be positive and finite, got {value!r}")
+    return out
+
+
 def class_areas(mask: np.ndarray, labels: list[str],
                 pixel_spacing_mm: tuple[float, float] | None) -> tuple[dict[str, int], dict[str, float] | None]:
-    """Pixels (and mm² when the spacing is known) of each class in a mask."""
-    counts = np.bincount(mask.ravel(), minlength=len(labels))
-    names = [labels[i] if i < len(labels) else f"class_{i}" for i in range(counts.size)]
-    px = {n: int(c) for n, c in zip(names, counts)}
+    """Pixels (and mm² when the spacing is known) of each class in a mask (classes beyond ``labels`` are named
+    ``class_<i>``); ``count_nonzero`` per class is ~10x faster than ``bincount`` on uint8 masks."""
+    k = max(len(labels), int(mask.max()) + 1) if mask.size else len(labels)
+    names = [labels[i] if i < len(labels) else f"class_{i}" for i in range(k)]
+    if k <= 16:
+        px = {n: int(np.count_nonzero(mask == i)) for i, n in enumerate(names)}
+    else:
+        px = {n: int(c) for n, c in zip(names, np.bincount(mask.ravel(), minlength=k))}
     if pixel_spacing_mm is None:
         return px, None
-    dy, dx = pixel_spacing_mm
-    return px, {n: float(c) * float(dy) * float(dx) for n, c in px.items()}
+    area = float(pixel_spacing_mm[0]) * float(pixel_spacing_mm[1])
+    return px, {n: c * area for n, c in px.items()}
 
 
 def resize_maps(maps: np.ndarray, hw: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
     """``(..., h, w)`` -> ``(..., H, W)`` float32 with the torch/ONNX resampling of ``core.preprocess.resize_matrix``
-    (half-pixel centres): the engine's post-processing of bare bundles and :func:`result_at_size` use it."""
+    (half-pixel centres): the engine's post-processing of bare bundles and :func:`outputs_at_size` use it."""
     from usfm_edge.core.preprocess import resize_matrix
 
     h, w = maps.shape[-2:]
@@ -107,23 +133,20 @@ def resize_maps(maps: np.ndarray, hw: tuple[int, int], mode: str = "bilinear") -
     return (wh @ maps.astype(np.float32) @ ww.T).astype(np.float32)
 
 
-def result_at_size(res: Result, hw: tuple[int, int]) -> Result:
-    """Map a result computed on a resized frame back to a frame of size ``hw`` (a new result).
+def outputs_at_size(outs: dict[str, np.ndarray], task: str, hw: tuple[int, int]) -> dict[str, np.ndarray]:
+    """A raw-frame graph's outputs for a batch -> the same outputs at frame size ``hw`` (new arrays where resized).
 
-    The one rule for static-shape bundles (jetson / tensorrt) scored on frames of another size, used by the
-    INT8 accuracy gate, ``usfm-edge evaluate`` and ``usfm-edge bench`` alike, and the same resampling the
-    engine applies to a bare bundle's outputs: segmentation probabilities are resized bilinearly (half-pixel
-    centres, ``core.preprocess.resize_matrix``), the mask is their argmax and the areas are recounted;
-    a restored image is resized bilinearly and rounded. Classification and features need nothing.
+    The one rule for static-shape bundles (jetson / tensorrt) run on frames of another size (``Engine``, hence
+    predict, evaluate, the INT8 gate, parity and bench): segmentation probabilities ``(B, K, h, w)`` are resized
+    bilinearly (half-pixel centres, ``core.preprocess.resize_matrix``) and the mask is their argmax; a restored
+    image ``(B, h, w)`` is resized bilinearly and rounded. Classification and features need nothing; outputs
+    already at ``hw`` are returned unchanged.
     """
-    import dataclasses
-
     hw = (int(hw[0]), int(hw[1]))
-    if isinstance(res, SegResult) and res.mask.shape != hw:
-        probs = resize_maps(res.probs, hw)
-        mask = probs.argmax(0).astype(np.uint8)
-        px, mm2 = class_areas(mask, res.labels, res.pixel_spacing_mm)
-        return dataclasses.replace(res, mask=mask, probs=probs, areas_px=px, areas_mm2=mm2)
-    if isinstance(res, EnhanceResult) and res.image.shape != hw:
-        return dataclasses.replace(res, image=np.clip(np.round(resize_maps(res.image, hw)), 0, 255).astype(np.uint8))
-    return res
+    if task == "seg" and tuple(outs["probs"].shape[-2:]) != hw:
+        probs = resize_maps(outs["probs"], hw)
+        return {**outs, "probs": probs, "mask": probs.argmax(-3).astype(np.uint8)}
+    if task == "enhance" and tuple(outs["restored"].shape[-2:]) != hw:
+        img = np.clip(np.round(resize_maps(outs["restored"], hw)), 0, 255).astype(np.uint8)
+        return {**outs, "restored": img}
+    return outs

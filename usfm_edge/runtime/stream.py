@@ -2,7 +2,7 @@
 
 ``Engine.stream(frames)`` returns the generator made here. Three things run at once::
 
-    loader thread     next frames: read file / decode DICOM -> check -> copy -> preprocess (bare bundles) -> submit
+    loader thread     next frames: read file / decode DICOM -> check -> copy -> fit/preprocess (Engine.prepare) -> submit
     backend           inference of up to ``depth`` frames (OpenVINO: AsyncInferQueue requests; ORT: a worker thread)
     caller's thread   post-processing (bare bundles), typed result, and whatever the caller does with it
 
@@ -184,7 +184,7 @@ def _loader(engine, frames: Iterable, spacing, sub, q: queue.Queue, stop: thread
                 if isinstance(raw, np.ndarray) and np.may_share_memory(gray, raw):
                     gray = gray.copy()  # the source may reuse its buffer for the next frame
                 t0 = time.perf_counter()
-                x = engine._prepare([gray])
+                x = engine.prepare([gray])
                 prep_ms = (time.perf_counter() - t0) * 1000.0
             except (InputError, DataError) as exc:
                 entry = (i, None, None, 0.0, type(exc)(f"frame {i}: {exc.message}", path=exc.path, hint=exc.hint))
@@ -248,9 +248,9 @@ def stream_results(engine, frames: Iterable, pixel_spacing_mm=None, *, depth: in
 
 
 def _generate(engine, frames, spacing, depth: int, on_error: str) -> Iterator:
-    from usfm_edge.runtime.engine import _spacing
+    from usfm_edge.runtime.results import pixel_spacing
 
-    spacing = _spacing(spacing)
+    spacing = pixel_spacing(spacing)
     shared = _shared(engine, depth)
     sub = shared.submitter
     q: queue.Queue = queue.Queue(maxsize=depth)

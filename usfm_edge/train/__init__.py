@@ -1,7 +1,7 @@
 """Training: typed configs, DDP via torchrun, optimiser and schedule, one engine, pretraining (dual MIM).
 
-Public entry points are imported lazily so that ``import usfm_edge.train.losses`` (used by the models) stays
-cheap and free of import cycles.
+Public entry points are imported lazily, so ``import usfm_edge.train`` stays cheap and ``train.options`` (the
+command-line flags) can be read without torch.
 """
 
 from __future__ import annotations

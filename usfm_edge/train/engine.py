@@ -29,10 +29,11 @@ from torch import nn
 
 from usfm_edge.core.errors import CheckpointError, ConfigError, UsfmEdgeError
 from usfm_edge.train.dist import DistInfo, all_reduce_mean
-from usfm_edge.train.optim import set_lr
+from usfm_edge.train.optim import scaled_lr, set_lr
 
 __all__ = ["NonFiniteLossError", "TrainState", "JsonlLogger", "cpu_supports_bf16", "autocast_dtype",
-           "train_one_epoch", "run_epochs", "rng_state", "set_rng_state", "save_training_state", "load_training_state"]
+           "train_one_epoch", "run_epochs", "rng_state", "set_rng_state", "save_training_state", "load_training_state",
+           "resume_payload", "Schedule", "schedule", "restore_training_state", "distributed", "write_run_config"]
 
 
 class NonFiniteLossError(UsfmEdgeError):
@@ -339,3 +340,70 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError("not a usfm-edge training checkpoint (no 'format' key)", path=path,
                               hint="--resume takes checkpoint.pt of a pretraining run; use --init for weights")
     return payload
+
+
+# -- what pretraining and fine-tuning runs share around the loop ----------------------------------------------
+def resume_payload(resume: str | Path | None, name: str = "checkpoint.pt") -> tuple[dict | None, Path | None]:
+    """``(training state, its file)`` to resume from (a file, or a run folder holding ``name``), or ``(None, None)``."""
+    if resume is None:
+        return None, None
+    path = Path(resume)
+    path = path / name if path.is_dir() else path
+    return load_training_state(path), path
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Optimiser steps and learning rate of a run (``schedule``)."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    total_batch: int
+    peak_lr: float
+
+
+def schedule(cfg, samples_per_rank: int, world_size: int, hint: str = "lower --batch-size") -> Schedule:
+    """Steps per epoch, total and warm-up steps, images per optimiser step and the peak lr (linear scaling rule:
+    ``cfg.lr`` per 256 images) of a ``train.config.RunConfig``.
+
+    Raises:
+        ConfigError: an epoch of ``samples_per_rank`` is smaller than one optimiser step.
+    """
+    steps = samples_per_rank // cfg.batch_size // cfg.accum_steps
+    if steps < 1:
+        raise ConfigError(f"an epoch of {samples_per_rank} samples per process is smaller than one optimiser step "
+                          f"({cfg.batch_size} x {cfg.accum_steps} accumulation)", hint=hint)
+    total = cfg.epochs * steps
+    batch = cfg.batch_size * cfg.accum_steps * world_size
+    return Schedule(steps, total, min(int(round(cfg.warmup_epochs * steps)), total), batch, scaled_lr(cfg.lr, batch))
+
+
+def restore_training_state(payload: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+                           steps_in_epoch: int) -> TrainState:
+    """Load model and optimiser from a training state, set the RNG states, and return where the loop goes on
+    (the next epoch when the checkpoint was written at the very end of one)."""
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    state = TrainState(payload["step"], payload["epoch"], payload["position"])
+    if state.position >= steps_in_epoch:
+        state = TrainState(state.step, state.epoch + 1, 0)
+    set_rng_state(payload["rng"])
+    return state
+
+
+def distributed(net: nn.Module, info: DistInfo) -> nn.Module:
+    """``net`` in DDP under torchrun (on the rank's GPU when CUDA), else unchanged."""
+    if not info.distributed:
+        return net
+    return nn.parallel.DistributedDataParallel(net, device_ids=[info.local_rank] if info.device.type == "cuda"
+                                               else None)
+
+
+def write_run_config(out: Path, config: dict[str, Any]) -> Path:
+    """The resolved config as ``config.yaml`` in the run folder (key order kept)."""
+    import yaml
+
+    path = Path(out) / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

@@ -8,7 +8,7 @@ Shares the pretraining engine (``train.engine``: progress bar, JSONL log, atomic
   the 10% set lies inside the 25% set), so label-efficiency runs differ only in how many labels they see;
 * model: ``models.tasks.build_task_model`` from ``--init`` (USFM_latest.pth, a pretraining encoder, a
   task checkpoint) or ``none`` (from scratch); layer-wise lr decay (USFM: 0.65) through
-  ``models.tasks.param_groups_lrd``;
+  ``train.optim.param_groups``;
 * losses: seg = cross-entropy + soft Dice (+ 0.4 x the same on UperNet's auxiliary head); cls =
   cross-entropy with label smoothing (USFM: 0.1); enhance = L1 to the clean frame;
 * model selection: the held-out patients are evaluated every ``eval_every`` epochs through the export graph
@@ -23,7 +23,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,46 +32,49 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from usfm_edge.core.config import from_dict, load_yaml, to_dict
+from usfm_edge.core.config import to_dict
 from usfm_edge.core.errors import ConfigError, UsfmEdgeError
 from usfm_edge.core.preprocess import PreprocessSpec
-from usfm_edge.data.sources import label_fraction, label_names, load_records, patient_split
-from usfm_edge.train.config import Option, _deep_merge, _nest
+from usfm_edge.data.sources import label_names, load_records
+from usfm_edge.data.splits import label_fraction, patient_split
+from usfm_edge.models.tasks import build_task_model, save_task_checkpoint
+from usfm_edge.train.config import RunConfig, load_config
 from usfm_edge.train.dist import cleanup, init_distributed
 from usfm_edge.train.engine import (
     JsonlLogger,
     TrainState,
     autocast_dtype,
-    load_training_state,
+    distributed,
+    restore_training_state,
+    resume_payload,
     run_epochs,
     save_training_state,
-    set_rng_state,
+    schedule,
+    write_run_config,
 )
-from usfm_edge.train.optim import budget_cosine_lr, scaled_lr
+from usfm_edge.train.optim import budget_cosine_lr, param_groups
+from usfm_edge.train.options import add_argparse_options, finetune_options, overrides_from
 
 CHECKPOINT, BEST, LAST = "checkpoint.pt", "best.safetensors", "last.safetensors"
 PRIMARY = {"seg": "dice", "cls": "auc", "enhance": "psnr"}
 
 
 @dataclass
-class FinetuneConfig:
-    """A fine-tuning run (every field is a CLI flag; see ``finetune_options``).
+class FinetuneConfig(RunConfig):
+    """A fine-tuning run: the :class:`~usfm_edge.train.config.RunConfig` fields (with fine-tuning's schedule
+    defaults) plus the ones below; every field is a CLI flag (``train.options.finetune_options``).
 
     Attributes:
         task: ``seg``, ``cls`` or ``enhance``.
-        data: source specs (``busbra:PATH``, ``hc18:PATH``, ``folder:PATH``...); records are pooled.
         init: starting weights (``USFM_latest.pth``, a pretraining ``encoder.safetensors``, a task checkpoint)
             or ``none`` for random initialisation.
         model: backbone preset (ignored when ``init`` is a task checkpoint of another preset: error).
         head: ``auto`` or a head name (seg: ``upernet`` / ``light``).
-        img_size: model input side.
         label_fraction: fraction of the training patients whose labels are used (1.0 = all).
         val_fraction, split_seed: the patient-level held-out split (keep them fixed across runs).
         label_seed: seed of the labelled subset (default ``split_seed``); vary it to measure how much the
             choice of labelled patients matters.
-        epochs, batch_size, accum_steps: schedule; lr is per 256 images (scaled by the total batch / 256).
-        min_lr, warmup_epochs, weight_decay, layer_decay, clip_grad, drop_path: optimisation (USFM: lr decay
-            0.65, wd 0.05, clip 5, drop path 0.1).
+        layer_decay: layer-wise lr decay (USFM: 0.65; with lr decay, wd 0.05, clip 5, drop path 0.1).
         label_smoothing: classification only (USFM: 0.1).
         dice_weight: weight of the soft Dice term of the seg loss.
         augment: training augmentation: ``ultrasound`` (scanner/operator effects, ``data.augment``),
@@ -82,29 +85,23 @@ class FinetuneConfig:
             hires head's stride-8 logits); None keeps the head's default (0.4), 0 turns it off.
         eval_every: epochs between validations (the last epoch is always validated); eval_limit caps the
             number of validation frames (None = all).
-        seed, device, workers, amp, save_every, log_every, max_steps, time_limit_min: as in pretraining.
     """
 
-    task: str = "seg"
-    data: list[str] = field(default_factory=list)
-    init: str = "none"
     model: str = "usfm_vit_tiny_patch16_224"
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup_epochs: float = 2.0
+    workers: int = 0
+    save_every: int = 0
+    task: str = "seg"
+    init: str = "none"
     head: str = "auto"
-    img_size: int = 224
     label_fraction: float = 1.0
     val_fraction: float = 0.2
     split_seed: int = 0
     label_seed: int | None = None
-    epochs: int = 30
-    batch_size: int = 16
-    accum_steps: int = 1
-    lr: float = 2e-3
-    min_lr: float = 1e-6
-    warmup_epochs: float = 2.0
-    weight_decay: float = 0.05
     layer_decay: float = 0.65
-    clip_grad: float = 5.0
-    drop_path: float = 0.1
     label_smoothing: float = 0.1
     dice_weight: float = 1.0
     augment: str = "ultrasound"
@@ -112,71 +109,22 @@ class FinetuneConfig:
     aux_weight: float | None = None
     eval_every: int = 5
     eval_limit: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 0
-    amp: str = "auto"
-    save_every: int = 0
-    log_every: int = 10
-    max_steps: int | None = None
-    time_limit_min: float | None = None
 
     def __post_init__(self):
         if self.task not in PRIMARY:
             raise ConfigError(f"task must be seg, cls or enhance, got {self.task!r}")
+        super().__post_init__()
         if not 0 < self.label_fraction <= 1:
             raise ConfigError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.batch_size < 1 or self.epochs < 1 or self.accum_steps < 1:
-            raise ConfigError("batch_size, epochs and accum_steps must be >= 1")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"ema must be in [0, 1) (0 = off), got {self.ema}")
 
 
-finetune_options: list[Option] = [
-    Option("--task", "task", str, "seg, cls or enhance"),
-    Option("--data", "data", list, "labelled source: busbra:PATH, hc18:PATH, folder:PATH ... (repeatable)"),
-    Option("--init", "init", str, "starting weights (USFM_latest.pth, encoder.safetensors, ...) or none"),
-    Option("--model", "model", str, "backbone preset"),
-    Option("--head", "head", str, "auto, upernet or light (seg), linear (cls), pixelshuffle (enhance)"),
-    Option("--img-size", "img_size", int, "model input side in pixels"),
-    Option("--label-fraction", "label_fraction", float, "fraction of training patients with labels"),
-    Option("--val-fraction", "val_fraction", float, "fraction of patients held out for validation"),
-    Option("--split-seed", "split_seed", int, "seed of the patient split (and of the label subset by default)"),
-    Option("--label-seed", "label_seed", int, "seed of the labelled subset of training patients (default: split seed)"),
-    Option("--epochs", "epochs", int, "epochs"),
-    Option("--batch-size", "batch_size", int, "images per micro-batch per process"),
-    Option("--accum-steps", "accum_steps", int, "micro-batches per optimiser step"),
-    Option("--lr", "lr", float, "base learning rate per 256 images"),
-    Option("--min-lr", "min_lr", float, "final learning rate"),
-    Option("--warmup-epochs", "warmup_epochs", float, "linear warm-up in epochs"),
-    Option("--weight-decay", "weight_decay", float, "AdamW weight decay"),
-    Option("--layer-decay", "layer_decay", float, "layer-wise lr decay (1 = off)"),
-    Option("--clip-grad", "clip_grad", float, "max gradient norm (0 = off)"),
-    Option("--drop-path", "drop_path", float, "stochastic depth rate"),
-    Option("--label-smoothing", "label_smoothing", float, "classification label smoothing"),
-    Option("--augment", "augment", str, "training augmentation: ultrasound, light, basic or none"),
-    Option("--ema", "ema", float, "EMA decay of the weights (0 = off)"),
-    Option("--aux-weight", "aux_weight", float, "deep-supervision loss weight (0 = off)"),
-    Option("--eval-every", "eval_every", int, "epochs between validations"),
-    Option("--eval-limit", "eval_limit", int, "at most this many validation frames"),
-    Option("--seed", "seed", int, "random seed"),
-    Option("--device", "device", str, "auto, cpu or cuda"),
-    Option("--workers", "workers", int, "DataLoader workers per process"),
-    Option("--amp", "amp", str, "auto, bf16 or off"),
-    Option("--save-every", "save_every", int, "optimiser steps between training checkpoints"),
-    Option("--log-every", "log_every", int, "optimiser steps between log lines"),
-    Option("--max-steps", "max_steps", int, "stop after this many optimiser steps"),
-    Option("--time-limit-min", "time_limit_min", float, "stop cleanly after this many minutes"),
-]
-
-
 def load_finetune_config(config=None, overrides: dict[str, Any] | None = None) -> FinetuneConfig:
-    """Defaults < YAML (path or dict) < flag overrides (None / empty lists ignored)."""
-    base = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
-    flat = {k: v for k, v in (overrides or {}).items() if not (v is None or (isinstance(v, (list, tuple)) and not v))}
-    return from_dict(FinetuneConfig, _deep_merge(base, _nest(flat)))
+    """Defaults < YAML (path or dict) < flag overrides (None / empty lists ignored): ``train.config.load_config``."""
+    return load_config(FinetuneConfig, config, overrides)
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -248,7 +196,7 @@ def _labels(cfg: FinetuneConfig, records) -> list[str] | None:
 
 
 def _evaluate(model, val, task: str, limit: int | None, device) -> dict:
-    from usfm_edge.evaluation.evaluate import TorchPredictor, evaluate_predictor
+    from usfm_edge.evaluation import TorchPredictor, evaluate_predictor
 
     recs = val if not limit or len(val) <= limit else [val[i] for i in np.linspace(0, len(val) - 1, limit).astype(int)]
     was = model.training
@@ -277,6 +225,91 @@ def _ema_model(model: nn.Module, decay: float):
     return ema
 
 
+class _Validations:
+    """What a fine-tuning run keeps between epochs: validation history, best score, last metrics and training time
+    (earlier runs included); validates the scored (EMA) model, saves ``best``/``last`` and the training state."""
+
+    def __init__(self, cfg: FinetuneConfig, out: Path, model: nn.Module, ema, optimizer, val: list, info,
+                 logger, config: dict, extra_meta: dict, payload: dict | None):
+        self.cfg, self.out, self.model, self.ema, self.optimizer = cfg, out, model, ema, optimizer
+        self.val, self.info, self.logger, self.config, self.extra_meta = val, info, logger, config, extra_meta
+        self.scored = model if ema is None else ema.module  # what is validated and saved
+        extra = payload["extra"] if payload is not None else {}
+        self.history: list = json.loads(extra.get("history", "[]"))
+        self.best_score = float(extra.get("best_score", -float("inf")))
+        self.spent_before, self.since = float(extra.get("train_seconds", 0.0)), time.time()
+        self.metrics: dict = {}
+
+    def spent(self) -> float:
+        """Seconds of training so far, earlier runs of a resumed run included."""
+        return self.spent_before + time.time() - self.since
+
+    def checkpoint(self, st: TrainState) -> None:
+        if self.info.is_main:
+            extra = {"history": json.dumps(self.history), "best_score": self.best_score, "train_seconds": self.spent()}
+            if self.ema is not None:
+                extra["ema"] = self.ema.state_dict()
+            save_training_state(self.out / CHECKPOINT, model=self.model, optimizer=self.optimizer, state=st,
+                                config=self.config, extra=extra)
+
+    def end_of_epoch(self, st: TrainState, done: bool, bar) -> None:
+        cfg = self.cfg
+        if not self.info.is_main or not (done or (st.epoch + 1) % cfg.eval_every == 0):
+            return
+        self.metrics = _evaluate(self.scored, self.val, cfg.task, cfg.eval_limit, self.info.device)
+        self.history.append({"epoch": st.epoch, "step": st.step, **self.metrics})
+        self.logger.log(event="eval", epoch=st.epoch, step=st.step, **self.metrics)
+        score = self.metrics[PRIMARY[cfg.task]]
+        if score > self.best_score:
+            self.best_score = score
+            save_task_checkpoint(self.scored, self.out / BEST, extra={**self.extra_meta, "metrics": self.metrics,
+                                                                      "epoch": st.epoch, "step": st.step})
+        if bar is not None:
+            bar.write(f"[finetune] epoch {st.epoch}: " + ", ".join(
+                f"{k}={v:.4f}" for k, v in self.metrics.items() if isinstance(v, float)))
+
+    def finish(self, state: TrainState) -> None:
+        if self.info.is_main:
+            self.checkpoint(state)
+            save_task_checkpoint(self.scored, self.out / LAST, extra={**self.extra_meta, "metrics": self.metrics,
+                                                                      "step": state.step})
+            (self.out / "metrics.json").write_text(json.dumps(
+                {"last": self.metrics, "best_score": self.best_score, "primary": PRIMARY[self.cfg.task],
+                 "history": self.history}, indent=2))
+
+
+def _model(cfg: FinetuneConfig, labels, payload, info, build_model) -> nn.Module:
+    """The task model (seeded; from ``cfg.init`` unless resuming), or ``build_model(labels)``."""
+    torch.manual_seed(cfg.seed)
+    if build_model is not None:
+        return build_model(labels).to(info.device)
+    init = None if (payload is not None or cfg.init in ("", "none", None)) else cfg.init
+    head_args = {"aux_weight": cfg.aux_weight} if cfg.aux_weight is not None else None
+    return build_task_model(cfg.task, backbone=cfg.model, labels=labels, head=cfg.head, img_size=cfg.img_size,
+                            checkpoint=init, drop_path_rate=cfg.drop_path, head_args=head_args).to(info.device)
+
+
+def _loader(cfg: FinetuneConfig, train: list, spec: PreprocessSpec, info):
+    """``(loader, resumable sampler, per-rank sample count)`` of the labelled training records, organ-balanced."""
+    from usfm_edge.data.sampler import OrganBalancedSampler
+    from usfm_edge.train.datasets import PositionedSampler
+    from usfm_edge.train.task_data import TaskDataset
+
+    dataset = TaskDataset(train, cfg.task, spec, train=True, seed=cfg.seed, augment=cfg.augment)
+    base = OrganBalancedSampler([r.organ for r in train], num_samples=len(train), seed=cfg.seed,
+                                rank=info.rank, world_size=info.world_size)
+    sampler = PositionedSampler(base, info.rank, info.world_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed))
+    return loader, sampler, len(base)
+
+
+def _split_record(cfg: FinetuneConfig, train: list, val: list) -> dict:
+    return {"val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed, "label_seed": cfg.label_seed,
+            "train_images": len(train), "val_images": len(val),
+            "train_patients": len({(r.organ, r.patient) for r in train})}
+
+
 def fit_finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: str | Path | None = None,
                  progress: bool = True, build_model=None) -> FinetuneResult:
     """Fine-tune and validate; returns the best/last checkpoint paths and the last validation metrics.
@@ -287,155 +320,69 @@ def fit_finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: str | Path | 
     ``group_matcher``, ``no_weight_decay``, ``config``) and then ``cfg.model``, ``cfg.head`` and ``cfg.init``
     are only recorded.
     """
-    from usfm_edge.data.sampler import OrganBalancedSampler
-    from usfm_edge.models.tasks import build_task_model, param_groups_lrd, save_task_checkpoint
-    from usfm_edge.train.datasets import PositionedSampler
-    from usfm_edge.train.task_data import TaskDataset
-
     info = init_distributed(cfg.device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        payload = None
-        if resume is not None:
-            resume = Path(resume)
-            resume = resume / CHECKPOINT if resume.is_dir() else resume
-            payload = load_training_state(resume)
-            saved = {k: v for k, v in payload["config"].items() if k not in ("epochs", "max_steps", "time_limit_min")}
-            now = {k: v for k, v in to_dict(cfg).items() if k in saved}
-            if saved != now:
-                diff = sorted(k for k in saved if saved[k] != now.get(k))
+        payload, resume = resume_payload(resume, CHECKPOINT)
+        if payload is not None:
+            diff = cfg.resume_diff(payload["config"], sorted(
+                k for k in payload["config"] if k not in ("epochs", "max_steps", "time_limit_min")))
+            if diff:
                 raise ConfigError(f"--resume: the config differs from the checkpoint's in {', '.join(diff)}", path=resume)
         records, train, val = _splits(cfg)
-        labels = _labels(cfg, records)
-        torch.manual_seed(cfg.seed)
-        init = None if (payload is not None or cfg.init in ("", "none", None)) else cfg.init
-        head_args = {"aux_weight": cfg.aux_weight} if cfg.aux_weight is not None else None
-        if build_model is not None:
-            model = build_model(labels).to(info.device)
-        else:
-            model = build_task_model(cfg.task, backbone=cfg.model, labels=labels, head=cfg.head,
-                                     img_size=cfg.img_size, checkpoint=init, drop_path_rate=cfg.drop_path,
-                                     head_args=head_args).to(info.device)
+        model = _model(cfg, _labels(cfg, records), payload, info, build_model)
         spec = PreprocessSpec(img_size=cfg.img_size)
-        dataset = TaskDataset(train, cfg.task, spec, train=True, seed=cfg.seed, augment=cfg.augment)
+        loader, sampler, samples = _loader(cfg, train, spec, info)
         ema = _ema_model(model, cfg.ema)
-        base = OrganBalancedSampler([r.organ for r in train], num_samples=len(train), seed=cfg.seed,
-                                    rank=info.rank, world_size=info.world_size)
-        sampler = PositionedSampler(base, info.rank, info.world_size)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                             num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed))
-        steps_per_epoch = len(base) // cfg.batch_size // cfg.accum_steps
-        if steps_per_epoch < 1:
-            raise ConfigError(f"{len(train)} training images per process are fewer than one optimiser step "
-                              f"({cfg.batch_size} x {cfg.accum_steps})", hint="lower --batch-size")
-        total_steps = cfg.epochs * steps_per_epoch
-        warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total_steps)
-        total_batch = cfg.batch_size * cfg.accum_steps * info.world_size
-        peak_lr = scaled_lr(cfg.lr, total_batch)
-        optimizer = torch.optim.AdamW(param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay), lr=peak_lr,
+        sched = schedule(cfg, samples, info.world_size)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=sched.peak_lr,
                                       betas=(0.9, 0.999))
-        state, history, best_score = TrainState(), [], -float("inf")
-        clock = {"spent": 0.0, "since": time.time()}  # training seconds of earlier runs, start of this one
+        state = TrainState()
         if payload is not None:
-            model.load_state_dict(payload["model"])
-            optimizer.load_state_dict(payload["optimizer"])
+            state = restore_training_state(payload, model, optimizer, sched.steps_per_epoch * cfg.accum_steps)
             if ema is not None:
                 if "ema" not in payload["extra"]:
                     raise ConfigError("--resume: the checkpoint has no EMA weights", path=resume, hint="pass --ema 0")
                 ema.load_state_dict(payload["extra"]["ema"])
-            clock["spent"] = float(payload["extra"].get("train_seconds", 0.0))
-            state = TrainState(payload["step"], payload["epoch"], payload["position"])
-            if state.position >= steps_per_epoch * cfg.accum_steps:
-                state = TrainState(state.step, state.epoch + 1, 0)
-            history = json.loads(payload["extra"].get("history", "[]"))
-            best_score = float(payload["extra"].get("best_score", -float("inf")))
-            set_rng_state(payload["rng"])
         else:
             torch.manual_seed(cfg.seed + info.rank)
-        net: nn.Module = TaskLoss(model, cfg.task, cfg.label_smoothing, cfg.dice_weight)
-        if info.distributed:
-            net = nn.parallel.DistributedDataParallel(net, device_ids=[info.local_rank] if info.device.type == "cuda"
-                                                      else None)
+        net = distributed(TaskLoss(model, cfg.task, cfg.label_smoothing, cfg.dice_weight), info)
         amp = autocast_dtype(cfg.amp, info.device)
         config_dict = to_dict(cfg)
-        extra_meta = {"preprocess": spec.to_dict(), "finetune": config_dict,
-                      "split": {"val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed,
-                                "label_seed": cfg.label_seed,
-                                "train_images": len(train), "val_images": len(val),
-                                "train_patients": len({(r.organ, r.patient) for r in train})}}
+        extra_meta = {"preprocess": spec.to_dict(), "finetune": config_dict, "split": _split_record(cfg, train, val)}
         logger = JsonlLogger(out / "log.jsonl", enabled=info.is_main)
+        runs = _Validations(cfg, out, model, ema, optimizer, val, info, logger, config_dict, extra_meta, payload)
         if info.is_main:
-            import yaml
-
-            (out / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+            write_run_config(out, config_dict)
             print(f"[finetune] {cfg.task}: {len(train)} training images ({extra_meta['split']['train_patients']} "
                   f"patients, label fraction {cfg.label_fraction}), {len(val)} held out; init={cfg.init}; "
-                  f"{steps_per_epoch} steps/epoch x {cfg.epochs}, batch {total_batch}, peak lr {peak_lr:.3g}, "
-                  f"amp={amp or 'fp32'}" + (f"; resuming at step {state.step}" if payload else ""), file=sys.stderr)
+                  f"{sched.steps_per_epoch} steps/epoch x {cfg.epochs}, batch {sched.total_batch}, peak lr "
+                  f"{sched.peak_lr:.3g}, amp={amp or 'fp32'}" + (f"; resuming at step {state.step}" if payload else ""),
+                  file=sys.stderr)
             if model.load_report is not None:
                 print(f"[finetune] init: {model.load_report.summary()}", file=sys.stderr)
-
-        def spent() -> float:
-            return clock["spent"] + time.time() - clock["since"]
-
-        def checkpoint(st: TrainState) -> None:
-            if info.is_main:
-                extra = {"history": json.dumps(history), "best_score": best_score, "train_seconds": spent()}
-                if ema is not None:
-                    extra["ema"] = ema.state_dict()
-                save_training_state(out / CHECKPOINT, model=model, optimizer=optimizer, state=st, config=config_dict,
-                                    extra=extra)
-
-        scored = model if ema is None else ema.module  # what is validated and saved
-
-        metrics: dict = {}
-
-        def end_of_epoch(st, done: bool, bar) -> None:
-            nonlocal metrics, best_score
-            if not info.is_main or not (done or (st.epoch + 1) % cfg.eval_every == 0):
-                return
-            metrics = _evaluate(scored, val, cfg.task, cfg.eval_limit, info.device)
-            history.append({"epoch": st.epoch, "step": st.step, **metrics})
-            logger.log(event="eval", epoch=st.epoch, step=st.step, **metrics)
-            score = metrics[PRIMARY[cfg.task]]
-            if score > best_score:
-                best_score = score
-                save_task_checkpoint(scored, out / BEST, extra={**extra_meta, "metrics": metrics,
-                                                                "epoch": st.epoch, "step": st.step})
-            if bar is not None:
-                bar.write(f"[finetune] epoch {st.epoch}: " + ", ".join(
-                    f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-
         budget_s = 60.0 * cfg.time_limit_min if cfg.time_limit_min else None
-        if budget_s is not None and spent() >= budget_s:
+        if budget_s is not None and runs.spent() >= budget_s:
             raise ConfigError(f"--resume: the run already used its {cfg.time_limit_min} min budget",
                               path=resume, hint="raise --time-limit-min to train longer")
 
         def lr_at(step: int) -> float:
-            frac = spent() / budget_s if budget_s else 0.0
-            return budget_cosine_lr(step, total_steps, warmup, peak_lr, cfg.min_lr, frac)
+            frac = runs.spent() / budget_s if budget_s else 0.0
+            return budget_cosine_lr(step, sched.total_steps, sched.warmup_steps, sched.peak_lr, cfg.min_lr, frac)
 
-        def after_step(st: TrainState) -> None:
-            if ema is not None:
-                ema.update_parameters(model)
-
-        remaining = None if budget_s is None else (budget_s - spent()) / 60.0
         run_epochs(net, loader, optimizer, sampler, state=state, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                   last_step=min(total_steps, cfg.max_steps or total_steps), time_limit_min=remaining,
-                   progress=progress and info.is_main, on_epoch_end=end_of_epoch, device=info.device,
-                   lr_at=lr_at, after_step=after_step,
-                   steps_in_epoch=steps_per_epoch, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad,
-                   amp_dtype=amp, dist_info=info, images_per_step=total_batch, log_every=cfg.log_every,
-                   logger=logger, save_every=cfg.save_every, checkpoint_fn=checkpoint)
-        if info.is_main:
-            checkpoint(state)
-            save_task_checkpoint(scored, out / LAST, extra={**extra_meta, "metrics": metrics, "step": state.step})
-            (out / "metrics.json").write_text(json.dumps({"last": metrics, "best_score": best_score,
-                                                          "primary": PRIMARY[cfg.task], "history": history}, indent=2))
+                   last_step=min(sched.total_steps, cfg.max_steps or sched.total_steps),
+                   time_limit_min=None if budget_s is None else (budget_s - runs.spent()) / 60.0,
+                   progress=progress and info.is_main, on_epoch_end=runs.end_of_epoch, device=info.device,
+                   lr_at=lr_at, after_step=(lambda st: ema.update_parameters(model)) if ema is not None else None,
+                   steps_in_epoch=sched.steps_per_epoch, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad,
+                   amp_dtype=amp, dist_info=info, images_per_step=sched.total_batch, log_every=cfg.log_every,
+                   logger=logger, save_every=cfg.save_every, checkpoint_fn=runs.checkpoint)
+        runs.finish(state)
         if info.distributed:
             torch.distributed.barrier()
-        return FinetuneResult(out / BEST, out / LAST, metrics, history)
+        return FinetuneResult(out / BEST, out / LAST, runs.metrics, runs.history)
     finally:
         cleanup()
 
@@ -443,17 +390,9 @@ def fit_finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: str | Path | 
 def main(argv: list[str] | None = None) -> int:
     """argparse entry point (``python -m usfm_edge.train.finetune``; torchrun-friendly)."""
     p = argparse.ArgumentParser(prog="python -m usfm_edge.train.finetune", description=__doc__.splitlines()[0])
-    p.add_argument("--config")
-    p.add_argument("--out", required=True)
-    p.add_argument("--resume", nargs="?", const="auto")
-    for opt in finetune_options:
-        if opt.type is list:
-            p.add_argument(opt.flag, dest=opt.field, action="append", help=opt.help)
-        else:
-            p.add_argument(opt.flag, dest=opt.field, type=opt.type, help=opt.help)
-    args = p.parse_args(argv)
+    args = add_argparse_options(p, finetune_options).parse_args(argv)
     try:
-        cfg = load_finetune_config(args.config, {o.field: getattr(args, o.field) for o in finetune_options})
+        cfg = load_finetune_config(args.config, overrides_from(args, finetune_options))
         resume = (args.out if args.resume == "auto" else args.resume) if args.resume else None
         res = fit_finetune(cfg, args.out, resume)
     except UsfmEdgeError as exc:

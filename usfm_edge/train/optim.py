@@ -16,16 +16,26 @@ def scaled_lr(base_lr: float, total_batch: int) -> float:
     return base_lr * total_batch / 256
 
 
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
-    """Split trainable parameters into AdamW groups.
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None,
+                 lr: float | None = None) -> list[dict]:
+    """Split trainable parameters into AdamW groups (pretraining, and fine-tuning with layer-wise lr decay).
 
-    No weight decay for 1-D parameters (biases, norms, layer scale ``gamma_*``) and for the names in
-    ``model.no_weight_decay()`` (cls/mask tokens, relative position table).
-    With ``layer_decay`` (fine-tuning; e.g. 0.65), a parameter of layer id ``i`` (``model.group_matcher``:
-    0 = embeddings, 1..depth = blocks, depth + 1 = norm/head) gets ``lr_scale = layer_decay ** (depth + 1 - i)``.
+    No weight decay for 1-D parameters (biases, norms, layer scale ``gamma_*``), ``.bias`` and the names in
+    ``model.no_weight_decay()`` (cls/mask tokens, relative position table). Frozen parameters are left out.
+    With ``layer_decay`` (fine-tuning, the BEiT / USFM recipe: 0.65; 1.0 keeps the groups but no decay), a
+    parameter of layer id ``i`` (``model.group_matcher``: 0 = embeddings, 1..depth = blocks, depth + 1 = final
+    norm and heads) gets ``lr_scale = layer_decay ** (depth + 1 - i)``; heads train at the full lr.
+
+    Args:
+        model: anything with ``named_parameters`` (and ``depth``, ``group_matcher``, ``no_weight_decay`` for
+            layer decay: ``UsfmViT``, ``TaskModel``, the MIM wrapper).
+        weight_decay: decay of the other parameters.
+        layer_decay: per-layer lr factor, or None (one layer).
+        lr: base lr; when given each group also gets ``lr = lr * lr_scale``.
 
     Returns:
-        Groups with keys ``params``, ``weight_decay``, ``lr_scale`` and ``names`` (for inspection).
+        Groups with keys ``params``, ``names`` (for inspection), ``weight_decay``, ``lr_scale``, ``layer_id``
+        (and ``lr``).
     """
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     num_layers = None
@@ -40,11 +50,13 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
             continue
         no_decay = p.ndim <= 1 or name in skip or name.endswith(".bias")
         layer = model.group_matcher(name) if num_layers else 0
-        scale = layer_decay ** (num_layers - 1 - layer) if num_layers else 1.0
         key = (layer, no_decay)
         if key not in groups:
+            scale = layer_decay ** (num_layers - 1 - layer) if num_layers else 1.0
             groups[key] = {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                           "lr_scale": scale}
+                           "lr_scale": scale, "layer_id": layer}
+            if lr is not None:
+                groups[key]["lr"] = lr * scale
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
     return [groups[k] for k in sorted(groups)]

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from usfm_edge.core.config import to_dict
 from usfm_edge.core.errors import ConfigError, UsfmEdgeError
@@ -33,18 +32,22 @@ from usfm_edge.core.preprocess import PreprocessSpec
 from usfm_edge.models.checkpoint import save_checkpoint
 from usfm_edge.models.mim import UsfmMim, build_mim
 from usfm_edge.models.registry import model_args
-from usfm_edge.train.config import PretrainConfig, load_pretrain_config, pretrain_options
+from usfm_edge.train.config import PretrainConfig, load_pretrain_config
 from usfm_edge.train.dist import DistInfo, cleanup, init_distributed
 from usfm_edge.train.engine import (
     JsonlLogger,
     TrainState,
     autocast_dtype,
-    load_training_state,
+    distributed,
+    restore_training_state,
+    resume_payload,
     run_epochs,
     save_training_state,
-    set_rng_state,
+    schedule,
+    write_run_config,
 )
-from usfm_edge.train.optim import build_optimizer, cosine_lr, scaled_lr
+from usfm_edge.train.optim import build_optimizer, cosine_lr
+from usfm_edge.train.options import add_argparse_options, overrides_from, pretrain_options
 
 __all__ = ["PretrainResult", "fit_pretrain", "run_pretrain", "export_encoder", "main"]
 
@@ -96,15 +99,7 @@ def _step_of(line: str) -> int:
 
 
 def _check_resume(saved: dict, cfg: PretrainConfig, path: Path) -> None:
-    now = to_dict(cfg)
-    diff = []
-    for k in _RESUME_FIXED:
-        a, b = saved.get(k), now.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):  # name the nested field: mim.norm_target (True -> False)
-            diff += [f"{k}.{sub} ({a.get(sub)!r} in the checkpoint, {b.get(sub)!r} now)"
-                     for sub in sorted(set(a) | set(b)) if a.get(sub) != b.get(sub)]
-        elif a != b:
-            diff.append(f"{k} ({a!r} in the checkpoint, {b!r} now)")
+    diff = cfg.resume_diff(saved, _RESUME_FIXED)  # names the nested field: mim.norm_target (True -> False)
     if diff:
         hint = "resume with the original settings (see the run's config.yaml)"
         if any(d.startswith("mim.norm_target") for d in diff):
@@ -135,15 +130,9 @@ def fit_pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: str | Path | 
 
 
 def _fit(cfg: PretrainConfig, out: Path, resume, progress: bool, info: DistInfo) -> PretrainResult:
-    from usfm_edge.train.datasets import MimPretrainDataset, build_pretrain_loader
-    from usfm_edge.train.masking import MimTransform
-
     out.mkdir(parents=True, exist_ok=True)
-    payload = None
-    if resume is not None:
-        resume = Path(resume)
-        resume = resume / CHECKPOINT if resume.is_dir() else resume
-        payload = load_training_state(resume)
+    payload, resume = resume_payload(resume, CHECKPOINT)
+    if payload is not None:
         _check_resume(payload["config"], cfg, resume)
         if payload["extra"].get("world_size", 1) != info.world_size:
             raise ConfigError(f"--resume: the checkpoint was written by {payload['extra'].get('world_size')} "
@@ -158,41 +147,18 @@ def _fit(cfg: PretrainConfig, out: Path, resume, progress: bool, info: DistInfo)
     if init and info.is_main:
         print(f"[pretrain] encoder from {cfg.init}: {model.encoder.load_report.summary()}", file=sys.stderr)
     records = _load_records(cfg)
-    spec = PreprocessSpec(img_size=cfg.img_size)
-    transform = MimTransform(spec, model.patch_size, cfg.mim.mask_patch_size, cfg.mim.mask_ratio,
-                             cfg.mim.freq_prob, cfg.mim.ring_params())
-    dataset = MimPretrainDataset(records, transform, cfg.seed)
-    loader, sampler = build_pretrain_loader(
-        dataset, [r.organ for r in records], batch_size=cfg.batch_size, seed=cfg.seed,
-        samples_per_epoch=cfg.samples_per_epoch, organ_weights=cfg.organ_weights, rank=info.rank,
-        world_size=info.world_size, workers=cfg.workers, pin_memory=info.device.type == "cuda")
-
-    steps_per_epoch = len(sampler.base) // cfg.batch_size // cfg.accum_steps
-    if steps_per_epoch < 1:
-        raise ConfigError(f"an epoch of {len(sampler.base)} samples per rank is smaller than one optimiser step "
-                          f"({cfg.batch_size} x {cfg.accum_steps} accumulation)",
-                          hint="lower --batch-size/--accum-steps or raise --samples-per-epoch")
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total_steps)
-    total_batch = cfg.batch_size * cfg.accum_steps * info.world_size
-    peak_lr = scaled_lr(cfg.lr, total_batch)
-    optimizer = build_optimizer(model, peak_lr, cfg.weight_decay)
+    loader, sampler = _loader(cfg, records, model.patch_size, info)
+    sched = schedule(cfg, len(sampler.base), info.world_size,
+                     hint="lower --batch-size/--accum-steps or raise --samples-per-epoch")
+    optimizer = build_optimizer(model, sched.peak_lr, cfg.weight_decay)
     state = TrainState()
     if payload is not None:
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        state = TrainState(payload["step"], payload["epoch"], payload["position"])
-        if state.position >= steps_per_epoch * cfg.accum_steps:  # saved at the very end of an epoch
-            state = TrainState(state.step, state.epoch + 1, 0)
-        set_rng_state(payload["rng"])
+        state = restore_training_state(payload, model, optimizer, sched.steps_per_epoch * cfg.accum_steps)
     else:
         torch.manual_seed(cfg.seed + info.rank)  # drop path differs per rank, as data does
         np.random.seed(cfg.seed + info.rank)
 
-    net: nn.Module = torch.compile(model) if cfg.compile else model
-    if info.distributed:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[info.local_rank] if info.device.type == "cuda"
-                                                  else None)
+    net = distributed(torch.compile(model) if cfg.compile else model, info)
     amp = autocast_dtype(cfg.amp, info.device)
     config_dict = to_dict(cfg)
     logger = JsonlLogger(out / "log.jsonl", enabled=info.is_main)
@@ -200,21 +166,8 @@ def _fit(cfg: PretrainConfig, out: Path, resume, progress: bool, info: DistInfo)
         kept = [ln for ln in logger.path.read_text().splitlines() if ln.strip() and _step_of(ln) <= state.step]
         logger.path.write_text("".join(ln + "\n" for ln in kept))
     if info.is_main:
-        import yaml
-
-        (out / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
-        print(f"[pretrain] {len(records)} images ({', '.join(sampler.base.names)}), {info.world_size} process(es) "
-              f"on {info.device}, amp={amp or 'fp32'}; {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
-              f"batch {total_batch}, peak lr {peak_lr:.3g}, warm-up {warmup_steps} steps"
-              + (f"; resuming at step {state.step}" if payload else ""), file=sys.stderr)
-        if info.device.type == "cpu":
-            from usfm_edge.kernels.mkl_dispatch import ENV_VAR, shim_applicable, shim_loaded
-
-            applicable, reason = shim_applicable()
-            if applicable and not shim_loaded():
-                print(f"[pretrain] note: {ENV_VAR}=1 lets torch's MKL use AVX2 FFT kernels on this "
-                      f"{reason.split(' CPU')[0]} CPU (README, 'AMD CPUs')", file=sys.stderr)
-
+        write_run_config(out, config_dict)
+        _announce(cfg, records, sampler, info, amp, sched, state if payload else None)
     saved_at = [-1]
 
     def checkpoint(st: TrainState) -> None:
@@ -225,16 +178,43 @@ def _fit(cfg: PretrainConfig, out: Path, resume, progress: bool, info: DistInfo)
             export_encoder(model, cfg, out / ENCODER, st)
 
     run_epochs(net, loader, optimizer, sampler, state=state, epochs=cfg.epochs, batch_size=cfg.batch_size,
-               last_step=min(total_steps, cfg.max_steps or total_steps), time_limit_min=cfg.time_limit_min,
+               last_step=min(sched.total_steps, cfg.max_steps or sched.total_steps), time_limit_min=cfg.time_limit_min,
                progress=progress and info.is_main, device=info.device,
-               lr_at=lambda s: cosine_lr(s, total_steps, warmup_steps, peak_lr, cfg.min_lr),
-               steps_in_epoch=steps_per_epoch, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad, amp_dtype=amp,
-               dist_info=info, images_per_step=total_batch, log_every=cfg.log_every, logger=logger,
-               save_every=cfg.save_every, checkpoint_fn=checkpoint)
+               lr_at=lambda s: cosine_lr(s, sched.total_steps, sched.warmup_steps, sched.peak_lr, cfg.min_lr),
+               steps_in_epoch=sched.steps_per_epoch, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad,
+               amp_dtype=amp, dist_info=info, images_per_step=sched.total_batch, log_every=cfg.log_every,
+               logger=logger, save_every=cfg.save_every, checkpoint_fn=checkpoint)
     checkpoint(state)
     if info.distributed:
         torch.distributed.barrier()
     return PretrainResult(out / CHECKPOINT, out / ENCODER, state.step, model)
+
+
+def _loader(cfg: PretrainConfig, records: list, patch_size: int, info: DistInfo):
+    """The organ-balanced, resumable loader of MIM samples (masks made by the data workers)."""
+    from usfm_edge.train.datasets import MimPretrainDataset, build_pretrain_loader
+    from usfm_edge.train.masking import MimTransform
+
+    transform = MimTransform(PreprocessSpec(img_size=cfg.img_size), patch_size, cfg.mim.mask_patch_size,
+                             cfg.mim.mask_ratio, cfg.mim.freq_prob, cfg.mim.ring_params())
+    return build_pretrain_loader(
+        MimPretrainDataset(records, transform, cfg.seed), [r.organ for r in records], batch_size=cfg.batch_size,
+        seed=cfg.seed, samples_per_epoch=cfg.samples_per_epoch, organ_weights=cfg.organ_weights, rank=info.rank,
+        world_size=info.world_size, workers=cfg.workers, pin_memory=info.device.type == "cuda")
+
+
+def _announce(cfg: PretrainConfig, records: list, sampler, info: DistInfo, amp, sched, resumed: TrainState | None):
+    print(f"[pretrain] {len(records)} images ({', '.join(sampler.base.names)}), {info.world_size} process(es) "
+          f"on {info.device}, amp={amp or 'fp32'}; {sched.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
+          f"batch {sched.total_batch}, peak lr {sched.peak_lr:.3g}, warm-up {sched.warmup_steps} steps"
+          + (f"; resuming at step {resumed.step}" if resumed else ""), file=sys.stderr)
+    if info.device.type == "cpu":
+        from usfm_edge.kernels.mkl_dispatch import ENV_VAR, shim_applicable, shim_loaded
+
+        applicable, reason = shim_applicable()
+        if applicable and not shim_loaded():
+            print(f"[pretrain] note: {ENV_VAR}=1 lets torch's MKL use AVX2 FFT kernels on this "
+                  f"{reason.split(' CPU')[0]} CPU (README, 'AMD CPUs')", file=sys.stderr)
 
 
 def run_pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: str | Path | None = None) -> Path:
@@ -247,24 +227,13 @@ def run_pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: str | Path | 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m usfm_edge.train.pretrain", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="YAML config file (flags override it)")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--resume", nargs="?", const="auto", help="continue from checkpoint.pt (default: OUT's)")
-    for opt in pretrain_options:
-        dest = opt.field.replace(".", "__")
-        if opt.type is bool:
-            p.add_argument(opt.flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=opt.help)
-        elif opt.type is list:
-            p.add_argument(opt.flag, dest=dest, action="append", help=opt.help)
-        else:
-            p.add_argument(opt.flag, dest=dest, type=opt.type, help=opt.help)
-    return p
+    return add_argparse_options(p, pretrain_options)
 
 
 def main(argv: list[str] | None = None) -> int:
     """argparse entry point (``python -m usfm_edge.train.pretrain``); the click CLI wraps ``run_pretrain``."""
     args = _parser().parse_args(argv)
-    overrides = {opt.field: getattr(args, opt.field.replace(".", "__")) for opt in pretrain_options}
+    overrides = overrides_from(args, pretrain_options)
     try:
         cfg = load_pretrain_config(args.config, overrides)
         resume = Path(args.out) / CHECKPOINT if args.resume == "auto" else args.resume

@@ -17,16 +17,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from usfm_edge.calibration.backends.common import GraphInfo, check_qdq, describe_onnx, fit_frame, model_input
+from usfm_edge.calibration.backends.common import check_qdq, read_contract
+from usfm_edge.core.bundle_schema import BundleMeta
 
-__all__ = ["quantize", "GraphInfo", "describe_onnx", "check_qdq", "fit_frame", "model_input", "BACKEND_FOR"]
+__all__ = ["quantize", "read_contract", "check_qdq", "BACKEND_FOR"]
 
 #: runtime backend of a target -> quantisation backend name
 BACKEND_FOR = {"openvino": "nncf_openvino", "onnxruntime": "ort_qdq", "tensorrt": "tensorrt_qdq"}
 
 
 def quantize(onnx_fp32_path: str | Path, calib, recipe, workdir: str | Path, backend: str = "onnxruntime",
-             info: GraphInfo | None = None, validation=None, max_drop: float | None = None) -> tuple[Path, dict]:
+             meta: BundleMeta | None = None, validation=None, max_drop: float | None = None) -> tuple[Path, dict]:
     """Quantise an exported fp32 graph for a runtime backend (``openvino``, ``onnxruntime`` or ``tensorrt``).
 
     Args:
@@ -35,7 +36,7 @@ def quantize(onnx_fp32_path: str | Path, calib, recipe, workdir: str | Path, bac
         recipe: a ``QuantRecipe``.
         workdir: scratch folder for the artifact.
         backend: the target's runtime backend.
-        info: the graph contract (read from the ONNX metadata when None).
+        meta: the graph contract (read from the ONNX metadata when None: ``common.read_contract``).
         validation: held-out ``ValidationItem``s -> NNCF accuracy control (openvino only).
         max_drop: accuracy-control limit.
 
@@ -46,7 +47,7 @@ def quantize(onnx_fp32_path: str | Path, calib, recipe, workdir: str | Path, bac
     if backend == "openvino":
         from usfm_edge.calibration.backends.nncf_openvino import quantize_openvino
 
-        return quantize_openvino(onnx_fp32_path, frames, recipe, workdir, info or describe_onnx(onnx_fp32_path),
+        return quantize_openvino(onnx_fp32_path, frames, recipe, workdir, meta or read_contract(onnx_fp32_path),
                                  validation=validation, max_drop=max_drop)
     if backend == "tensorrt":
         from usfm_edge.calibration.backends.tensorrt_qdq import quantize_tensorrt_qdq

@@ -1,6 +1,10 @@
-"""What every quantisation backend shares: the graph's contract, the model body, frame feeding, Q/DQ checks.
+"""What every quantisation backend shares: the graph's contract, the model body, Q/DQ checks.
 
-The exported graph (``export.graph.RawFrameModel``) is pre-processing (Cast, Resize, band-stop DFT MatMuls,
+The contract of a graph is its ``core.bundle_schema.BundleMeta`` (:func:`read_contract` rebuilds it from the
+``usfm_edge.*`` metadata the exporter wrote into the ONNX file; a bundle's ``usfm.json`` holds the same). Frames
+are fed to a graph as a bundle feeds them: ``runtime.engine.graph_input`` (static shapes fitted by the runtime).
+
+The exported graph (``models.raw_frame.RawFrameModel``) is pre-processing (Cast, Resize, band-stop DFT MatMuls,
 normalisation) -> model body -> post-processing (Resize, Softmax, ArgMax). Only the body is quantised. The body
 is found structurally, so it works whatever the node names are: everything the last MatMul/Gemm/Conv with
 constant weights (the task classifier, kept float by default) depends on, except what feeds the first Conv with
@@ -10,100 +14,32 @@ conv branch on the normalised input (the hires head's stem) is therefore part of
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from usfm_edge.core.bundle_schema import BundleMeta
 from usfm_edge.core.errors import ExportError, require
-from usfm_edge.core.preprocess import PreprocessSpec, fit_frame, preprocess
 
-__all__ = ["GraphInfo", "describe_onnx", "fit_frame", "model_input", "body_nodes", "check_qdq", "ensure_node_names",
-           "float_path_for_unquantized", "META_PREFIX"]
+__all__ = ["read_contract", "body_nodes", "check_qdq", "ensure_node_names", "float_path_for_unquantized"]
 
-META_PREFIX = "usfm_edge."
-_NO_BAND_STOP = {"enabled": False, "rings": None, "mask_sha256": None}
 _QLINEAR = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear",
             "QLinearAdd", "QLinearMul", "QLinearSoftmax")
 
 
-@dataclass
-class GraphInfo:
-    """The contract of an exported graph, read from its metadata and its input/output signature.
-
-    Attributes:
-        task: ``seg``, ``cls``, ``enhance`` or ``features``.
-        labels: class names.
-        preprocess: ``PreprocessSpec.to_dict()``.
-        input_name: graph input (``frame`` for raw-frame graphs, ``x`` for bare ones).
-        raw: the input is a raw uint8 frame (pre-processing inside the graph).
-        static_hw: fixed frame ``(H, W)`` of static-shape graphs (jetson/tensorrt), else None.
-        output_names: graph outputs in order.
-        band_stop: the graph's band-stop record.
-        opset: ONNX opset (0 when unknown).
-        metadata: the ``metadata_props`` of the ONNX file.
-    """
-
-    task: str
-    labels: list[str]
-    preprocess: dict
-    input_name: str = "frame"
-    raw: bool = True
-    static_hw: tuple[int, int] | None = None
-    output_names: list[str] = field(default_factory=list)
-    band_stop: dict = field(default_factory=lambda: dict(_NO_BAND_STOP))
-    opset: int = 0
-    metadata: dict = field(default_factory=dict)
-
-    @property
-    def spec(self) -> PreprocessSpec:
-        return PreprocessSpec.from_dict(self.preprocess)
-
-
-def _meta_value(props: dict, key: str, default):
-    value = props.get(META_PREFIX + key)
-    if value is None:
-        return default
-    try:
-        return json.loads(value)
-    except (TypeError, json.JSONDecodeError):
-        return value
-
-
-def describe_onnx(path: str | Path) -> GraphInfo:
-    """Read the task, labels, pre-processing and input shape of an exported ONNX graph.
+def read_contract(path: str | Path) -> BundleMeta:
+    """The model contract of an exported ONNX graph, from its ``usfm_edge.*`` metadata
+    (``BundleMeta.from_onnx_metadata``).
 
     Raises:
-        ExportError: the file lacks the usfm-edge metadata (``usfm_edge.task``...).
+        BundleError: the file lacks the usfm-edge metadata (not exported by this usfm-edge).
     """
     onnx = require("onnx", "onnx")
+    path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     props = {p.key: p.value for p in model.metadata_props}
-    task = _meta_value(props, "task", None)
-    if task is None:
-        raise ExportError("the ONNX graph carries no usfm_edge.task metadata: not exported by usfm-edge", path=path,
-                          hint="quantise graphs written by usfm_edge.export (they carry their pre-processing)")
-    inp = model.graph.input[0]
-    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-            for d in inp.type.tensor_type.shape.dim]
-    raw = inp.type.tensor_type.elem_type == 2  # uint8
-    static = tuple(dims[1:3]) if raw and len(dims) == 3 and all(dims[1:3]) else None
-    opset = max((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    return GraphInfo(task=str(task), labels=list(_meta_value(props, "labels", []) or []),
-                     preprocess=dict(_meta_value(props, "preprocess", {}) or {"img_size": 224}), input_name=inp.name,
-                     raw=raw, static_hw=static, output_names=[o.name for o in model.graph.output],
-                     band_stop=_meta_value(props, "band_stop", None) or dict(_NO_BAND_STOP), opset=opset,
-                     metadata=props)
-
-
-def model_input(frame: np.ndarray, info: GraphInfo) -> np.ndarray:
-    """The graph's input tensor for one frame, exactly as a bundle is fed: ``(1, H, W)`` uint8 (resized to the
-    static size of static graphs), or the normalised ``(1, 3, S, S)`` tensor of bare graphs."""
-    if info.raw:
-        return np.ascontiguousarray(fit_frame(frame, info.static_hw)[None])
-    return preprocess(frame, info.spec)[None]
+    return BundleMeta.from_onnx_metadata(props, files={"onnx": path.name}, where=f"'{path.name}'")
 
 
 def ensure_node_names(model) -> bool:

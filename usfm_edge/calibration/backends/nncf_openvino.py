@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from usfm_edge.calibration.backends.common import GraphInfo, model_input
+from usfm_edge.core.bundle_schema import BundleMeta
 from usfm_edge.core.errors import ExportError, require
+from usfm_edge.runtime.engine import graph_input
 
 __all__ = ["quantize_openvino", "openvino_layer_errors", "ov_body", "ValidationItem"]
 
@@ -83,13 +84,13 @@ class ValidationItem:
         self.frame, self.target = frame, target
 
 
-def _validation_fn(task: str, info: GraphInfo):
+def _validation_fn(task: str, meta: BundleMeta):
     from usfm_edge.core import metrics as M
 
     def fn(compiled, items):
         values, probs, labels = [], [], []
         for item in items:
-            res = compiled(model_input(item.frame, info))
+            res = compiled(graph_input(meta, [item.frame]))
             if task == "seg":
                 values.append(M.dice(res[compiled.output("mask")][0], item.target))
             elif task == "cls":
@@ -105,7 +106,7 @@ def _validation_fn(task: str, info: GraphInfo):
     return fn
 
 
-def quantize_openvino(model_path: str | Path, frames, recipe, workdir: str | Path, info: GraphInfo,
+def quantize_openvino(model_path: str | Path, frames, recipe, workdir: str | Path, meta: BundleMeta,
                       validation: list[ValidationItem] | None = None, max_drop: float | None = None) -> tuple[Path, dict]:
     """NNCF PTQ (or accuracy-controlled PTQ when ``validation`` is given) of an ONNX graph or fp32 IR.
 
@@ -114,7 +115,7 @@ def quantize_openvino(model_path: str | Path, frames, recipe, workdir: str | Pat
         frames: calibration frames (uint8, each at its own size; the graph is dynamic).
         recipe: a ``QuantRecipe``.
         workdir: where ``model_int8.xml``/``.bin`` are written.
-        info: the graph contract (``common.describe_onnx`` or the bundle's usfm.json).
+        meta: the graph contract (``common.read_contract`` or the bundle's usfm.json).
         validation: held-out items for ``nncf.quantize_with_accuracy_control`` (None = plain PTQ).
         max_drop: accuracy-control limit (absolute, in the task metric).
 
@@ -128,7 +129,7 @@ def quantize_openvino(model_path: str | Path, frames, recipe, workdir: str | Pat
     model = ov.Core().read_model(str(model_path))
     ignored, body = ov_body(model, recipe.keep_last_layer_float, recipe.float_scopes)
     frames = list(frames)
-    dataset = nncf.Dataset(frames, lambda f: model_input(f, info))
+    dataset = nncf.Dataset(frames, lambda f: graph_input(meta, [f]))
     scope = nncf.IgnoredScope(names=ignored, validate=False)
     opts = recipe.nncf_options()
     mode = "ptq"
@@ -141,7 +142,7 @@ def quantize_openvino(model_path: str | Path, frames, recipe, workdir: str | Pat
             adv = opts.pop("advanced_parameters")
             opts.pop("fast_bias_correction")
             q = nncf.quantize_with_accuracy_control(
-                model, dataset, nncf.Dataset(list(validation)), _validation_fn(info.task, info),
+                model, dataset, nncf.Dataset(list(validation)), _validation_fn(meta.task, meta),
                 max_drop=float(max_drop if max_drop is not None else 0.01), subset_size=len(frames),
                 ignored_scope=scope, advanced_quantization_parameters=adv, **opts)
         else:
@@ -176,7 +177,7 @@ def _key(out) -> str:
     return f"{out.get_node().get_friendly_name()}:{out.get_index()}"
 
 
-def openvino_layer_errors(fp32_path: str | Path, int8_xml: str | Path, frames, info: GraphInfo) -> list[dict]:
+def openvino_layer_errors(fp32_path: str | Path, int8_xml: str | Path, frames, meta: BundleMeta) -> list[dict]:
     """Relative L2 error of each quantised MatMul/Convolution output (int8 IR vs fp32 model); see ``ort_qdq``."""
     ov = require("openvino", "openvino")
     core = ov.Core()
@@ -210,7 +211,7 @@ def openvino_layer_errors(fp32_path: str | Path, int8_xml: str | Path, frames, i
     f_outs, q_outs = fc.outputs[nf:], qc.outputs[nq:]
     errs: dict[str, list[float]] = {k: [] for k in keys}
     for frame in frames:
-        x = model_input(frame, info)
+        x = graph_input(meta, [frame])
         fr, qr = fc(x), qc(x)
         for k, fo, qo in zip(keys, f_outs, q_outs):
             r, g = np.asarray(fr[fo], np.float64), np.asarray(qr[qo], np.float64)

@@ -4,8 +4,8 @@
                     nodes_to_quantize=<model body>, per_channel=True, activation/weight int8 (symmetric)...)
 
 The calibration reader feeds real uint8 frames to the graph input ``frame`` one at a time (batch 1, each at
-its own size: the graph is dynamic; static graphs get the frame resized to their fixed size). Before that,
-``quant_pre_process`` runs ONNX + symbolic shape inference (not ORT's graph optimiser, which would emit
+its own size: the graph is dynamic; a static graph gets each frame fitted to its size by
+``runtime.engine.graph_input``, as a bundle is fed). Before that, ``quant_pre_process`` runs ONNX + symbolic shape inference (not ORT's graph optimiser, which would emit
 ``com.microsoft`` fused ops a portable bundle must not contain); if it fails on a graph, the original graph is
 quantised and the report says so.
 """
@@ -18,23 +18,24 @@ from pathlib import Path
 import numpy as np
 
 from usfm_edge.calibration.backends.common import (
-    GraphInfo,
     body_nodes,
     check_qdq,
-    describe_onnx,
     ensure_node_names,
     float_path_for_unquantized,
-    model_input,
+    read_contract,
 )
+from usfm_edge.core.bundle_schema import ONNX_META_PREFIX, BundleMeta
 from usfm_edge.core.errors import ExportError, require
+from usfm_edge.runtime.engine import graph_input
 
 __all__ = ["quantize_onnx_qdq", "onnx_layer_errors", "FrameReader"]
 
 log = logging.getLogger(__name__)
 
 
-def FrameReader(frames, info: GraphInfo):  # noqa: N802 - a factory that stands in for the class
-    """An ``onnxruntime.quantization.CalibrationDataReader`` over real frames (built lazily: ORT is optional)."""
+def FrameReader(frames, meta: BundleMeta):  # noqa: N802 - a factory that stands in for the class
+    """An ``onnxruntime.quantization.CalibrationDataReader`` over real frames, fed as a bundle feeds them
+    (``runtime.engine.graph_input``); built lazily: ORT is optional."""
     qmod = require("onnxruntime.quantization", "onnx")
 
     class _Reader(qmod.CalibrationDataReader):
@@ -45,9 +46,9 @@ def FrameReader(frames, info: GraphInfo):  # noqa: N802 - a factory that stands 
         def get_next(self):
             if self._i >= len(self._frames):
                 return None
-            x = model_input(self._frames[self._i], info)
+            x = graph_input(meta, [self._frames[self._i]])
             self._i += 1
-            return {info.input_name: x}
+            return {meta.input.tensor.name: x}
 
         def rewind(self):
             self._i = 0
@@ -89,7 +90,7 @@ def quantize_onnx_qdq(onnx_fp32: str | Path, frames, recipe, workdir: str | Path
     qmod = require("onnxruntime.quantization", "onnx")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    info = describe_onnx(onnx_fp32)
+    meta = read_contract(onnx_fp32)
     notes: list[str] = []
     src = Path(onnx_fp32)
     model = onnx.load(str(src))
@@ -109,7 +110,7 @@ def quantize_onnx_qdq(onnx_fp32: str | Path, frames, recipe, workdir: str | Path
     out = workdir / out_name
     opts = recipe.ort_options(backend)
     try:
-        qmod.quantize_static(str(prepped), str(out), FrameReader(frames, info), nodes_to_quantize=names,
+        qmod.quantize_static(str(prepped), str(out), FrameReader(frames, meta), nodes_to_quantize=names,
                              calibration_providers=["CPUExecutionProvider"], **opts)
     except Exception as exc:  # noqa: BLE001 - ORT raises plain Exceptions
         raise ExportError(f"ONNX Runtime quantisation failed: {type(exc).__name__}: {exc}", path=onnx_fp32) from exc
@@ -122,8 +123,9 @@ def quantize_onnx_qdq(onnx_fp32: str | Path, frames, recipe, workdir: str | Path
                         tensorrt=backend == "tensorrt", path=out)
     summary["float_consumers_rewired"] = len(rewired)
     keep = {p.key: p.value for p in model.metadata_props}
-    keep["usfm_edge.precision"] = "int8"
-    keep["usfm_edge.quantizer"] = f"onnxruntime.quantization ({backend} recipe '{recipe.name}')"
+    meta.precision = "int8"
+    keep.update(meta.onnx_metadata())
+    keep[ONNX_META_PREFIX + "quantizer"] = f"onnxruntime.quantization ({backend} recipe '{recipe.name}')"
     del qmodel.metadata_props[:]
     for k, v in keep.items():
         qmodel.metadata_props.add(key=k, value=v)
@@ -162,7 +164,7 @@ def onnx_layer_errors(fp32_path: str | Path, int8_path: str | Path, frames, work
     """
     onnx = require("onnx", "onnx")
     ort = require("onnxruntime", "onnx")
-    info = describe_onnx(fp32_path)
+    meta = read_contract(fp32_path)
     f_model, q_model = onnx.load(str(fp32_path)), onnx.load(str(int8_path))
     f_nodes = {n.name: n for n in f_model.graph.node}
     inits = {i.name for i in f_model.graph.initializer} | {o for n in f_model.graph.node if n.op_type == "Constant"
@@ -184,7 +186,7 @@ def onnx_layer_errors(fp32_path: str | Path, int8_path: str | Path, frames, work
     sessions = [ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for p in paths]
     errs: dict[str, list[float]] = {t: [] for t in tensors}
     for frame in frames:
-        x = {info.input_name: model_input(frame, info)}
+        x = {meta.input.tensor.name: graph_input(meta, [frame])}
         ref, got = (dict(zip(tensors, s.run(tensors, x))) for s in sessions)
         for t in tensors:
             r, g = np.asarray(ref[t], np.float64), np.asarray(got[t], np.float64)

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from usfm_edge.calibration.backends.common import describe_onnx
+from usfm_edge.calibration.backends.common import read_contract
 from usfm_edge.calibration.backends.ort_qdq import quantize_onnx_qdq
-from usfm_edge.core.errors import ExportError
+from usfm_edge.core.errors import ExportError, require
 
 __all__ = ["quantize_tensorrt_qdq"]
 
@@ -31,7 +31,8 @@ __all__ = ["quantize_tensorrt_qdq"]
 def quantize_tensorrt_qdq(onnx_fp32: str | Path, frames, recipe, workdir: str | Path) -> tuple[Path, dict]:
     """Quantise an exported static-shape graph to TensorRT-ready Q/DQ ONNX.
 
-    Calibration frames are resized to the graph's static frame size first (as the bundle will be fed).
+    Calibration frames are fitted to the graph's static frame size by ``runtime.engine.graph_input``, as a bundle
+    is fed.
 
     Returns:
         ``(path, info)`` as ``quantize_onnx_qdq``, plus ``static_hw``.
@@ -39,14 +40,18 @@ def quantize_tensorrt_qdq(onnx_fp32: str | Path, frames, recipe, workdir: str | 
     Raises:
         ExportError: the graph has dynamic frame sizes or opset < 13, or the result breaks a TensorRT rule.
     """
-    info = describe_onnx(onnx_fp32)
-    if info.raw and info.static_hw is None:
+    meta = read_contract(onnx_fp32)
+    static_hw = meta.input.static_hw
+    if meta.input.raw_frame and static_hw is None:
         raise ExportError("TensorRT Q/DQ needs a static-shape graph (export with the jetson/tensorrt target)",
                           path=onnx_fp32)
-    if info.opset and info.opset < 13:
-        raise ExportError(f"opset {info.opset} < 13: per-channel Q/DQ is not expressible", path=onnx_fp32)
+    onnx = require("onnx", "onnx")
+    opset = max((int(o.version) for o in onnx.load(str(onnx_fp32), load_external_data=False).opset_import
+                 if o.domain in ("", "ai.onnx")), default=0)
+    if opset and opset < 13:
+        raise ExportError(f"opset {opset} < 13: per-channel Q/DQ is not expressible", path=onnx_fp32)
     path, details = quantize_onnx_qdq(onnx_fp32, frames, recipe, workdir, backend="tensorrt")
-    details["static_hw"] = list(info.static_hw) if info.static_hw else None
+    details["static_hw"] = list(static_hw) if static_hw else None
     details["notes"].append("ONNX Runtime quantiser configured for TensorRT (ModelOpt not installed); "
                             "engine build runs on the device (build_engine.sh)")
     return path, details

@@ -1,0 +1,244 @@
+"""In-graph pre- and post-processing: the deployed graph takes a raw uint8 frame and returns task outputs.
+
+It lives with the models (below ``evaluation`` and ``export``): the exporter traces it to ONNX and
+``evaluation.TorchPredictor`` runs it in PyTorch, so a checkpoint and its bundle compute the same thing.
+:meth:`RawFrameModel.contract` describes the graph as a ``core.bundle_schema.BundleMeta`` (the one contract).
+
+``RawFrameModel`` wraps a task model so the deployed graph does, inside itself::
+
+    uint8 (B, H, W) -> float -> resize to S x S (bicubic, half-pixel, no antialias) -> / 255
+        -> [band-stop filter as MatMuls] -> replicate to 3 channels -> (x - mean) / std -> task model
+        -> seg: probs (B, K, H, W) (logits resized back bilinearly, softmax) + mask (B, H, W) uint8
+           cls: probs (B, K) softmax;  enhance: restored (B, H, W) uint8;  features: features (B, D)
+
+The resize is ``F.interpolate(mode="bicubic", align_corners=False)``, which both exporters turn into an
+ONNX ``Resize(mode="cubic", cubic_coeff_a=-0.75, coordinate_transformation_mode="half_pixel")`` whose
+output size is computed from the input shape, so one graph serves 540x800 and 300x260 frames. It is the
+same resampling as ``core.preprocess`` (tested). The uint8 input feeds a ``Cast`` first: TensorRT accepts
+UINT8 only as a network input/output.
+
+``bare=True`` gives the plain model on normalised ``(B, 3, S, S)`` float input instead (for runtimes that
+preprocess themselves); the Python runtime then does the same pre/post-processing in numpy.
+
+``half=True`` runs the task model in float16 (weights and compute) while the pre/post-processing stay in
+float32: the exported ONNX carries explicit ``Cast`` nodes, which is what a strongly typed TensorRT (11+)
+build needs and what ORT/TensorRT 10 run as fp16.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from usfm_edge.core.bundle_schema import BundleMeta, InputContract, TensorSpec
+from usfm_edge.core.errors import ExportError
+from usfm_edge.core.preprocess import PreprocessSpec
+
+__all__ = ["PreprocessGraph", "RawFrameModel", "output_names", "NO_BAND_STOP"]
+
+#: the ``band_stop`` record of a graph without band-stop filtering
+NO_BAND_STOP = {"enabled": False, "rings": None, "mask_sha256": None}
+
+_OUTPUTS = {
+    (False, "seg"): ("probs", "mask"),
+    (False, "cls"): ("probs",),
+    (False, "enhance"): ("restored",),
+    (False, "features"): ("features",),
+    (True, "seg"): ("logits",),
+    (True, "cls"): ("logits",),
+    (True, "enhance"): ("restored",),
+    (True, "features"): ("features",),
+}
+
+
+def output_names(task: str, bare: bool = False) -> tuple[str, ...]:
+    """Graph output names of a task (raw-frame or bare graph)."""
+    try:
+        return _OUTPUTS[(bool(bare), task)]
+    except KeyError:
+        raise ExportError(f"unknown task {task!r}; expected features, seg, cls or enhance") from None
+
+
+class PreprocessGraph(nn.Module):
+    """uint8 frames ``(B, H, W)`` -> normalised model input ``(B, C, S, S)`` float32 (traceable).
+
+    Args:
+        spec: the preprocessing contract (size, interpolation, mean/std, channels).
+        band_stop_mask: optional real ``(S, S)`` mask (unshifted layout) applied with
+            ``kernels.dft_matmul.BandStopMatMul`` to the [0, 1] image before normalisation.
+    """
+
+    def __init__(self, spec: PreprocessSpec, band_stop_mask: np.ndarray | None = None):
+        super().__init__()
+        if spec.antialias:
+            raise ExportError("antialiased resizing cannot be expressed in the exported graph (ONNX opset 17 / "
+                              "TensorRT Resize have no antialias)", hint="export with antialias=False or bare=True")
+        self.spec = spec
+        self.size = int(spec.img_size)
+        self.mode = spec.interpolation
+        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("inv_std", 1.0 / torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.band_stop = None
+        if band_stop_mask is not None:
+            from usfm_edge.kernels.dft_matmul import BandStopMatMul
+
+            mask = np.asarray(band_stop_mask, dtype=np.float64)
+            if mask.shape != (self.size, self.size):
+                raise ExportError(f"band-stop mask is {mask.shape}, expected ({self.size}, {self.size})")
+            self.band_stop = BandStopMatMul(mask)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        x = frames.to(torch.float32).unsqueeze(1)  # (B, 1, H, W); the Cast is the first node on the uint8 input
+        x = F.interpolate(x, size=(self.size, self.size), mode=self.mode, align_corners=False)
+        x = x * (1.0 / 255.0)
+        if self.band_stop is not None:
+            x = self.band_stop(x)
+        x = x.expand(-1, self.mean.shape[1], -1, -1)
+        return (x - self.mean) * self.inv_std
+
+
+class RawFrameModel(nn.Module):
+    """Task model with pre- and post-processing inside the graph (see the module docstring).
+
+    Args:
+        task_model: a ``TaskModel`` (``task`` attribute; ``forward`` on normalised ``(B, 3, S, S)``).
+        spec: preprocessing contract; its ``img_size`` must equal the model's input size.
+        band_stop_mask: optional ``(S, S)`` band-stop mask applied in the graph.
+        bare: export the plain model on normalised input (no pre/post-processing).
+        half: run the task model in float16 (pre/post-processing stay float32).
+
+    Shape:
+        raw: input ``(B, H, W)`` uint8; outputs per ``output_names(task)``.
+        bare: input ``(B, 3, S, S)`` float32; outputs per ``output_names(task, bare=True)``.
+    """
+
+    def __init__(self, task_model: nn.Module, spec: PreprocessSpec, band_stop_mask: np.ndarray | None = None,
+                 bare: bool = False, half: bool = False):
+        super().__init__()
+        self.task = getattr(task_model, "task", None)
+        output_names(self.task, bare)  # validates the task
+        model_size = getattr(task_model, "img_size", spec.img_size)
+        model_size = model_size[0] if isinstance(model_size, (tuple, list)) else model_size
+        if int(model_size) != int(spec.img_size):
+            raise ExportError(f"preprocessing img_size {spec.img_size} != model input size {model_size}")
+        self.spec = spec
+        self.bare = bool(bare)
+        self.half = bool(half)
+        self.model = task_model.eval()
+        if self.half:
+            self.model = self.model.half()
+        self.pre = None if self.bare else PreprocessGraph(spec, band_stop_mask)
+        self.output_names = output_names(self.task, self.bare)
+        self.eval()  # an nn.Module starts in training mode; exporters restore that mode on every child
+
+    def train(self, mode: bool = True) -> RawFrameModel:
+        """Always eval: the wrapper is a deployment graph (dropout off, BatchNorm running stats frozen)."""
+        return super().train(False)
+
+    @property
+    def input_name(self) -> str:
+        return "x" if self.bare else "frame"
+
+    def _model(self, x: torch.Tensor) -> torch.Tensor:
+        if self.half:
+            return self.model(x.half()).float()
+        return self.model(x)
+
+    def forward(self, inp: torch.Tensor):
+        if self.bare:
+            return self._model(inp)
+        frames = inp
+        x = self.pre(frames)
+        out = self._model(x)
+        if self.task == "features":
+            return out
+        if self.task == "cls":
+            return torch.softmax(out, dim=-1)
+        h, w = frames.shape[-2], frames.shape[-1]
+        if self.task == "seg":
+            logits = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+            probs = torch.softmax(logits, dim=1)
+            mask = torch.argmax(logits, dim=1).to(torch.uint8)
+            return probs, mask
+        # enhance: restored grey in [0, 1] at model size -> uint8 at frame size
+        img = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+        img = torch.round(torch.clamp(img, 0.0, 1.0) * 255.0)
+        return img[:, 0].to(torch.uint8)
+
+    # -- description of the graph's interface (usfm.json + dynamic axes) -------------------------------
+    def example_input(self, batch: int = 1, hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """A deterministic example input for tracing (uint8 frames, or normalised zeros when bare)."""
+        s = int(self.spec.img_size)
+        if self.bare:
+            return torch.zeros(batch, self.spec.in_chans, s, s)
+        h, w = hw or (s + 37, s + 53)  # not the model size: the traced resize must stay a real resize
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(0, 256, (batch, h, w), dtype=torch.uint8, generator=g)
+
+    def dynamic_axes(self, dynamic_batch: bool, dynamic_hw: bool) -> dict[str, dict[int, str]]:
+        """``torch.onnx.export`` dynamic axes for this graph's input and outputs."""
+        axes: dict[str, dict[int, str]] = {}
+        b = {0: "batch"} if dynamic_batch else {}
+        hw_in = {1: "height", 2: "width"} if (dynamic_hw and not self.bare) else {}
+        axes[self.input_name] = {**b, **hw_in}
+        for name in self.output_names:
+            ax = dict(b)
+            if dynamic_hw and not self.bare and (name == "mask" or name == "restored"):
+                ax.update({1: "height", 2: "width"})
+            if dynamic_hw and not self.bare and name == "probs" and self.task == "seg":
+                ax.update({2: "height", 3: "width"})
+            axes[name] = ax
+        return {k: v for k, v in axes.items() if v}
+
+    def contract(self, *, precision: str = "fp32", backend: str = "torch", target: str = "pytorch",
+                 dynamic_batch: bool = True, dynamic_hw: bool = True, static_hw: tuple[int, int] | None = None,
+                 band_stop: dict | None = None) -> BundleMeta:
+        """This graph's model contract (a ``BundleMeta`` without files): inputs, outputs, labels, preprocessing,
+        precision. The exporter completes it into ``usfm.json`` and writes it into the ONNX metadata;
+        ``evaluation.TorchPredictor`` runs the graph under it.
+
+        Args:
+            precision, backend, target: as recorded in the bundle.
+            dynamic_batch, dynamic_hw: the graph accepts any batch / any frame size.
+            static_hw: the fixed frame ``(H, W)`` of a static-shape raw-frame graph.
+            band_stop: the band-stop record (``{"enabled", "rings", "mask_sha256"}``).
+        """
+        m = self.model
+        labels = [str(x) for x in (getattr(m, "labels", None) or [])]
+        k = int(getattr(m, "num_classes", 0) or len(labels))
+        batch: int | str = "batch" if dynamic_batch else 1
+        hw = tuple(static_hw) if static_hw else ("height", "width")
+        inp, outs = self._tensor_specs(k, getattr(getattr(m, "backbone", None), "embed_dim", None), batch, hw)
+        axes = (["batch"] if dynamic_batch else []) + (["height", "width"] if dynamic_hw and not self.bare else [])
+        contract = InputContract(tensor=inp, layout="BCHW" if self.bare else "BHW", raw_frame=not self.bare,
+                                 dynamic_axes=axes, min_side=8, max_side=int(self.spec.max_side),
+                                 static_hw=[int(v) for v in static_hw] if static_hw else None,
+                                 max_batch=None if dynamic_batch else 1)
+        return BundleMeta(task=self.task, labels=labels, input=contract, outputs=outs,
+                          preprocessing=self.spec.to_dict(), band_stop=dict(band_stop or NO_BAND_STOP),
+                          precision=precision, backend=backend, target=target, files={})
+
+    def _tensor_specs(self, k: int, embed_dim: int | None, batch: int | str,
+                      hw: tuple[int | str, int | str]) -> tuple[TensorSpec, list[TensorSpec]]:
+        """Input and output ``TensorSpec`` of the graph: K classes, feature width D, fixed or named batch/size."""
+        s, (h, w) = int(self.spec.img_size), hw
+        if self.bare:
+            inp = TensorSpec("x", "float32", [batch, self.spec.in_chans, s, s], "normalised model input")
+            shapes = {
+                "seg": [TensorSpec("logits", "float32", [batch, k, s, s], "class logits at model size")],
+                "cls": [TensorSpec("logits", "float32", [batch, k], "class logits")],
+                "enhance": [TensorSpec("restored", "float32", [batch, 1, s, s],
+                                       "restored grey in [0, 1] at model size")],
+            }
+        else:
+            inp = TensorSpec("frame", "uint8", [batch, h, w], "raw grey B-mode frame(s), 0..255")
+            shapes = {
+                "seg": [TensorSpec("probs", "float32", [batch, k, h, w], "softmax over classes at frame size"),
+                        TensorSpec("mask", "uint8", [batch, h, w], "argmax class per pixel at frame size")],
+                "cls": [TensorSpec("probs", "float32", [batch, k], "softmax over classes")],
+                "enhance": [TensorSpec("restored", "uint8", [batch, h, w], "restored grey frame at frame size")],
+            }
+        shapes["features"] = [TensorSpec("features", "float32", [batch, int(embed_dim or 0)], "pooled embedding")]
+        return inp, shapes[self.task]
