@@ -1,9 +1,11 @@
 """Turn fine-tuning runs into the bundled demo checkpoints (fp16 safetensors, <= 20 MB each).
 
-    python benchmarks/make_demo_checkpoints.py --busbra runs/busbra_seg_v2/best.safetensors \
-        --hc18 runs/hc18_seg_v2/best.safetensors
+    python benchmarks/make_demo_checkpoints.py --busbra runs/busbra_hires/last.safetensors \
+        --hc18 runs/hc18_hires/last.safetensors
 
-(the two ``usfm-edge finetune`` runs are in ``benchmarks/RESULTS.md`` §8).
+(the two ``usfm-edge finetune`` runs and their held-out figures are in ``benchmarks/RESULTS.md``, "Segmentation
+on new patients"). The last (EMA) weights are shipped, not the best validation checkpoint: the held-out
+patients then stay untouched by model selection.
 
 The provenance (source run, its config and validation metrics) is kept in each file's metadata and in
 ``usfm_edge/assets/checkpoints/README.md``.
@@ -26,10 +28,12 @@ def main() -> None:
     out = checkpoints_dir()
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# Demo checkpoints", "",
-             "Tiny USFM backbones (`usfm_vit_tiny_patch16_224` architecture) with a light segmentation head, fine-tuned",
-             "on real data by `usfm-edge finetune` (commands in `benchmarks/RESULTS.md` §8), stored as fp16.",
-             "They exist to demonstrate and test export, INT8 and the runtime; they are small research models, not",
-             "medical devices. Training data licences: BUS-BRA (MIT-style), HC18 (CC BY 4.0); see `../sample/README.md`.", ""]
+             "Tiny USFM backbones (`usfm_vit_tiny_patch16_224` architecture) with the boundary-precise `hires` head",
+             "(conv stem at strides 2/4/8 fused with the ViT maps), trained on the training patients of the shared",
+             "BUS-BRA and HC18 data by `usfm-edge finetune` with the ultrasound recipe (commands and held-out figures in",
+             "`benchmarks/RESULTS.md`, \"Segmentation on new patients\"), stored as fp16 (the EMA weights of the run).",
+             "They are research models, not medical devices. Training data licences: BUS-BRA (MIT-style), HC18",
+             "(CC BY 4.0); see `../sample/README.md`.", ""]
     for key, src in (("busbra", args.busbra), ("hc18", args.hc18)):
         model = load_task_model(src)
         extra = dict(getattr(model, "checkpoint_config", {}).get("extra", {}) or {})
@@ -37,7 +41,8 @@ def main() -> None:
         dst = save_task_checkpoint(model, out / DEMO_CHECKPOINTS[key], extra=extra, half=True)
         size = dst.stat().st_size / 1e6
         metrics = extra.get("metrics", {})
-        lines.append(f"- `{dst.name}` ({size:.1f} MB): task {model.task}, labels {model.labels}, input {model.img_size} px, "
+        lines.append(f"- `{dst.name}` ({size:.1f} MB): task {model.task}, head {model.head_name}, labels {model.labels}, "
+                     f"input {model.img_size} px, "
                      f"from `{src}`; held-out metrics: " + json.dumps({k: round(v, 4) for k, v in metrics.items()
                                                                        if isinstance(v, float)}))
         print(f"wrote {dst} ({size:.1f} MB)")

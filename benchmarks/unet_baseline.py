@@ -66,7 +66,7 @@ class UNetTaskModel(nn.Module):
 
     task = "seg"
     aux_weight = 0.0
-    depth = 0
+    depth = 1  # one "layer" for layer-wise lr decay (the recipe runs it at 1.0: no decay)
 
     def __init__(self, labels: list[str], img_size: int, widths: Sequence[int] = (32, 64, 128, 256, 512)):
         super().__init__()

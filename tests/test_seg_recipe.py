@@ -151,6 +151,15 @@ def test_hires_checkpoint_export_and_int8(tmp_path, sample_dir, monkeypatch):
     int8 = export(path, "onnx", "int8", out=tmp_path / "hires-int8", quantizer=make_quantizer(specs, force=True))
     meta = json.loads((int8 / "usfm.json").read_text())
     assert meta["precision"] == "int8" and meta["calibration"]["report"]["gate"]["metric"] == "dice"
+    import onnx
+
+    g = onnx.load(str(int8 / "model.onnx"))
+    dq = {n.output[0] for n in g.graph.node if n.op_type == "DequantizeLinear"}
+    convs = [n for n in g.graph.node if n.op_type == "Conv" and n.name.startswith("/model/head/")]
+    quantized = [n.name for n in convs if set(n.input) & dq]
+    assert [n.name for n in convs if "cls_seg" in n.name] and not [n for n in quantized if "cls_seg" in n]
+    assert len(quantized) == len(convs) - 1, "every hires head conv but the classifier runs in INT8"
+    assert any("/stem/" in n for n in quantized) and any("/taps" in n for n in quantized)
     assert math.isfinite(meta["calibration"]["report"]["gate"]["int8"]["dice"])
 
 

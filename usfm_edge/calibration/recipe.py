@@ -12,7 +12,8 @@ The transformer preset (``QuantRecipe()``) and why (reference/perf-baseline.md ย
   its errors go straight to the output).
 * **The task head stays float** (``float_scopes``: every node whose name starts with ``/model/head/`` or
   ``/model/aux_head/``, i.e. the seg/enhance decoder and UperNet's auxiliary FCN head; the cls head is the last
-  layer anyway). The INT8 time is in the ViT body's MatMuls; the decoder is small next to it at these sizes and
+  layer anyway), **except the hires head** (``for_head("hires")``): its conv stem and U-Net decoder run at strides
+  2-8 and dominate the model's time, so they are quantised, with the classifier float and the gate deciding. The INT8 time is in the ViT body's MatMuls; the decoder is small next to it at these sizes and
   sensitive: on a UperNet seg model trained for 20 steps, quantising its PPM/FPN convs gave mask Dice 0.50
   against fp32 (parity fails, ``onnx`` and ``jetson``), float head: parity passes, centred cosine 1.00.
 * **Only quantised ops read quantised tensors.** ORT's QDQ quantiser puts one Q/DQ pair on an activation and
@@ -132,6 +133,17 @@ class QuantRecipe:
         if bad:
             raise ConfigError(f"only MatMul, Gemm and Conv may be quantised in a ViT, not {sorted(bad)} "
                               "(quantising Add/Softmax/LayerNorm destroys it: perf-baseline ยง5)")
+
+    def for_head(self, head: str | None) -> QuantRecipe:
+        """The recipe adapted to the model's head (``BundleMeta.model["head"]``).
+
+        The ``hires`` head is a convolutional U-Net decoder with a conv stem at strides 2-8, most of the model's
+        time at high resolution: its convolutions are quantised too (the classifier stays float through
+        ``keep_last_layer_float``); the accuracy gate judges the result. Other heads keep the default scopes.
+        """
+        if head == "hires" and self.float_scopes == QuantRecipe.float_scopes:
+            return self.replace(float_scopes=("/model/aux_head/", "/model/head/cls_aux"))
+        return self
 
     def in_float_scope(self, name: str) -> bool:
         """True when a node (ONNX node / OpenVINO friendly name) lies under one of ``float_scopes``."""

@@ -41,6 +41,9 @@ ONNX_META_PREFIX = "usfm_edge."
 CONTRACT_FIELDS = ("schema_version", "task", "labels", "input", "outputs", "preprocessing", "band_stop", "precision",
                    "backend", "target")
 _TEXT_FIELDS = ("task", "precision", "backend", "target")  # stored as plain strings, the others as JSON
+#: written into the model file's metadata too when set, but not required there (graphs exported before it lack it):
+#: ``model`` (preset, head, img_size) lets the INT8 recipe choose what to keep float for the head it sees
+OPTIONAL_FIELDS = ("model",)
 
 __all__ = ["SCHEMA_VERSION", "META_FILE", "SUMS_FILE", "BUNDLE_SUFFIX", "TASKS", "PRECISIONS", "BACKENDS",
            "ONNX_META_PREFIX", "CONTRACT_FIELDS", "TensorSpec", "InputContract", "BundleMeta", "default_thresholds"]
@@ -283,8 +286,10 @@ class BundleMeta:
         """The contract fields as ``usfm_edge.<field>`` string metadata (ONNX ``metadata_props``, OpenVINO
         ``rt_info``): plain strings for task/precision/backend/target, JSON for the others."""
         d = self.to_dict()
-        return {ONNX_META_PREFIX + k: d[k] if k in _TEXT_FIELDS else json.dumps(d[k], sort_keys=True)
-                for k in CONTRACT_FIELDS}
+        out = {ONNX_META_PREFIX + k: d[k] if k in _TEXT_FIELDS else json.dumps(d[k], sort_keys=True)
+               for k in CONTRACT_FIELDS}
+        out.update({ONNX_META_PREFIX + k: json.dumps(d[k], sort_keys=True) for k in OPTIONAL_FIELDS if d.get(k)})
+        return out
 
     @classmethod
     def from_onnx_metadata(cls, props: dict[str, str], files: dict[str, str] | None = None,
@@ -300,7 +305,8 @@ class BundleMeta:
         if missing:
             raise BundleError(f"{where} lacks the model contract metadata {', '.join(missing)}: not a graph exported "
                               "by this usfm-edge", hint="export it again with usfm_edge.export (usfm-edge export)")
-        for k in CONTRACT_FIELDS:
+        present = [k for k in OPTIONAL_FIELDS if ONNX_META_PREFIX + k in props]
+        for k in (*CONTRACT_FIELDS, *present):
             raw = props[ONNX_META_PREFIX + k]
             try:
                 data[k] = raw if k in _TEXT_FIELDS else json.loads(raw)

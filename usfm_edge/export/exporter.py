@@ -200,6 +200,9 @@ def _write_model_files(w: BundleWriter, model, spec: PreprocessSpec, mask, meta:
     """ONNX (carrying ``meta``'s contract), then INT8 / OpenVINO IR / TensorRT artifacts into the bundle; fills
     ``meta.files``, ``meta.calibration``, ``meta.thresholds`` and ``meta.notes``. Returns the built engine's record."""
     half = meta.precision == "fp16" and tgt.backend in ("onnxruntime", "tensorrt")
+    # what the model file's metadata says of the network (the INT8 recipe reads the head from it)
+    meta.model = {"preset": getattr(model, "preset", None), "head": getattr(model, "head_name", None),
+                  "img_size": int(meta.preprocessing["img_size"])}
     scratch = w.path.parent / f"{w.path.name}-scratch"
     scratch.mkdir()
     try:
@@ -261,10 +264,8 @@ def _describe(meta: BundleMeta, model, source: dict, tgt: Target, cfg: ExportCon
         meta.notes.append(f"static input: the graph takes {hw[0]}x{hw[1]} frames ({how}); usfm_edge.runtime fits "
                           "frames of other sizes to it and maps the outputs back, other callers must resize "
                           "(re-export with frame_size for your scanner's size)")
-    meta.model = {"preset": getattr(model, "preset", None), "head": getattr(model, "head_name", None),
-                  "img_size": int(meta.preprocessing["img_size"]),
-                  "embed_dim": getattr(getattr(model, "backbone", None), "embed_dim", None), "bare": bool(cfg.bare),
-                  "config": _config(model)}
+    meta.model = {**meta.model, "embed_dim": getattr(getattr(model, "backbone", None), "embed_dim", None),
+                  "bare": bool(cfg.bare), "config": _config(model)}
     meta.source, meta.tools = source, tool_versions()
     meta.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     meta.name, meta.device = out.name[: -len(BUNDLE_SUFFIX)], tgt.device_for(str(cfg.target))
