@@ -124,9 +124,10 @@ def held_out(specs: list[str], n: int) -> list:
 
 
 def centred(ref: list[np.ndarray], got: list[np.ndarray], grid: int) -> tuple[list[float], list[float]]:
-    from usfm_edge.calibration.gate import _cos, centred_cosines
+    from usfm_edge.calibration.gate import centred_cosines
+    from usfm_edge.export.parity import cosine
 
-    raw = [_cos(a, b) for a, b in zip(ref, got)]
+    raw = [cosine(a, b) for a, b in zip(ref, got)]
     return raw, centred_cosines(ref, got, grid) or [float("nan")]
 
 
@@ -135,7 +136,7 @@ def run_variant_fn(name: str, bundle: Path | None, model, threads: int):
     if bundle is None:
         import torch
 
-        from usfm_edge.export.graph import RawFrameModel
+        from usfm_edge.models.raw_frame import RawFrameModel
 
         torch.set_num_threads(threads)
         graph = RawFrameModel(model, model.preprocess).eval()

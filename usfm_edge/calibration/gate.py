@@ -36,7 +36,6 @@ __all__ = ["accuracy_gate", "sensitivity_report", "fidelity", "centred_cosines"]
 
 log = logging.getLogger(__name__)
 _MAIN = {"seg": "probs", "cls": "probs", "enhance": "restored", "features": "features"}
-_cos = cosine  # the name benchmarks/bench_int8.py imports
 
 
 class _Recorded:
