@@ -40,11 +40,12 @@ def script():
 
 @pytest.fixture(scope="module")
 def bundles(script, tmp_path_factory):
-    """The fixture's bundles (busbra_seg_tiny: onnx fp32, jetson fp16 at its default frame size), exported now."""
+    """The fixture's bundles (seeded test model: onnx fp32, jetson fp16 at its default frame size), exported now."""
     from usfm_edge.export import export
 
     out = tmp_path_factory.mktemp("contract")
-    return {t: export(script.CKPT, target=t, out=out / f"{t}.usfm") for t in ("onnx", "jetson")}
+    ckpt = script.fixture_checkpoint(out)
+    return {t: export(ckpt, target=t, out=out / f"{t}.usfm") for t in ("onnx", "jetson")}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def test_static_bundle_predict_evaluate_bench_agree(bundles, scans, tmp_path):
     assert sorted(f.shape for f in frames.values()) == [(352, 276), (540, 800)]
     jetson, data = bundles["jetson"], f"pairs:{images},{masks}"
     with Engine.open(jetson) as static, Engine.open(bundles["onnx"]) as dynamic:
-        assert static.meta.input.static_hw == [128, 128]
+        assert static.meta.input.static_hw == [64, 64]
         direct = {n: static.predict(f) for n, f in frames.items()}
         for n, f in frames.items():
             assert direct[n].mask.shape == f.shape and sum(direct[n].areas_px.values()) == f.size
@@ -108,7 +109,7 @@ def test_static_bundle_predict_evaluate_bench_agree(bundles, scans, tmp_path):
     want = seg_metrics([direct[n].mask for n in names], [read_mask(masks / f"mask_{n}") for n in names])
     every = evaluate(jetson, data, split="all")
     assert every["metrics"]["dice"] == pytest.approx(want["dice"], abs=1e-9) and every["metrics"]["n"] == 2
-    assert every["frames_resized_to"] == [128, 128]
+    assert every["frames_resized_to"] == [64, 64]
 
     held = evaluate(jetson, data, split="val")
     bench = run_bench([jetson], data=data, eval_frames=2, runs=2, warmup=1, isolate=False, memory=False)
@@ -144,9 +145,9 @@ def test_one_contract_in_usfm_json_and_onnx_metadata(bundles):
         assert {k: getattr(inside, k) for k in CONTRACT_FIELDS} == {k: getattr(meta, k) for k in CONTRACT_FIELDS}
         cfg = export_config_from_meta(meta, precision="int8")
         assert (cfg.target, cfg.precision, cfg.task, cfg.bare, cfg.band_stop) == (target, "int8", "seg", False, False)
-        assert cfg.frame_size == ((128, 128) if target == "jetson" else None)
+        assert cfg.frame_size == ((64, 64) if target == "jetson" else None)
     notes = " ".join(read_meta(bundles["jetson"]).notes)
-    assert "128x128" in notes and "no frame_size was given" in notes
+    assert "64x64" in notes and "no frame_size was given" in notes
 
 
 def test_static_target_without_frame_size_warns_loudly(capsys):

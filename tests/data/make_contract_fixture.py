@@ -11,8 +11,10 @@ The script runs on later code too (it then writes what that code computes, for c
 static-shape (jetson) bundle refused frames of another size, so frames were fitted with
 ``evaluation.evaluate.StaticSizeAdapter``; later the ``Engine`` fits them itself.
 
-Stored per bundle (``onnx`` fp32, ``jetson`` fp16 at its default 128x128 frame size, both of the bundled
-``busbra_seg_tiny`` checkpoint) and frame (HC18 ``007_HC.png`` 540x800, a 352x276 crop of BUS-BRA
+The model is a seeded ``usfm_vit_test`` seg model at 64 px with the light head and a sharpened classifier
+(:func:`fixture_checkpoint`; the same weights at every commit since the model code is unchanged), so the fixture
+does not depend on the bundled demo checkpoints, which are retrained from time to time. Stored per bundle
+(``onnx`` fp32, ``jetson`` fp16 at its default 64x64 frame size) and frame (HC18 ``007_HC.png`` 540x800, a 352x276 crop of BUS-BRA
 ``bus_0856-l.png``, BUS-BRA ``bus_0090-l.png`` 298x277): the mask and the lesion probability on every 4th
 pixel (float16).
 """
@@ -25,11 +27,22 @@ from pathlib import Path
 
 import numpy as np
 
-import usfm_edge
 from usfm_edge.data import read_image, sample_dir
 
-CKPT = Path(usfm_edge.__file__).parent / "assets" / "checkpoints" / "busbra_seg_tiny.safetensors"
 STEP = 4
+
+
+def fixture_checkpoint(folder: str | Path) -> Path:
+    """The fixture's model: seeded test preset, light head, classifier scaled so masks are not empty."""
+    import torch
+
+    from usfm_edge.models.tasks import build_task_model, save_task_checkpoint
+
+    torch.manual_seed(0)
+    model = build_task_model("seg", "usfm_vit_test", img_size=64, head="light", labels=["background", "lesion"])
+    with torch.no_grad():
+        model.head.cls_seg.weight.mul_(200.0)
+    return save_task_checkpoint(model.eval(), Path(folder) / "fixture_seg.safetensors")
 
 
 def fixture_frames() -> dict[str, np.ndarray]:
@@ -66,8 +79,9 @@ def main(dst: str) -> None:
 
     arrays = {}
     with tempfile.TemporaryDirectory() as tmp:
+        ckpt = fixture_checkpoint(tmp)
         for target in ("onnx", "jetson"):
-            bundle = export(CKPT, target=target, out=Path(tmp) / f"{target}.usfm")
+            bundle = export(ckpt, target=target, out=Path(tmp) / f"{target}.usfm")
             arrays.update({f"{target}/{k}": v for k, v in outputs(bundle).items()})
     np.savez_compressed(dst, **arrays)
     print(f"wrote {dst} ({Path(dst).stat().st_size / 1e3:.0f} kB, {len(arrays)} arrays)")
