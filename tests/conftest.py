@@ -7,8 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SAMPLE = Path(__file__).resolve().parents[1] / "usfm_edge" / "assets" / "sample"
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "usfm_edge" / "assets" / "sample"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/NAME.py`` (a script folder, not a package) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def pytest_addoption(parser):

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 torch = pytest.importorskip("torch")
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _module():
-    spec = importlib.util.spec_from_file_location("unet_baseline", ROOT / "benchmarks" / "unet_baseline.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("unet_baseline")
 
 
 def test_unet_shapes():
