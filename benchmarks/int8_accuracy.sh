@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # fp32 vs INT8 accuracy of the demo models on the held-out patients of the full datasets (same split as training).
 #   bash benchmarks/int8_accuracy.sh [DATA_ROOT=../shared/data] [OUT=runs/int8_accuracy]
+#   (DATASETS="hc18" for one dataset, LIMIT=N for at most N held-out frames; existing bundles are reused)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${1:-../shared/data}"; OUT="${2:-runs/int8_accuracy}"
@@ -8,7 +9,7 @@ LIMIT_ARGS=(); [ -n "${LIMIT:-}" ] && LIMIT_ARGS=(--limit "$LIMIT")   # default:
 # static frame size of the Jetson bundles (a scanner's size; the runtime fits other frames to it)
 declare -A FRAME=([busbra]=416x512 [hc18]=540x800)
 mkdir -p "$OUT"
-for ds in busbra hc18; do
+for ds in ${DATASETS:-busbra hc18}; do
   ck="usfm_edge/assets/checkpoints/${ds}_seg_tiny.safetensors"
   [ -d "$OUT/$ds-openvino-fp32.usfm" ] || usfm-edge export "$ck" --target openvino -o "$OUT/$ds-openvino-fp32.usfm"
   for t in openvino onnx jetson; do

@@ -122,7 +122,9 @@ def _quantize(model_path: Path, meta: BundleMeta, backend: str, workdir: Path, *
         validation = items
     report = {"backend": backend, "recipe": recipe.to_dict(), "calibration": calib.report(),
               "manifest": calib.manifest(), "held_out": held_desc, "quantizer": details, "gate": gate,
-              "attempts": attempts}
+              "attempts": attempts,
+              # the exporter's parity check of the INT8 bundle runs on frames of the model's own domain
+              "parity_frames": [str(r.image) for r in held[:: max(1, len(held) // 4)][:4]]}
     if not gate["passed"]:
         probe = [read_frame(r) for r in held[:4]] or calib.frames[:4]  # real held-out frames first
         report["sensitivity"] = sensitivity_report(model_path, artifact, meta, probe, backend, workdir,

@@ -36,7 +36,9 @@ class ExportConfig:
         frame_size: ``(H, W)`` the graph of a static-shape target (jetson/tensorrt) is built for; None = the
             model input size, with a warning (the runtime fits other frames, other callers must resize).
         verify_frames: real frames (arrays or paths) for the parity gate, or a data source spec
-            (``busbra:PATH``: its first 8 frames); default: the bundled sample.
+            (``busbra:PATH``: its first 8 frames); default: for INT8, four held-out frames of the calibration
+            sources (the model's own domain: a fetal-head model is not judged on breast frames), else the bundled
+            sample.
         force: keep the bundle when the parity gate fails (the failure is recorded in ``usfm.json``).
         thresholds: override the parity thresholds of the precision (``cosine``, ``dice``, ``max_abs``).
         workspace_gb: TensorRT builder workspace.

@@ -283,8 +283,10 @@ def _parity_gate(folder: Path, meta: BundleMeta, model, spec: PreprocessSpec, ma
         from usfm_edge.evaluation import select_records
 
         frames = [r.image for r in select_records(cfg.verify_frames, split="all")[:8]]
-    else:
-        frames = list(cfg.verify_frames) if cfg.verify_frames is not None else default_frames()
+    elif cfg.verify_frames is not None:
+        frames = list(cfg.verify_frames)
+    else:  # INT8: held-out frames of the calibration sources (the model's domain); else the bundled sample
+        frames = list(((meta.calibration or {}).get("report") or {}).get("parity_frames") or []) or default_frames()
     reference = TorchPredictor(model, spec, band_stop_mask=mask, bare=cfg.bare, static_hw=meta.input.static_hw)
     device = "auto" if (folder / "model.engine").is_file() else "cpu"  # the export machine may lack the target device
     with Engine.open(folder, device=device, warmup=0) as engine:
