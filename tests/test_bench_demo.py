@@ -186,7 +186,7 @@ def test_evaluate_static_shape_bundle_on_frames_of_any_size(tmp_path, sample_dir
 
     bundle = export(checkpoints_dir() / DEMO_CHECKPOINTS["busbra"], target="jetson", out=tmp_path / "j.usfm")
     res = evaluate(bundle, f"busbra:{sample_dir / 'busbra'}", split="all", limit=3)
-    assert res["frames_resized_to"] == [128, 128] and res["precision"] == "fp16"
+    assert res["frames_resized_to"] == [256, 256] and res["precision"] == "fp16"
     assert 0.0 <= res["metrics"]["dice"] <= 1.0 and res["metrics"]["n"] == 3
 
 
