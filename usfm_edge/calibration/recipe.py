@@ -137,11 +137,11 @@ class QuantRecipe:
     def for_head(self, head: str | None) -> QuantRecipe:
         """The recipe adapted to the model's head (``BundleMeta.model["head"]``).
 
-        The ``hires`` head is a convolutional U-Net decoder with a conv stem at strides 2-8, most of the model's
-        time at high resolution: its convolutions are quantised too (the classifier stays float through
+        The ``hires`` head is a convolutional U-Net decoder with a conv stem at strides 2-8 and the ``hybrid``
+        head a full conv U-Net, most of the model's time at high resolution: its convolutions are quantised too (the classifier stays float through
         ``keep_last_layer_float``); the accuracy gate judges the result. Other heads keep the default scopes.
         """
-        if head == "hires" and self.float_scopes == QuantRecipe.float_scopes:
+        if head in ("hires", "hybrid") and self.float_scopes == QuantRecipe.float_scopes:
             return self.replace(float_scopes=("/model/aux_head/", "/model/head/cls_aux"))
         return self
 

@@ -10,6 +10,8 @@ head                     task       input -> output
                                     ("light": a few % of UperNet's FLOPs, for small devices)
 ``HiResFusionHead``      seg        4 block maps (stride 16) fused + a conv stem on the input (strides 2/4/8)
                                     -> U-Net decoder -> logits at stride 2 ("hires": boundary-precise)
+``HybridUNetHead``       seg        a full conv U-Net on the input (strides 1-16) whose bottleneck adds the
+                                    4 fused block maps -> logits at stride 1 ("hybrid")
 ``ClsHead``              cls        last block map -> mean of patch tokens -> ``fc_norm`` -> Linear
 ``EnhanceHead``          enhance    last block map (final norm) -> 1x1 conv + PixelShuffle, fused with the
                                     grey input by a light full-resolution conv -> residual -> [0, 1] image
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AreaPool", "UperNetHead", "AuxFCNHead", "ProgressiveUpsampleHead", "HiResFusionHead", "ConvStem",
+__all__ = ["AreaPool", "UperNetHead", "AuxFCNHead", "ProgressiveUpsampleHead", "HiResFusionHead", "HybridUNetHead", "ConvStem",
            "ClsHead", "EnhanceHead", "conv_bn_act", "adaptive_pool_matrix"]
 
 
@@ -331,6 +333,67 @@ class HiResFusionHead(nn.Module):
         deep = None
         for i, (stage, skip) in enumerate(zip(self.stages, skips)):
             y = stage(torch.cat([_resize(y, skip.shape[-2:]), skip], dim=1))
+            if i == 0:
+                deep = y
+        logits = self.cls_seg(self.dropout(y))
+        return (logits, self.cls_aux(deep)) if aux else logits
+
+
+def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(conv_bn_act(c_in, c_out, 3), conv_bn_act(c_out, c_out, 3))
+
+
+class HybridUNetHead(nn.Module):
+    """A convolutional U-Net on the input frame whose stride-16 bottleneck receives the ViT's context.
+
+    The conv encoder has ``len(widths)`` levels (two conv3x3 + BN + ReLU each; a 2x2 max-pool before every
+    level but the first, so the levels sit at strides 1, 2, 4, 8, 16 for five widths). The ViT block maps
+    (stride 16) are each projected by a 1x1 conv to the bottleneck width, summed, batch-normalised and
+    **added** to the conv bottleneck; the BN's scale starts at zero, so training starts from a plain U-Net and
+    the transformer's global context enters only as far as it helps (a pretrained USFM encoder then adds what
+    the small labelled set cannot teach a CNN). The decoder mirrors the encoder with skip concatenation up to
+    stride 1. ``aux=True`` also returns logits at stride 8 for deep supervision.
+
+    The bottleneck stride must equal the patch size (16) for the two maps to line up; other sizes are
+    resampled bilinearly. Why this shape: with a ViT trained on ~1k frames a thin conv stem beside it (the
+    ``hires`` head) learned far slower per step than a plain U-Net (RESULTS.md, "Segmentation on new
+    patients"); here the convolutions carry the boundaries at every scale and the ViT adds context.
+    """
+
+    def __init__(self, embed_dim: int, num_classes: int, num_taps: int = 4,
+                 widths: Sequence[int] = (16, 32, 64, 128, 256), dropout: float = 0.1, in_chans: int = 3):
+        super().__init__()
+        widths = tuple(int(w) for w in widths)
+        if len(widths) < 2:
+            raise ValueError("the hybrid head needs at least two encoder widths")
+        self.enc = nn.ModuleList(_double_conv(c_in, c_out) for c_in, c_out in zip((in_chans, *widths[:-1]), widths))
+        self.taps = nn.ModuleList(nn.Conv2d(embed_dim, widths[-1], 1) for _ in range(num_taps))
+        self.context_norm = nn.BatchNorm2d(widths[-1])
+        nn.init.zeros_(self.context_norm.weight)
+        self.fuse = conv_bn_act(widths[-1], widths[-1], 3)
+        self.dec = nn.ModuleList(_double_conv(widths[i + 1] + widths[i], widths[i])
+                                 for i in reversed(range(len(widths) - 1)))
+        self.dropout = nn.Dropout2d(dropout)
+        self.cls_seg = _init_classifier(nn.Conv2d(widths[0], num_classes, 1))
+        aux_level = max(0, len(widths) - 2)  # the first decoder stage (stride 8 for five levels)
+        self.cls_aux = _init_classifier(nn.Conv2d(widths[aux_level], num_classes, 1))
+
+    def forward(self, feats: Sequence[torch.Tensor], x: torch.Tensor, aux: bool = False):
+        if len(feats) != len(self.taps):
+            raise ValueError(f"HybridUNetHead was built for {len(self.taps)} block maps, got {len(feats)}")
+        skips = []
+        for i, block in enumerate(self.enc):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        y = skips.pop()
+        context = self.context_norm(sum(proj(f) for proj, f in zip(self.taps, feats)))
+        if context.shape[-2:] != y.shape[-2:]:
+            context = _resize(context, y.shape[-2:])
+        y = self.fuse(y + context)
+        deep = None
+        for i, block in enumerate(self.dec):
+            skip = skips.pop()
+            y = block(torch.cat([_resize(y, skip.shape[-2:]), skip], dim=1))
             if i == 0:
                 deep = y
         logits = self.cls_seg(self.dropout(y))

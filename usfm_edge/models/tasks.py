@@ -3,14 +3,14 @@
 ``build_task_model("seg", "usfm_vit_tiny_patch16_224", num_classes=2)`` returns a :class:`TaskModel` whose
 ``forward`` takes the *normalised* model input (B, 3, S, S) and returns one tensor:
 
-========  ===========================  ================================================================
-task      head names (``auto`` first)  output
-========  ===========================  ================================================================
-seg       upernet / light / hires      logits (B, K, S, S) at the input size (K includes background)
-cls       linear                       logits (B, K)
-enhance   pixelshuffle                 restored grey image (B, 1, S, S) in [0, 1] (not normalised)
-features  cls_token                    embedding (B, D): the cls token after the final norm
-========  ===========================  ================================================================
+========  ==================================  ==========================================================
+task      head names (``auto`` first)         output
+========  ==================================  ==========================================================
+seg       upernet / light / hires / hybrid    logits (B, K, S, S) at the input size (K includes background)
+cls       linear                              logits (B, K)
+enhance   pixelshuffle                        restored grey image (B, 1, S, S) in [0, 1] (not normalised)
+features  cls_token                           embedding (B, D): the cls token after the final norm
+========  ==================================  ==========================================================
 
 ``head="auto"`` for seg is ``upernet`` (USFM's recipe) for the base and small presets and ``light``
 (:class:`ProgressiveUpsampleHead`) for the tiny and test presets, which target small devices. UperNet's width
@@ -41,6 +41,7 @@ from usfm_edge.models.heads import (
     ClsHead,
     EnhanceHead,
     HiResFusionHead,
+    HybridUNetHead,
     ProgressiveUpsampleHead,
     UperNetHead,
 )
@@ -52,7 +53,7 @@ __all__ = ["TASKS", "HEADS", "TaskModel", "build_task_model", "save_task_checkpo
 
 log = logging.getLogger(__name__)
 
-HEADS: dict[str, tuple[str, ...]] = {"seg": ("upernet", "light", "hires"), "cls": ("linear",), "enhance": ("pixelshuffle",),
+HEADS: dict[str, tuple[str, ...]] = {"seg": ("upernet", "light", "hires", "hybrid"), "cls": ("linear",), "enhance": ("pixelshuffle",),
                                      "features": ("cls_token",)}
 TASKS = tuple(HEADS)
 _UPERNET_CHANNELS = {768: 768, 384: 256, 192: 128}  # by embed_dim; anything else: 32
@@ -76,6 +77,9 @@ def _head_defaults(head: str, embed_dim: int) -> dict:
         small = embed_dim < 128
         return {"stem": [8, 16, 32] if small else [24, 48, 96], "decoder": [32, 16, 8] if small else [96, 64, 32],
                 "context": 32 if small else 128, "dropout": 0.1, "aux_weight": 0.4}
+    if head == "hybrid":
+        return {"widths": [8, 16, 32, 64, 128] if embed_dim < 128 else [16, 32, 64, 128, 256], "dropout": 0.1,
+                "aux_weight": 0.4}
     if head == "linear":
         return {"dropout": 0.0, "init_scale": 0.001}
     if head == "pixelshuffle":
@@ -131,6 +135,11 @@ class TaskModel(nn.Module):
             self.head = HiResFusionHead(d, k, len(self.out_indices), tuple(a["stem"]), tuple(a["decoder"]),
                                         a["context"], a["dropout"], in_chans=backbone.in_chans)
             self.aux_weight = float(a["aux_weight"])
+        elif head == "hybrid":
+            self.out_indices = tuple(backbone.default_out_indices)
+            self.head = HybridUNetHead(d, k, len(self.out_indices), tuple(a["widths"]), a["dropout"],
+                                       in_chans=backbone.in_chans)
+            self.aux_weight = float(a["aux_weight"])
         elif head == "light":
             self.out_indices = (backbone.depth - 1,)
             self.head = ProgressiveUpsampleHead(d, k, tuple(a["channels"]), a["dropout"])
@@ -172,7 +181,7 @@ class TaskModel(nn.Module):
             if aux:
                 result["aux"] = _upsample(self.aux_head(pyramid[2]), size)
             return result
-        if self.head_name == "hires":
+        if self.head_name in ("hires", "hybrid"):
             if not aux:
                 return {"out": _upsample(self.head(feats, x), size)}
             out, deep = self.head(feats, x, aux=True)
