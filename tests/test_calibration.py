@@ -343,6 +343,11 @@ def test_quantize_bundle_without_checkpoint(fp32_bundle, tmp_path):
     assert meta["parity"]["passed"] and meta["parity"]["reference"].startswith("fp32 bundle")
     assert meta["source"]["quantized_from"]["bundle"] == src.name
     _qdq_rules(out / "model.onnx", tensorrt=False)
+    from usfm_edge.export.bundle import bundle_summary
+
+    summary = bundle_summary(out)  # the parity lines carry the numbers of the fp32-bundle comparison
+    assert f"parity vs fp32 bundle {src.name}" in summary and "mask: agreement_mean" in summary, summary
+    assert "INT8 gate  dice fp32 -> int8" in summary and "no numbers recorded" not in summary, summary
     with Engine.open(out) as engine:
         assert engine.predict(read_image(SAMPLE / "busbra" / "Images" / "bus_0621-r.png")).mask.ndim == 2
     with pytest.raises(ConfigError, match="already INT8"):
@@ -384,6 +389,23 @@ def test_cli_quantize_bundle_from_checkpoint(seg_ckpt, fp32_bundle, tmp_path):
     assert meta["precision"] == "int8" and meta["parity"]["passed"] and meta["source"]["sha256"]
     assert "quantized_from" not in meta["source"]  # re-exported from the checkpoint (parity vs PyTorch)
     assert CalibrationSet.from_manifest(manifest).manifest_sha256 == meta["calibration"]["manifest_sha256"]
+    # every decision is printed: target, precision, input, calibration set + hash, gate metric and verdict
+    sha = meta["calibration"]["manifest_sha256"][:12]
+    for text in ("target onnx", "precision int8", "parity vs PyTorch", f"manifest sha256 {sha}",
+                 "INT8 gate  dice fp32 -> int8", "held-out frames: passed"):
+        assert text in res.output, (text, res.output)
+    # an existing bundle is never replaced silently, and the refusal comes before any calibration work
+    before = (out / "usfm.json").read_bytes()
+    again = CliRunner().invoke(main, ["quantize", str(fp32_bundle), "--calib", BUSBRA, "-o", str(out)])
+    assert again.exit_code == 1 and "already exists" in again.output and "--force" in again.output, again.output
+    assert (out / "usfm.json").read_bytes() == before
+    # --force replaces it; a failed gate keeps the bundle (forced) but still exits with the gate's code 3
+    forced = CliRunner().invoke(main, ["quantize", str(fp32_bundle), "--calib", BUSBRA, "--checkpoint", str(seg_ckpt),
+                                       "--max-drop", "-1", "--force", "-o", str(out)],
+                                env={"USFM_EDGE_MIN_CALIB_FRAMES": "8"})
+    assert forced.exit_code == 3, forced.output
+    assert "held-out frames: FAILED" in forced.output and "kept only because of --force" in forced.output
+    assert (out / "usfm.json").read_bytes() != before
 
 
 def test_nncf_accuracy_control(fp32_bundle, tmp_path):

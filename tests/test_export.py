@@ -371,3 +371,24 @@ def test_parity_mask_dice_ignores_specks_not_regions():
     got[60:160, 50:150] = 1
     n = ref.size  # lesion Dice 0.9; background Dice (n - 11000) / (n - 10000)
     assert mask_dice(ref, got) == pytest.approx((0.9 + (n - 11000) / (n - 10000)) / 2)
+
+
+def test_cli_export_prints_its_decisions_and_never_overwrites_silently(models, tmp_path):
+    """`usfm-edge export` names target, precision and static frame size; an existing bundle needs --force."""
+    from click.testing import CliRunner
+
+    from usfm_edge.cli import main
+
+    out = tmp_path / "seg-jetson.usfm"
+    args = ["export", str(models["seg"]), "--target", "jetson", "--frame-size", "540x800", "-o", str(out)]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    for text in ("target jetson", "precision fp16", "static 540x800", "parity vs PyTorch", "passed"):
+        assert text in first.output, (text, first.output)
+    before = (out / "usfm.json").read_bytes()
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 1 and "already exists" in again.output and "--force" in again.output, again.output
+    assert (out / "usfm.json").read_bytes() == before
+    forced = CliRunner().invoke(main, [*args, "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert (out / "usfm.json").read_bytes() != before  # a new bundle (new creation time)

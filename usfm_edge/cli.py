@@ -7,7 +7,8 @@ torch. Exit codes (one place, used by every command):
 0     success
 1     a domain error (bad input file, corrupt checkpoint, failed export...)
 2     usage error (unknown option value, bad config key)
-3     a parity or accuracy gate failed (ValidationError)
+3     a parity or accuracy gate failed (ValidationError; also after ``export``/``quantize --force`` kept the
+      bundle of a failed gate)
 4     a backend is not installed (BackendUnavailableError; the message names the extra)
 ====  ==============================================================
 """
@@ -237,7 +238,8 @@ def _parse_hw(ctx, param, value):
 @click.option("--verify-data", default=None, help="data source whose frames the parity gate uses (default: bundled sample)")
 @click.option("--dla-core", type=int, default=None, help="TensorRT DLA core (Jetson Orin)")
 @click.option("--workspace-gb", type=float, default=4.0, show_default=True, help="TensorRT builder workspace")
-@click.option("--force", is_flag=True, help="keep the bundle even if the parity/accuracy gate fails")
+@click.option("--force", is_flag=True, help="replace an existing bundle at --out, and keep the bundle even if the "
+              "parity/accuracy gate fails (the exit code is then still 3)")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="bundle folder (default: NAME-TARGET-PRECISION.usfm)")
 def export(checkpoint, target, precision, calib, max_drop, max_hc_increase, img_size, task, frame_size, band_stop,
@@ -266,16 +268,25 @@ def export(checkpoint, target, precision, calib, max_drop, max_hc_increase, img_
                                  "INT8 needs a real ultrasound calibration set: pass --calib SOURCE", param_hint="--calib")
     cfg = ExportConfig(target=target, precision=prec, out=out, task=task, img_size=img_size, band_stop=band_stop,
                        bare=bare, frame_size=frame_size, force=force, dla_core=dla_core, workspace_gb=workspace_gb,
-                       verify_frames=verify_data)
+                       verify_frames=verify_data, overwrite=force)
     if prec == "int8":
         from usfm_edge.calibration import make_quantizer
         from usfm_edge.calibration.recipe import get_recipe
 
         recipe = get_recipe(None).replace(max_hc_increase_mm=max_hc_increase)
         cfg.quantizer = make_quantizer(list(calib), max_drop=max_drop, force=force, recipe=recipe)
-    from usfm_edge.export.bundle import bundle_summary
+    _report_bundle(run_export(checkpoint, cfg))
 
-    click.echo(bundle_summary(run_export(checkpoint, cfg)))
+
+def _report_bundle(path: Path) -> None:
+    """Print what the export decided; exit 3 when a gate failed and ``--force`` kept the bundle anyway."""
+    from usfm_edge.export.bundle import bundle_summary, gate_passed
+
+    click.echo(bundle_summary(path))
+    if not gate_passed(path):
+        click.secho(f"error: {path} failed its parity/accuracy gate and was kept only because of --force",
+                    fg="red", err=True)
+        sys.exit(3)
 
 
 # ------------------------------------------------------------------------------------------- bench
@@ -394,7 +405,8 @@ def demo(out, runs, no_int8):
               show_default=True, help="quantisation recipe (usfm_edge.calibration.recipe)")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the calibration manifest (file list + SHA-256) here")
-@click.option("--force", is_flag=True, help="keep the INT8 bundle even if the accuracy gate fails")
+@click.option("--force", is_flag=True, help="replace an existing bundle at --out, and keep the INT8 bundle even if "
+              "the accuracy gate fails (the exit code is then still 3)")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="INT8 bundle folder (default: NAME-int8.usfm next to BUNDLE)")
 def quantize(bundle, calib, max_drop, max_hc_increase, val, checkpoint, n, seed, recipe, manifest, force, out):
@@ -409,12 +421,11 @@ def quantize(bundle, calib, max_drop, max_hc_increase, val, checkpoint, n, seed,
     """
     from usfm_edge.calibration import quantize_bundle
     from usfm_edge.calibration.recipe import get_recipe
-    from usfm_edge.export.bundle import bundle_summary
 
     path = quantize_bundle(bundle, list(calib), out=out, max_drop=max_drop, force=force, checkpoint=checkpoint,
                            recipe=get_recipe(recipe).replace(max_hc_increase_mm=max_hc_increase), n=n, seed=seed,
-                           val_specs=list(val) or None, manifest_out=manifest)
-    click.echo(bundle_summary(path))
+                           val_specs=list(val) or None, manifest_out=manifest, overwrite=force)
+    _report_bundle(path)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -171,7 +171,7 @@ def accuracy_gate(fp32_path: str | Path, int8_path: str | Path, meta: BundleMeta
     return {"passed": not failures, "failures": failures, "task": task, "metric": metric,
             "fp32": pick(scores[0]), "int8": pick(scores[1]), "drop": None if drop is None else round(drop, 5),
             "hc_increase_mm": None if hc_increase is None else round(hc_increase, 3),
-            "max_drop": max_drop, "min_centred_cosine": recipe.min_centred_cosine, "fidelity": fid,
+            "max_drop": max_drop, "max_hc_increase_mm": recipe.max_hc_increase_mm, "min_centred_cosine": recipe.min_centred_cosine, "fidelity": fid,
             "frames": len(preds[0].outputs), "scored_frames": len(scored) if metric else 0,
             "held_out_patients": len({(r.organ, r.patient) for r in records}),
             "backend": run_backend, "notes": notes, "seconds": round(time.perf_counter() - t0, 2)}

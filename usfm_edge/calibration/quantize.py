@@ -33,7 +33,7 @@ from usfm_edge.calibration.calibset import MIN_FRAMES, build_calibration_set
 from usfm_edge.calibration.gate import accuracy_gate, sensitivity_report
 from usfm_edge.calibration.recipe import QuantRecipe, get_recipe
 from usfm_edge.core.bundle_schema import BundleMeta
-from usfm_edge.core.errors import ConfigError, DataError, ValidationError
+from usfm_edge.core.errors import ConfigError, DataError, ExportError, ValidationError
 from usfm_edge.evaluation.records import read_frame, read_mask, select_records, split_records
 
 __all__ = ["make_quantizer", "quantize_bundle", "held_out_split", "min_frames_default"]
@@ -198,7 +198,8 @@ def _find_checkpoint(bundle: Path, meta, explicit: str | Path | None) -> Path | 
 def quantize_bundle(bundle_path: str | Path, calib_specs: Sequence[str], out: str | Path | None = None,
                     max_drop: float | None = None, force: bool = False, *, checkpoint: str | Path | None = None,
                     recipe: QuantRecipe | str | None = None, n: int = 300, seed: int = 0,
-                    val_specs: Sequence[str] | None = None, manifest_out: str | Path | None = None) -> Path:
+                    val_specs: Sequence[str] | None = None, manifest_out: str | Path | None = None,
+                    overwrite: bool = True) -> Path:
     """Make the INT8 bundle of an exported fp32 (or fp16 TensorRT) bundle.
 
     Preferred path: the bundle's source checkpoint (``usfm.json`` source name + SHA-256, looked up next to
@@ -207,6 +208,8 @@ def quantize_bundle(bundle_path: str | Path, calib_specs: Sequence[str], out: st
     parity against PyTorch. Without it, the bundle's own fp32 ONNX / IR is quantised directly
     and parity is measured against the fp32 bundle; TensorRT bundles need the checkpoint (their build script depends on
     the precision).
+
+    ``overwrite=False`` (the CLI's default) refuses an existing bundle at ``out`` before any calibration work.
 
     Returns:
         the INT8 bundle (default ``<name>-int8.usfm`` next to the source bundle).
@@ -220,6 +223,9 @@ def quantize_bundle(bundle_path: str | Path, calib_specs: Sequence[str], out: st
     stem = meta.name or bundle.name.removesuffix(".usfm")
     stem = stem[: -len("-fp32")] if stem.endswith("-fp32") else stem[: -len("-fp16")] if stem.endswith("-fp16") else stem
     out = Path(out) if out else bundle.parent / f"{stem}-int8.usfm"
+    if out.exists() and not overwrite:
+        raise ExportError("bundle already exists; refusing to replace it", path=out,
+                          hint="pass --force (Python: overwrite=True) or choose another --out")
     quantizer = make_quantizer(calib_specs, max_drop=max_drop, force=force, n=n, seed=seed, recipe=recipe,
                                val_specs=val_specs, manifest_out=manifest_out)
     ckpt = _find_checkpoint(bundle, meta, checkpoint)
@@ -228,7 +234,8 @@ def quantize_bundle(bundle_path: str | Path, calib_specs: Sequence[str], out: st
     if ckpt is not None and reproducible:
         from usfm_edge.export import export, export_config_from_meta  # torch is needed on this path only
 
-        return export(ckpt, export_config_from_meta(meta, precision="int8", out=out, force=force, quantizer=quantizer))
+        return export(ckpt, export_config_from_meta(meta, precision="int8", out=out, force=force, quantizer=quantizer,
+                                                    overwrite=overwrite))
     return _quantize_files(bundle, meta, out, quantizer)
 
 

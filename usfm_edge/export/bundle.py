@@ -36,7 +36,7 @@ from usfm_edge.runtime.bundle_io import (
     verify_bundle,
 )
 
-__all__ = ["BundleWriter", "write_bundle", "bundle_summary", "write_sums", "update_meta", "verify_bundle", "read_meta", "read_sums",
+__all__ = ["BundleWriter", "write_bundle", "bundle_summary", "gate_passed", "write_sums", "update_meta", "verify_bundle", "read_meta", "read_sums",
            "sha256_file", "tool_versions", "bundle_path"]
 
 
@@ -111,8 +111,9 @@ class BundleWriter:
         if self.out.exists():
             if not self.out.is_dir() or not ((self.out / META_FILE).is_file() or not any(self.out.iterdir())):
                 raise ExportError("output exists and is not a usfm-edge bundle; refusing to replace it", path=self.out)
-            if not overwrite:
-                raise ExportError("bundle already exists", path=self.out, hint="pass overwrite=True")
+            if not overwrite and any(self.out.iterdir()):
+                raise ExportError("bundle already exists; refusing to replace it", path=self.out,
+                                  hint="pass --force (Python: overwrite=True) or choose another --out")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.path = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
         self.path.mkdir()
@@ -187,17 +188,65 @@ def write_bundle(out: str | Path, meta: BundleMeta, files: Mapping[str, str | Pa
 
 
 def bundle_summary(path: str | Path) -> str:
-    """A few lines for people: size, task, target, backend, precision, the parity result per output, the files."""
+    """What an export decided, for people: target, precision, input contract, parity, calibration, INT8 gate.
+
+    Every line comes from the bundle's ``usfm.json``: the input (raw frames, static ``HxW`` or any size),
+    the parity record (against PyTorch, or against the fp32 bundle when the INT8 bundle was made from its
+    files) with each output's numbers, the calibration set (frames, patients, sources, manifest hash) and the
+    INT8 gate's metric fp32 -> int8 with its limit and verdict.
+    """
     path = Path(path)
     meta = read_meta(path)
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
-    parity = meta.parity or {}
     lines = [f"bundle  {path}  ({size:.1f} MB)",
-             f"  task {meta.task}  target {meta.target}  backend {meta.backend}  precision {meta.precision}",
-             f"  parity vs PyTorch on {parity.get('frames', '?')} real frames via {parity.get('backend', '?')}: "
-             f"{'passed' if parity.get('passed') else 'FAILED'}"]
+             f"  task {meta.task}  target {meta.target}  backend {meta.backend}  precision {meta.precision}"]
+    hw = meta.input.static_hw
+    kind = "raw uint8 frames" if meta.input.raw_frame else "normalised (B, 3, S, S) tensors"
+    lines.append(f"  input  {kind}, " + (f"static {hw[0]}x{hw[1]} (the runtime fits other frames to it)" if hw
+                                         else "any frame size") + f"; model input {meta.preprocessing.get('img_size')} px")
+    parity = meta.parity or {}
+    reference = parity.get("reference") or "PyTorch"
+    lines.append(f"  parity vs {reference} on {parity.get('frames', '?')} real frames via "
+                 f"{parity.get('backend', '?')}: {'passed' if parity.get('passed') else 'FAILED'}")
     for name, o in (parity.get("outputs") or {}).items():
-        stats = ", ".join(f"{k} {o[k]:.6g}" for k in ("cosine", "max_abs", "dice") if o.get(k) is not None)
-        lines.append(f"    {name}: {stats}")
+        stats = ", ".join(f"{k} {v:.4g}" for k, v in o.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        lines.append(f"    {name}: {stats or 'no numbers recorded'}")
+    for failure in parity.get("failures") or []:
+        lines.append(f"    failed: {failure}")
+    lines += _calibration_lines(meta.calibration or {})
     lines += [f"  {name}" for name in sorted(p.name for p in path.iterdir())]
     return "\n".join(lines)
+
+
+def gate_passed(path: str | Path) -> bool:
+    """False when the bundle's parity check or its INT8 accuracy gate failed (a bundle kept with ``force``)."""
+    meta = read_meta(Path(path))
+    gate = ((meta.calibration or {}).get("report") or {}).get("gate") or {}
+    return bool((meta.parity or {}).get("passed", True)) and bool(gate.get("passed", True))
+
+
+def _calibration_lines(calibration: dict) -> list[str]:
+    report = calibration.get("report") or {}
+    if not report:
+        return []
+    cal = report.get("calibration") or {}
+    sha = calibration.get("manifest_sha256") or cal.get("manifest_sha256") or "?"
+    lines = [f"  calibration  {cal.get('n', '?')} frames of {cal.get('patients', '?')} patients from "
+             f"{', '.join(cal.get('sources') or []) or '?'} (manifest sha256 {sha[:12]})"]
+    gate = report.get("gate") or {}
+    if gate:
+        metric = gate.get("metric", "?")
+        fp32, int8 = (gate.get("fp32") or {}).get(metric), (gate.get("int8") or {}).get(metric)
+        pair = f"{fp32:.4f} -> {int8:.4f}" if fp32 is not None and int8 is not None else "not scored"
+        verdict = "passed" if gate.get("passed") else "FAILED"
+        lines.append(f"  INT8 gate  {metric} fp32 -> int8 {pair} (drop {gate.get('drop', '?')}, limit "
+                     f"{gate.get('max_drop', '?')}) on {gate.get('scored_frames', gate.get('frames', '?'))} "
+                     f"held-out frames: {verdict}")
+        if gate.get("hc_increase_mm") is not None:
+            hc32, hc8 = (gate.get("fp32") or {}).get("hc_mae_mm"), (gate.get("int8") or {}).get("hc_mae_mm")
+            limit = gate.get("max_hc_increase_mm")
+            lines.append(f"             HC error {hc32:.2f} -> {hc8:.2f} mm ({gate['hc_increase_mm']:+.2f} mm, "
+                         + (f"limit {limit} mm)" if limit is not None else "reported, not gated)"))
+        for failure in gate.get("failures") or []:
+            lines.append(f"    failed: {failure}")
+    return lines

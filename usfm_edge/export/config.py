@@ -44,7 +44,8 @@ class ExportConfig:
         workspace_gb: TensorRT builder workspace.
         dla_core: TensorRT DLA core (jetson).
         quantizer: INT8 hook from ``usfm_edge.calibration`` (``quantizer(onnx_fp32, target, workdir) -> dict``).
-        overwrite: replace an existing bundle at ``out``.
+        overwrite: replace an existing bundle at ``out`` (the CLI passes ``--force``; without it the CLI
+            refuses an existing bundle).
     """
 
     target: str = "onnx"
