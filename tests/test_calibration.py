@@ -75,8 +75,11 @@ def test_manifest_round_trip_and_sha_mismatch(tmp_path):
 
 
 def test_refusals(tmp_path):
-    with pytest.raises(DataError, match="at least 32"):
+    with pytest.raises(DataError, match="at least 32") as err:
         build_calibration_set([BUSBRA], n=10)
+    # the hint names knobs a CLI user has (no Python-only `min_frames`)
+    assert "USFM_EDGE_MIN_CALIB_FRAMES=8" in str(err.value) and "--force" in str(err.value)
+    assert "min_frames" not in str(err.value)
     with pytest.warns(UserWarning, match="300 recommended"):
         build_calibration_set([BUSBRA], n=10, min_frames=4)
     with pytest.warns(UserWarning, match="trained on"):

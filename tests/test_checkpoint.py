@@ -142,6 +142,31 @@ def test_truncated_and_empty_files(tmp_path, official_pth):
         usfm_edge.create_model("usfm_vit_test", checkpoint=tmp_path / "nope.pth")
 
 
+def test_wrong_files_get_a_message_that_says_what_they_are(tmp_path):
+    """A text file, random bytes and a run's training state (checkpoint.pt) each say what to pass instead."""
+    from click.testing import CliRunner
+
+    from usfm_edge.cli import main
+    from usfm_edge.train.engine import TrainState, save_training_state
+
+    (tmp_path / "notes.txt").write_text("hello\n")
+    with pytest.raises(CheckpointError, match="not a checkpoint: this is a text file") as err:
+        usfm_edge.create_model("usfm_vit_test", checkpoint=tmp_path / "notes.txt")
+    assert "best.safetensors" in str(err.value) and "pop from" not in str(err.value)
+    (tmp_path / "noise.pth").write_bytes(bytes(range(7, 200)))
+    with pytest.raises(CheckpointError, match="binary file of another kind"):
+        usfm_edge.create_model("usfm_vit_test", checkpoint=tmp_path / "noise.pth")
+    run = tmp_path / "run"
+    model = usfm_edge.create_model("usfm_vit_test")
+    save_training_state(run / "checkpoint.pt", model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                        state=TrainState(), config={"task": "seg"})
+    (run / "best.safetensors").write_bytes(b"x")  # only its name matters to the hint
+    res = CliRunner().invoke(main, ["export", str(run / "checkpoint.pt"), "--target", "onnx", "-o", str(tmp_path / "b")])
+    assert res.exit_code == 1, res.output
+    assert "training-state file" in res.output and str(run / "best.safetensors") in res.output, res.output
+    assert "convert-weights" not in res.output
+
+
 class _Evil:
     def __reduce__(self):
         return (exec, ("open('/tmp/usfm_edge_pwned', 'w').write('x')",))

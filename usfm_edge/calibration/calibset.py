@@ -228,7 +228,9 @@ def check_frames(frames: Sequence[np.ndarray], names: Sequence[str], min_frames:
         text = (f"only {len(frames)} calibration frame(s); at least {min_frames} are needed "
                 f"({RECOMMENDED_FRAMES} recommended)")
         if strict:
-            raise DataError(text, hint="add data sources (--calib SPEC, repeatable) or lower min_frames knowingly")
+            raise DataError(text, hint="add frames: more --calib sources (repeatable), or -n/--frames of usfm-edge quantize; "
+                                       "for a smoke test only, set USFM_EDGE_MIN_CALIB_FRAMES=8 in the environment "
+                                       "or pass --force (the set is then accepted with a warning)")
         _warn(msgs, text + " (accepted because force=True)")
     elif len(frames) < RECOMMENDED_FRAMES:
         _warn(msgs, f"{len(frames)} calibration frames (< {RECOMMENDED_FRAMES} recommended): activation ranges may "

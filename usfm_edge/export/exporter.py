@@ -58,6 +58,18 @@ def _backbone_preset(sd: dict, cfg: dict | None, path: Path) -> tuple[str, int]:
     return name, int(model_args(name)["img_size"])
 
 
+def _refuse_training_state(sd: dict, path: Path) -> None:
+    """A run's ``checkpoint.pt`` (optimiser, RNG, counters: for ``--resume``) is not what one exports."""
+    if not str(sd.get("format", "")).startswith("usfm_edge.train_state"):
+        return
+    model_files = [path.parent / n for n in ("best.safetensors", "last.safetensors", "encoder.safetensors")]
+    found = [str(p) for p in model_files if p.is_file()]
+    raise ExportError("this is a training-state file (model + optimiser + counters, for --resume), not a model",
+                      path=path, hint="export the run's model file instead: " + (" or ".join(found) if found else
+                                      "best.safetensors / last.safetensors (fine-tuning) or encoder.safetensors "
+                                      "(pretraining) in the run folder"))
+
+
 def load_for_export(checkpoint, task: str | None = None, img_size: int | None = None):
     """Load a task model to export, and describe its source.
 
@@ -86,6 +98,7 @@ def load_for_export(checkpoint, task: str | None = None, img_size: int | None = 
     else:
         path = Path(checkpoint)
         sd, cfg = read_checkpoint(path)
+        _refuse_training_state(sd, path)
         source = {"checkpoint": path.name, "sha256": sha256_file(path), "kind": "task"}
         if isinstance(cfg, dict) and cfg.get("task") in ("features", "seg", "cls", "enhance"):
             model = load_task_model(path)

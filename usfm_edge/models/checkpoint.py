@@ -64,6 +64,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
                                   hint="the file may be truncated; re-download or re-export it") from exc
         config = json.loads(meta[META_KEY]) if META_KEY in meta else None
         return sd, config
+    _sniff(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError (truncated zip), EOFError, ...
@@ -75,6 +76,26 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a state dict", path=path)
     return obj, None
+
+
+def _sniff(path: Path) -> None:
+    """Refuse a file that is neither a torch zip archive nor a pickle, saying what it looks like instead."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip archive / a raw pickle
+        return
+    if head.startswith(b"{") and b'"dtype"' in head[:4096]:
+        kind = "a safetensors file without the .safetensors suffix"
+        hint = "rename it to *.safetensors"
+    else:
+        try:
+            head.decode("utf-8")
+            kind = "a text file"
+        except UnicodeDecodeError:
+            kind = "a binary file of another kind"
+        hint = ("pass a model file: a fine-tuning run's best.safetensors / last.safetensors, a pretraining run's "
+                "encoder.safetensors, or the official USFM_latest.pth")
+    raise CheckpointError(f"not a checkpoint: this is {kind} (it starts with {head[:16]!r})", path=path, hint=hint)
 
 
 def unwrap_state_dict(sd: dict) -> tuple[dict, str]:
