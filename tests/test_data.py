@@ -98,13 +98,51 @@ def test_busbra_skips_missing_images_but_not_all(tmp_path, sample_dir):
         load_records(f"busbra:{tmp_path}")
 
 
+def test_pairs_and_folder_split_by_a_patient_key(tmp_path, sample_dir):
+    """pairs:/folder: take the patient from a regex over the file name or a table; the split keeps views together."""
+    import warnings
+
+    from usfm_edge.data.splits import patient_split
+
+    images, masks = sample_dir / "busbra/Images", sample_dir / "busbra/Masks"
+    spec = f"pairs:{images},{masks}?patient=bus_(\\d+)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a keyed source does not warn
+        keyed = load_records(spec)
+    assert parse_source(spec).patient_regex == "bus_(\\d+)" and str(parse_source(spec)).endswith("?patient=bus_(\\d+)")
+    by_patient: dict[str, set] = {}
+    for r in keyed:
+        by_patient.setdefault(r.patient, set()).add(r.image.name)
+    assert len(by_patient) < len(keyed), "the sample holds left and right views of one patient"
+    assert all(name.startswith(f"bus_{pid}-") for pid, names in by_patient.items() for name in names)
+    train, val = patient_split(keyed, 0.5, seed=0)
+    assert not {r.patient for r in train} & {r.patient for r in val}
+    # the same key from a table (file,patient), for a folder source
+    table = tmp_path / "patients.csv"
+    table.write_text("file,patient\n" + "".join(f"{p.name},P{p.name[4:8]}\n" for p in sorted(images.glob("*.png"))))
+    folder = load_records(f"folder:{images}?patients={table}")
+    assert {r.patient for r in folder} == {f"P{pid}" for pid in by_patient}
+    # bad keys are refused with the file named
+    with pytest.raises(DataError, match="does not match") as err:
+        load_records(f"pairs:{images},{masks}?patient=^hc_(\\d+)")
+    assert "bus_" in str(err.value)
+    with pytest.raises(ConfigError, match="bad patient regex"):
+        parse_source("folder:/x?patient=(")
+    with pytest.raises(ConfigError, match="unknown option"):
+        parse_source("folder:/x?subject=1")
+    table.write_text("file,patient\nnone.png,P1\n")
+    with pytest.raises(DataError, match="not listed in the patient table"):
+        load_records(f"folder:{images}?patients={table}")
+
+
 def test_folder_pairs_and_csv_sources(tmp_path, sample_dir):
     records = load_records(f"folder:{sample_dir}")
     assert len(records) == 22 + 17  # annotations and masks are not images
     assert {r.organ for r in records} == {"busbra", "hc18"}
     tagged = load_records(f"folder:{sample_dir / 'hc18'}@fetal")
     assert len(tagged) == 17 and {r.organ for r in tagged} == {"fetal"}
-    pairs = load_records(f"pairs:{sample_dir / 'busbra/Images'},{sample_dir / 'busbra/Masks'}")
+    with pytest.warns(UserWarning, match="splits per image"):
+        pairs = load_records(f"pairs:{sample_dir / 'busbra/Images'},{sample_dir / 'busbra/Masks'}")
     assert len(pairs) == 22 and all(r.mask.name == r.image.name.replace("bus_", "mask_") for r in pairs)
     same = load_records(f"pairs:{sample_dir / 'hc18/training_set'},{sample_dir / 'hc18/training_set'}")
     assert len(same) == 17 and all(r.mask.stem == r.image.stem + "_Annotation" for r in same)

@@ -15,12 +15,25 @@ A source spec is ``KIND:PATH`` with an optional ``@organ`` tag:
 
 A bare existing path is read as ``folder:PATH``. Every adapter returns :class:`Record` objects; the tag, when
 given, overrides the organ of any source.
+
+Patients. Splits are always by patient (``data.splits``), so every record needs the id of the patient it comes
+from. BUS-BRA, HC18 and tables with a ``patient`` column carry it; for ``folder:`` and ``pairs:`` give it after a
+``?`` at the end of the spec (quote the spec in a shell):
+
+``?patient=REGEX``           the patient id is the first group of REGEX searched in the image's file name
+                             (``'pairs:img,masks?patient=^(\d+)_'`` makes ``0042_left.png`` patient ``0042``)
+``?patients=FILE.csv``       a table with columns ``file`` (image file name, or path relative to the image
+                             folder) and ``patient``
+
+Without either, such a source warns once that it splits per image: two views of one patient could then land
+on both sides of a train/validation split.
 """
 
 from __future__ import annotations
 
 import csv
 import re
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -73,16 +86,25 @@ class DataSource:
         path: the dataset folder or file (the image folder for ``pairs``).
         organ: organ tag from ``@organ``, or None.
         masks: the mask folder of a ``pairs`` source, else None.
+        patient_regex: ``?patient=REGEX``: patient id = first group (or the match) in the image's file name.
+        patient_table: ``?patients=FILE.csv``: columns ``file``, ``patient``.
     """
 
     kind: str
     path: Path
     organ: str | None = None
     masks: Path | None = None
+    patient_regex: str | None = None
+    patient_table: Path | None = None
 
     def __str__(self) -> str:
         text = f"{self.kind}:{self.path}" + (f",{self.masks}" if self.masks else "")
-        return text + (f"@{self.organ}" if self.organ else "")
+        text += f"@{self.organ}" if self.organ else ""
+        if self.patient_regex is not None:
+            text += f"?patient={self.patient_regex}"
+        elif self.patient_table is not None:
+            text += f"?patients={self.patient_table}"
+        return text
 
 
 def parse_source(spec: str | DataSource) -> DataSource:
@@ -99,7 +121,9 @@ def parse_source(spec: str | DataSource) -> DataSource:
     """
     if isinstance(spec, DataSource):
         return spec
-    kind, sep, rest = str(spec).partition(":")
+    spec, _, query = str(spec).partition("?")
+    key = _patient_key(query, spec) if query else {}
+    kind, sep, rest = spec.partition(":")
     if not sep or kind not in KINDS:
         if Path(spec).exists():
             return DataSource("folder", Path(spec))
@@ -117,8 +141,22 @@ def parse_source(spec: str | DataSource) -> DataSource:
         images, comma, masks = rest.partition(",")
         if not comma or not images or not masks:
             raise ConfigError(f"pairs source {spec!r} needs two folders", hint="pairs:IMAGES_DIR,MASKS_DIR")
-        return DataSource(kind, Path(images), organ, Path(masks))
-    return DataSource(kind, Path(rest), organ)
+        return DataSource(kind, Path(images), organ, Path(masks), **key)
+    return DataSource(kind, Path(rest), organ, **key)
+
+
+def _patient_key(query: str, spec: str) -> dict:
+    name, eq, value = query.partition("=")
+    if not eq or not value or name not in ("patient", "patients"):
+        raise ConfigError(f"data source {spec!r}: unknown option {query!r}",
+                          hint="use ?patient=REGEX (over the image file name) or ?patients=FILE.csv (file,patient)")
+    if name == "patients":
+        return {"patient_table": Path(value)}
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ConfigError(f"data source {spec!r}: bad patient regex {value!r} ({exc})") from None
+    return {"patient_regex": value}
 
 
 def _need(path: Path, what: str, hint: str) -> Path:
@@ -284,9 +322,44 @@ def load_records(spec: str | DataSource) -> list[Record]:
     """
     src = parse_source(spec)
     records = _ADAPTERS[src.kind](src)
+    if src.patient_regex is not None or src.patient_table is not None:
+        records = _with_patients(records, src)
+    elif src.kind in ("folder", "pairs") and all(r.patient == r.image.stem for r in records) and len(records) > 1:
+        warnings.warn(f"{src}: no patient key, so this source splits per image (each of its {len(records)} "
+                      "images counts as its own patient; two views of one patient can land on both sides of a "
+                      "split). Add ?patient=REGEX or ?patients=FILE.csv to the spec (usfm_edge.data.sources)",
+                      UserWarning, stacklevel=2)
     if src.organ:
         records = [replace(r, organ=src.organ) for r in records]
     return records
+
+
+def _with_patients(records: list[Record], src: DataSource) -> list[Record]:
+    """Set each record's patient from the source's ``?patient=`` regex or ``?patients=`` table."""
+    if src.patient_regex is not None:
+        pattern = re.compile(src.patient_regex)
+        out = []
+        for r in records:
+            m = pattern.search(r.image.name)
+            if m is None:
+                raise DataError(f"the patient regex {src.patient_regex!r} does not match this file name", path=r.image,
+                                hint="the regex is searched in the file name; its first group is the patient id")
+            out.append(replace(r, patient=(m.group(1) if m.groups() else m.group(0)) or r.image.stem))
+        return out
+    table = _need(src.patient_table, "patient table", "?patients=FILE.csv with columns file,patient")
+    rows = _read_csv(table)
+    if not rows or "file" not in rows[0] or "patient" not in rows[0]:
+        raise DataError("the patient table needs the columns file and patient", path=table)
+    by_file = {row["file"].replace("\\", "/"): row["patient"] for row in rows if row.get("patient")}
+    out = []
+    for r in records:
+        rel = r.image.relative_to(src.path).as_posix() if r.image.is_relative_to(src.path) else r.image.name
+        patient = by_file.get(rel) or by_file.get(r.image.name)
+        if patient is None:
+            raise DataError(f"{r.image.name} is not listed in the patient table", path=table,
+                            hint="every image of the source needs a row: file,patient")
+        out.append(replace(r, patient=patient))
+    return out
 
 
 def label_names(records: list[Record]) -> list[str]:
