@@ -201,9 +201,33 @@ def test_bench_on_a_missing_device_skips_with_reasons(demo_bundle, tmp_path, sam
     r = CliRunner().invoke(main, ["bench", str(bundle), "--torch", str(ckpt), "--device", "cuda", "--runs", "2",
                                   "--eval-frames", "0", "--no-memory", "--data", f"busbra:{sample_dir / 'busbra'}",
                                   "--json", str(out)])
-    assert r.exit_code == 0, r.output
-    res = json.loads(out.read_text())
-    assert res["rows"] == []
-    reasons = {s["bundle"]: s["reason"] for s in res["skipped"]}
-    assert "CUDA" in reasons[str(bundle)] and "sees no CUDA device" in reasons[f"{ckpt} (PyTorch fp32)"]
-    assert "Skipped" in r.output
+    assert r.exit_code == 4, r.output  # nothing ran: a missing backend/device, never an empty table and exit 0
+    assert "nothing was benchmarked" in r.output and "sees no CUDA device" in r.output
+    assert "no CUDA provider" in r.output and "usfm-edge[onnx]" not in r.output  # onnxruntime IS installed
+    assert not out.exists()
+
+
+def test_unstable_rows_are_marked_and_the_plot_axis_shows_the_real_spread(tmp_path):
+    """p90 > 2x p50, or a load above the core count, marks a row unstable in the table; the Dice axis of the
+    plot spans at least 5 points, so INT8 cannot look better than fp32 by a thousandth."""
+    from usfm_edge.bench.latency import stability
+    from usfm_edge.bench.report import markdown, metric_axis, plot
+
+    assert stability(124.0, 926.0, 1.0, 2) == ["p90 926.0 ms > 2x p50 124.0 ms"]
+    assert stability(20.0, 25.0, 4.5, 2) == ["load 4.5 > 2 cores"]
+    assert stability(20.0, 25.0, 1.9, 2) == []
+    row = {"backend": "onnxruntime", "target": "jetson", "device": "cpu", "batch": 1, "p99_ms": 30.0, "fps": 40.0,
+           "ratio_vs_torch": 1.0, "size_mb": 5.0, "rss_mb": 10.0, "peak_rss_mb": 300.0, "metric": "dice"}
+    rows = [{**row, "name": "seg-jetson-fp16", "precision": "fp16", "p10_ms": 20.0, "p50_ms": 22.0, "p90_ms": 25.0,
+             "metric_value": 0.951, "unstable": []},
+            {**row, "name": "seg-jetson-int8", "precision": "int8", "p10_ms": 11.0, "p50_ms": 12.0, "p90_ms": 40.0,
+             "metric_value": 0.952, "unstable": stability(12.0, 40.0, None, 2)}]
+    result = {"machine": {"cpu": "x", "cores": 2, "isa": ["avx2"], "gpus": [], "versions": {}},
+              "settings": {"threads": 2, "runs": 5, "warmup": 1, "device": "cpu", "isolate": True, "rounds": 2},
+              "rows": rows, "skipped": []}
+    text = markdown(result)
+    assert "| seg-jetson-int8 (unstable) |" in text and "| seg-jetson-fp16 |" in text
+    assert "**Unstable rows**" in text and "seg-jetson-int8, batch 1: p90 40.0 ms > 2x p50 12.0 ms" in text
+    lo, hi = metric_axis([0.951, 0.952], "dice")
+    assert hi - lo >= 0.05 and lo < 0.951 and hi > 0.952
+    assert plot(result, tmp_path / "b.png").stat().st_size > 1000

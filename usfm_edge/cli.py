@@ -333,6 +333,9 @@ def bench(bundles, torch_ckpt, data, batch, threads, runs, eval_frames, device, 
         batches = tuple(int(b) for b in batch.split(","))
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {batch!r}", param_hint="--batch") from None
+    if png_out and eval_frames == 0:
+        raise click.BadParameter("the plot shows latency against the task metric: it needs --eval-frames > 0",
+                                 param_hint="--plot")
     result = run_bench(list(bundles), torch_ckpt, data, batches, threads, runs, eval_frames=eval_frames,
                        device=device, torch_bf16=torch_bf16, progress=_progress, memory=not no_memory,
                        fps=fps, isolate=not one_process, rounds=rounds, spin=not no_spin)

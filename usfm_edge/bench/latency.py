@@ -25,6 +25,7 @@ calls at the scanner's frame rate, per variant, reported beside the back-to-back
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,9 +41,9 @@ from usfm_edge.bench.variants import (
     process_rss_mb,
     time_once,
 )
-from usfm_edge.core.errors import BackendUnavailableError, ConfigError
+from usfm_edge.core.errors import BackendUnavailableError, ConfigError, UsfmEdgeError
 
-__all__ = ["BenchRow", "run_bench", "rotating_rounds", "machine_info", "paced_latency", "paced_summary",
+__all__ = ["BenchRow", "run_bench", "stability", "rotating_rounds", "machine_info", "paced_latency", "paced_summary",
            "process_rss_mb"]
 
 PRIMARY = {"seg": "dice", "cls": "auc", "enhance": "psnr", "features": None}
@@ -69,6 +70,31 @@ class BenchRow:
     peak_rss_mb: float | None = None
     metric_value: float | None = None
     extra: dict = field(default_factory=dict)
+    p10_ms: float | None = None
+    load: float | None = None  # highest 1-minute load average seen while this variant was timed
+    unstable: list[str] = field(default_factory=list)  # why its figures are not to be trusted (empty: stable)
+
+
+def stability(p50: float, p90: float, load: float | None, cores: int) -> list[str]:
+    """Reasons a row's timings are unreliable: a long tail (p90 > 2x p50), or a machine busier than its cores
+    (1-minute load average above the core count: other work competed for them)."""
+    reasons = []
+    if p90 > 2.0 * p50:
+        reasons.append(f"p90 {p90:.1f} ms > 2x p50 {p50:.1f} ms")
+    if load is not None and load > cores:
+        reasons.append(f"load {load:.1f} > {cores} cores")
+    return reasons
+
+
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # pragma: no cover - not on this platform
+        return None
+
+
+def _max_load(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 def rotating_rounds(items: list, runs: int, rounds: int) -> list[tuple[int, object]]:
@@ -90,6 +116,7 @@ def _time_isolated(variants, skipped, frame_path, batches, threads, runs, warmup
     times = {b: {v.name: [] for v in variants} for b in batches}
     paced_runs = {v.name: [] for v in variants}
     peaks: dict[str, float | None] = {}
+    loads: dict[str, float | None] = {}
     failed: set[str] = set()
     it = jobs if progress is None else progress(jobs, "variants (own processes)")
     for n_runs, v in it:
@@ -97,7 +124,9 @@ def _time_isolated(variants, skipped, frame_path, batches, threads, runs, warmup
             continue
         spec = {"batches": list(batches), "runs": n_runs, "warmup": warmup, "fps": fps, "spin": spin}
         try:
+            before = _load()
             res = run_isolated(v.kind, v.path, frame_path, threads, device, backend, spec)
+            loads[v.name] = _max_load(loads.get(v.name), _max_load(before, _load()))
         except RuntimeError as exc:
             failed.add(v.name)
             skipped.append({"bundle": v.name, "reason": f"timing: {exc}"})
@@ -110,12 +139,13 @@ def _time_isolated(variants, skipped, frame_path, batches, threads, runs, warmup
         peaks[v.name] = peak if peaks.get(v.name) is None else max(peaks[v.name], peak)
     for name in failed:
         peaks.pop(name, None)
-    return times, paced_runs, peaks
+    return times, paced_runs, peaks, loads
 
 
 def _time_shared(variants, frame, batches, runs, warmup, block, fps, progress):
     """All variants in this process, in blocks (one untimed call, then ``block`` timed ones) round-robin."""
     times = {b: {v.name: [] for v in variants} for b in batches}
+    load = _load()
     for batch in batches:
         # the same real frame repeated: batching needs same-size frames
         inputs = [frame] * batch
@@ -130,12 +160,13 @@ def _time_shared(variants, frame, batches, runs, warmup, block, fps, progress):
                     time_once(v, inputs)
                 for _ in range(block):
                     times[batch][v.name].append(time_once(v, inputs))
+        load = _max_load(load, _load())
     paced_runs = {}
     for v in variants:
         if fps:
             time_once(v, [frame])
             paced_runs[v.name] = paced_latency(lambda v=v: time_once(v, [frame]), fps, runs)["times_ms"]
-    return times, paced_runs, {}
+    return times, paced_runs, {}, {v.name: load for v in variants}
 
 
 def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, data: str | None = None,
@@ -180,13 +211,15 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
     records = select_records(data, split="all")
     variants, skipped = _open_variants(bundles, torch_ckpt, torch_bf16, threads, device, backend, spin)
     if isolate:
-        times, paced_runs, peaks = _time_isolated(variants, skipped, records[0].image, batches, threads, runs,
-                                                  warmup, rounds, device, backend, fps, progress, spin)
+        times, paced_runs, peaks, loads = _time_isolated(variants, skipped, records[0].image, batches, threads,
+                                                         runs, warmup, rounds, device, backend, fps, progress, spin)
         variants = [v for v in variants if v.name in peaks]
     else:
         frame = read_frame(records[0])
-        times, paced_runs, peaks = _time_shared(variants, frame, batches, runs, warmup, block, fps, progress)
-    rows = _rows(variants, times, batches)
+        times, paced_runs, peaks, loads = _time_shared(variants, frame, batches, runs, warmup, block, fps, progress)
+    if not variants:
+        _nothing_ran(skipped)
+    rows = _rows(variants, times, batches, loads)
     paced = []
     if fps:
         b2b = {r.name: r.p50_ms for r in rows if r.batch == 1}
@@ -210,6 +243,15 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
                          "peak_rss_mb": process_rss_mb("VmHWM")}}
 
 
+def _nothing_ran(skipped: list[dict]):
+    """Every variant was skipped: a typed error listing each reason (a missing backend or device: exit 4)."""
+    reasons = "; ".join(f"{sk['bundle']}: {sk['reason']}" for sk in skipped) or "no variant"
+    if skipped and all(sk["reason"].startswith("BackendUnavailableError") for sk in skipped):
+        raise BackendUnavailableError(f"nothing was benchmarked, every variant was skipped: {reasons}",
+                                      hint="check --device / --backend against what this machine has (usfm-edge info)")
+    raise UsfmEdgeError(f"nothing was benchmarked, every variant was skipped: {reasons}")
+
+
 def _open_variants(bundles, torch_ckpt, torch_bf16: bool, threads: int, device: str, backend: str,
                    spin: bool) -> tuple[list[Variant], list[dict]]:
     """The PyTorch row(s) and the bundles, opened; what cannot run here is reported as skipped, with the reason."""
@@ -230,17 +272,23 @@ def _open_variants(bundles, torch_ckpt, torch_bf16: bool, threads: int, device: 
     return variants, skipped
 
 
-def _rows(variants: list[Variant], times: dict, batches) -> list[BenchRow]:
-    """One row per variant and batch size: percentiles, throughput and the ratio to PyTorch fp32's median."""
+def _rows(variants: list[Variant], times: dict, batches, loads: dict | None = None) -> list[BenchRow]:
+    """One row per variant and batch size: percentiles, throughput, the ratio to PyTorch fp32's median, and
+    whether the figures are stable (:func:`stability`)."""
     rows: list[BenchRow] = []
+    loads = loads or {}
+    cores = os.cpu_count() or 1
     for batch in batches:
         ref = np.median(times[batch]["pytorch-fp32"]) if "pytorch-fp32" in times[batch] else None
         for v in variants:
             t = np.asarray(times[batch][v.name])
             p50 = float(np.median(t))
-            rows.append(BenchRow(v.name, v.backend, v.precision, v.target, v.device, batch, p50,
-                                 float(np.percentile(t, 90)), float(np.percentile(t, 99)), 1000.0 * batch / p50,
-                                 float(ref / p50) if ref is not None else None, v.size_mb, v.rss_mb))
+            p90 = float(np.percentile(t, 90))
+            rows.append(BenchRow(v.name, v.backend, v.precision, v.target, v.device, batch, p50, p90,
+                                 float(np.percentile(t, 99)), 1000.0 * batch / p50,
+                                 float(ref / p50) if ref is not None else None, v.size_mb, v.rss_mb,
+                                 p10_ms=float(np.percentile(t, 10)), load=loads.get(v.name),
+                                 unstable=stability(p50, p90, loads.get(v.name), cores)))
     return rows
 
 

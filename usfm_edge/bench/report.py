@@ -27,18 +27,24 @@ def markdown(result: dict, command: str | None = None) -> str:
     lines.append("| variant | backend | precision | batch | p50 ms | p90 ms | p99 ms | frames/s | speed-up vs PyTorch fp32 "
                  "| size MB | peak RSS MB | RSS added MB | task metric |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    unstable = [r for r in result["rows"] if r.get("unstable")]
     for r in result["rows"]:
         ratio = f"{r['ratio_vs_torch']:.2f}x" if r["ratio_vs_torch"] else "-"
         metric = f"{r['metric']} {r['metric_value']:.4f}" if r.get("metric_value") is not None else "-"
         size = f"{r['size_mb']:.1f}" if r["size_mb"] is not None else "-"
         peak = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") is not None else "-"
-        lines.append(f"| {r['name']} | {r['backend']} | {r['precision']} | {r['batch']} | {r['p50_ms']:.1f} | "
+        name = f"{r['name']} (unstable)" if r.get("unstable") else r["name"]
+        lines.append(f"| {name} | {r['backend']} | {r['precision']} | {r['batch']} | {r['p50_ms']:.1f} | "
                      f"{r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['fps']:.1f} | {ratio} | {size} | "
                      f"{peak} | {r['rss_mb']:.0f} | {metric} |")
     lines.append("\npeak RSS: the variant alone in a fresh process (interpreter and libraries included, after its "
                  "first batch size on a real frame); RSS added: growth of the benchmark's main process when the "
                  "variant was opened there for the task metric (a lower bound: memory freed by earlier variants "
                  "is reused).")
+    if unstable:
+        lines.append("\n**Unstable rows** (their latencies and speed-ups are not reliable; re-run on an idle machine):")
+        for r in unstable:
+            lines.append(f"- {r['name']}, batch {r['batch']}: {'; '.join(r['unstable'])}")
     if result.get("paced"):
         fps = result["paced"][0]["fps"]
         lines.append(f"\nAt {fps:g} frames/s (batch 1, one call per {1000 / fps:.1f} ms frame slot, the cores idle "
@@ -54,10 +60,26 @@ def markdown(result: dict, command: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+_MIN_HALF_SPAN = {"dice": 0.025, "auc": 0.025, "accuracy": 0.025, "psnr": 1.0}
+
+
+def metric_axis(values: list[float], metric: str) -> tuple[float, float]:
+    """The plot's metric range: the values' spread widened 1.6x, and at least ``_MIN_HALF_SPAN`` each side."""
+    mid, half = (max(values) + min(values)) / 2, (max(values) - min(values)) / 2
+    half = max(half * 1.6, _MIN_HALF_SPAN.get(metric, 0.0), 1e-6)
+    return mid - half, mid + half
+
+
 def plot(result: dict, path: str | Path, title: str = "usfm-edge: latency vs accuracy") -> Path | None:
-    """Scatter of p50 latency (batch 1) against the task metric, one labelled point per variant."""
-    rows = [r for r in result["rows"] if r["batch"] == min(x["batch"] for x in result["rows"])]
-    rows = [r for r in rows if r.get("metric_value") is not None]
+    """p50 latency (batch 1, p10-p90 error bars) against the task metric, one labelled point per variant.
+
+    The metric axis spans at least +-2.5 points (Dice/AUC) or +-1 dB (PSNR) around the values, so a
+    difference of a thousandth looks like one; each point is labelled with the bundle name, the runtime that ran
+    it and the precision (a Jetson bundle timed in ONNX Runtime says so). Unstable rows are drawn hollow.
+    Returns None when no row has a task metric.
+    """
+    batch = min(x["batch"] for x in result["rows"]) if result["rows"] else 1
+    rows = [r for r in result["rows"] if r["batch"] == batch and r.get("metric_value") is not None]
     if not rows:
         return None
     import matplotlib
@@ -65,13 +87,25 @@ def plot(result: dict, path: str | Path, title: str = "usfm-edge: latency vs acc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for r in rows:
-        ax.scatter(r["p50_ms"], r["metric_value"], s=40)
-        ax.annotate(f"{r['backend']} {r['precision']}", (r["p50_ms"], r["metric_value"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("p50 latency per frame, ms (raw frame in, result out)")
-    ax.set_ylabel(rows[0]["metric"])
+    rows = sorted(rows, key=lambda r: r["p50_ms"])
+    metric = rows[0]["metric"]
+    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
+    markers = "osD^vP*Xh<>"
+    for i, r in enumerate(rows):
+        lo, hi = r.get("p10_ms") or r["p50_ms"], r["p90_ms"]
+        color = f"C{i % 10}"
+        label = f"{r['name']} | {r['backend']} {r['precision']} | {r['metric_value']:.4f}" + (
+            " | unstable" if r.get("unstable") else "")
+        ax.errorbar(r["p50_ms"], r["metric_value"], xerr=[[r["p50_ms"] - lo], [hi - r["p50_ms"]]],
+                    fmt=markers[i % len(markers)], color=color, mfc="none" if r.get("unstable") else color,
+                    capsize=3, ms=7, label=label)
+    ax.set_ylim(*metric_axis([r["metric_value"] for r in rows], metric))
+    ax.set_xlim(0, max(r["p90_ms"] for r in rows) * 1.08)
+    # labels in a legend below the axes: points close together never hide each other's names
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=7, frameon=False,
+              title="bundle | runtime precision | " + metric + " (hollow: unstable timing)", title_fontsize=7)
+    ax.set_xlabel(f"latency per call, ms (batch {batch}, raw frame in, result out): p50, bars p10-p90")
+    ax.set_ylabel(f"{metric} on held-out frames")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()

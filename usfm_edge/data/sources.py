@@ -1,4 +1,4 @@
-"""Data sources named on the command line, and the records they yield.
+r"""Data sources named on the command line, and the records they yield.
 
 A source spec is ``KIND:PATH`` with an optional ``@organ`` tag:
 

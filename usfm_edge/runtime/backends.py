@@ -307,7 +307,7 @@ def make_backend(folder: Path, meta, backend: str = "auto", device: str = "auto"
     candidates = [backend] if backend != "auto" else [b for b in _ORDER if present.get(b)]
     if not candidates:
         raise BundleError("bundle holds no model file (onnx, openvino_xml or tensorrt_engine)", path=folder)
-    errors = []
+    errors, hints = [], []
     for b in candidates:
         dev = meta.device if (device == "auto" and b == meta.backend) else device
         try:
@@ -320,12 +320,14 @@ def make_backend(folder: Path, meta, backend: str = "auto", device: str = "auto"
         except BackendUnavailableError as exc:
             if backend != "auto":
                 raise
-            errors.append(f"{b}: {exc}")
+            errors.append(f"{b}: {exc.message}")
+            hints.append(exc.hint)
         except BundleError as exc:  # e.g. an engine built for another GPU: fall back to the portable files
             if backend != "auto" or b != "tensorrt" or len(candidates) == 1:
                 raise
             log.warning("%s; falling back to %s", exc, candidates[1])
             errors.append(f"{b}: {exc}")
-    extras = " or ".join(f"'usfm-edge[{BACKEND_EXTRAS[b]}]'" for b in candidates)
-    raise BackendUnavailableError("no backend can run this bundle here: " + "; ".join(errors),
-                                  hint=f"pip install {extras}")
+    # each backend's own hint (a missing package names its extra; a missing device names what is needed)
+    hint = "; ".join(dict.fromkeys(h for h in hints if h)) or "pip install " + " or ".join(
+        f"'usfm-edge[{BACKEND_EXTRAS[b]}]'" for b in candidates)
+    raise BackendUnavailableError("no backend can run this bundle here: " + "; ".join(errors), hint=hint)
