@@ -35,10 +35,23 @@ class LoadReport:
     resized: dict[str, tuple] = field(default_factory=dict)  # key -> (old shape, new shape)
     missing: list[str] = field(default_factory=list)  # model keys initialised fresh (allowed only)
 
-    def summary(self) -> str:
+    def summary(self, limit: int = 6) -> str:
+        """One line; key lists longer than ``limit`` are grouped by module (``head.dec``: 24 tensors)."""
         return (f"{self.source_format}: {len(self.mapped)} tensors loaded, {len(self.dropped)} dropped"
-                f" ({', '.join(sorted(self.dropped)) or 'none'}), {len(self.resized)} resized,"
-                f" {len(self.missing)} left at init ({', '.join(self.missing) or 'none'})")
+                f" ({_names(sorted(self.dropped), limit)}), {len(self.resized)} resized,"
+                f" {len(self.missing)} left at init ({_names(list(self.missing), limit)})")
+
+
+def _names(keys: list[str], limit: int) -> str:
+    if not keys:
+        return "none"
+    if len(keys) <= limit:
+        return ", ".join(keys)
+    groups: dict[str, int] = {}
+    for k in keys:
+        prefix = ".".join(k.split(".")[:2])
+        groups[prefix] = groups.get(prefix, 0) + 1
+    return ", ".join(f"{g}.* ({n})" for g, n in groups.items())
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
