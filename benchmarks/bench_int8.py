@@ -3,8 +3,8 @@
 For one seg task model per preset (random weights unless ``--checkpoint``), every variant is a raw-frame bundle
 made by ``usfm_edge.export.export`` (INT8 through ``usfm_edge.calibration.make_quantizer``: real calibration
 frames, accuracy gate). Each variant is timed in ``--rounds`` fresh processes of its own (variant order rotating
-between rounds; since session 5: in one process, call by call, the variants' idle worker threads slowed each
-other, see benchmarks/RESULTS.md §7; ``--one-process`` restores that schedule), batch 1, ``--threads`` threads,
+between rounds: in one process, call by call, the variants' idle worker threads slow each other, see
+benchmarks/RESULTS.md §3.3; ``--one-process`` times them that way), batch 1, ``--threads`` threads,
 on the same real uint8 frame fed to the graph (``run_raw``: the graph incl. its in-graph resize/normalisation
 and post-processing; PyTorch runs the same ``RawFrameModel``, rebuilt in its process from the same seed or
 checkpoint).
@@ -33,6 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from usfm_edge.bench.sysinfo import load_note  # noqa: E402
 from usfm_edge.models.registry import sizes  # noqa: E402
 
 PRESETS = sizes()  # tiny / small / base -> preset name
@@ -270,13 +271,17 @@ def bench_preset(preset: str, args, specs: list[str], work: Path) -> dict:
             "dice_vs_ground_truth": dice, "openvino_int8_perf_counters": counters}
 
 
+def _first(load):
+    return load[0] if isinstance(load, (list, tuple)) else load
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = ["# INT8 benchmark (usfm-edge)", "", f"Command: `{result['command']}`", "",
              f"Machine: {m.get('cpu')} x{m['cpus']} vCPU; ISA: {', '.join(m.get('isa', []))}; class (detected): "
              f"{m.get('cpu_class', '?')}; "
-             f"load average at start {m['load_avg_start']}, end {m.get('load_avg_end')} (shared machine: "
-             "compare ratios within a run).",
+             f"load average at start {m['load_avg_start']}, end {m.get('load_avg_end')} "
+             f"({load_note([_first(m['load_avg_start']), _first(m.get('load_avg_end'))], m['cpus'])}).",
              f"Versions: torch {m['torch']}, onnxruntime {m['onnxruntime']}, openvino {m['openvino']}, nncf "
              f"{m['nncf']}, onnx {m['onnx']}. Threads {result['threads']}, batch 1, {result['runs']} runs per variant ("
              + (f"in {result['rounds']} fresh processes of its own per variant, rotating order"
@@ -327,7 +332,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--rounds", type=int, default=2, help="fresh timing processes per variant (runs split over them)")
     ap.add_argument("--one-process", action="store_true",
-                    help="time all variants in this process, call by call (the pre-session-5 schedule)")
+                    help="time all variants in this process, call by call (the older schedule: idle worker threads of the other variants compete)")
     ap.add_argument("--time-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.time_worker:

@@ -39,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from usfm_edge.bench.sysinfo import load_note  # noqa: E402
 from usfm_edge.kernels import BandStopMaskGenerator, band_stop_filter_np  # noqa: E402
 from usfm_edge.kernels.mkl_dispatch import ENV_VAR as MKL_ENV  # noqa: E402
 from usfm_edge.kernels.mkl_dispatch import shim_applicable  # noqa: E402
@@ -288,10 +289,10 @@ def machine_info() -> dict:
     import openvino
     import torch
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "logical_cpus": len([ln for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                                             if ln.startswith("processor")]),
+    from usfm_edge.bench.sysinfo import machine_info as detected
+
+    m = detected()
+    return {"cpu": m["cpu"], "logical_cpus": m["cores"], "isa": " ".join(m["isa"]),
             "python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__}
 
@@ -316,7 +317,7 @@ def render(res: dict) -> str:
              f"warm-up calls, variants interleaved (part a: {_mode(res.get('block', 1))}, rows marked "
              "[alternating] alternate single calls); times are medians (p10-p90 in brackets). Load average "
              f"(1, 5, 15 min) at start {res['load_average_start']}, at end {res['load_average_end']} "
-             "(2 CPUs shared with other work: compare ratios, not absolute times).", "",
+             f"({load_note([res['load_average_start'][0], res['load_average_end'][0]])}).", "",
              f"## (a) {res['batch']} frames of 224x224, one random ring mask each", "",
              "| variant | median ms / batch | ms / image | speed-up vs numpy reference loop, median (p10) "
              "| same, median of per-round ratios | vs numpy rfft loop, median (p10) | max abs err |",
@@ -352,7 +353,7 @@ def render(res: dict) -> str:
         pr = res["idle_probe"]
         lines += ["", f"Idle probe (MKL as shipped, same process): the default path takes {pr['back_to_back_ms']:.1f} ms "
                   f"per call back to back and {pr['after_idle_ms']:.1f} ms per call after {pr['idle_ms']:.0f} ms of "
-                  f"sleep (medians of {pr['calls']} calls): the cost of waking the idle second core."]
+                  f"sleep (medians of {pr['calls']} calls): the cost of waking idle cores."]
     lines += ["", f"MKL AVX2 shim rows (`{MKL_ENV}=1`, usfm_edge/kernels/mkl_dispatch.py): "
               f"{res.get('mkl_shim', 'not run')}. Each block's ratios are against the numpy loops timed in "
               "the same process (numpy's FFT is its own pocketfft, not MKL)."]

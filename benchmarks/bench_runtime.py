@@ -32,6 +32,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from usfm_edge.bench.sysinfo import load_note  # noqa: E402
 from usfm_edge.models.registry import sizes  # noqa: E402
 
 PRESETS = sizes()  # tiny / small / base -> preset name
@@ -185,8 +186,9 @@ def cold_starts(bundles: dict[str, Path], frame: np.ndarray, runs: int, threads:
 def versions() -> dict:
     import importlib.metadata as md
 
-    out = {"python": platform.python_version(), "machine": platform.processor() or platform.machine(),
-           "cpus": os.cpu_count()}
+    from usfm_edge.bench.sysinfo import machine_line
+
+    out = {"python": platform.python_version(), "machine": machine_line(), "cpus": os.cpu_count()}
     for d in ("numpy", "onnxruntime", "openvino", "torch"):
         try:
             out[d] = md.version(d)
@@ -195,12 +197,16 @@ def versions() -> dict:
     return out
 
 
+def _first(load):
+    return load[0] if isinstance(load, (list, tuple)) else load
+
+
 def write_report(out: Path, res: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "runtime.json").write_text(json.dumps(res, indent=2) + "\n")
     lines = ["# Runtime benchmark", "", f"Command: `{res['command']}`", "",
              f"Machine: {res['versions']}. Threads: {res['threads']}. Load average at start {res['load_start']}, "
-             f"at end {res['load_end']} (2 CPUs shared with a training job: compare ratios, not absolute times).",
+             f"at end {res['load_end']} ({load_note([_first(res['load_start']), _first(res['load_end'])])}).",
              "", "## (a) Runtime overhead: `Engine.predict` minus bare `session.run` on the same uint8 frame", "",
              "`usfm_vit_small_patch16_224` bundles with **random weights** (the work per frame does not depend on "
              f"them), ONNX Runtime CPU, {res['rounds']} interleaved rounds per row, medians (p10-p90).", "",

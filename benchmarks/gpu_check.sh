@@ -38,6 +38,8 @@ try:
     import onnxruntime as ort; out['ort_providers'] = ort.get_available_providers()
 except Exception:
     pass
+from usfm_edge.bench.sysinfo import machine_info
+out['machine'] = machine_info()  # the host CPU model and ISA, as detected
 print(json.dumps(out, indent=1))
 PY"
 

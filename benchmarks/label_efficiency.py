@@ -144,7 +144,9 @@ def report(args) -> None:
     fig.tight_layout()
     fig.savefig(out / "label_efficiency.png")
     r0 = rows[-1]
-    header = (f"Tiny preset ({r0['model']}) at {r0['img_size']} px, {r0['steps']} optimiser steps of {r0['batch_size']} "
+    from usfm_edge.bench.sysinfo import machine_line
+
+    header = (f"Machine: {machine_line()}.\n\nTiny preset ({r0['model']}) at {r0['img_size']} px, {r0['steps']} optimiser steps of {r0['batch_size']} "
               f"frames per run (lr {r0.get('lr', '?')} per 256, layer decay {r0.get('layer_decay', 0.65)}), the same "
               "patient-level split (seed 0, 20% of patients held out) for every run; a seed sets the model seed and "
               "the labelled patients, shared by the scratch and pretrained runs of that seed.\n\n")

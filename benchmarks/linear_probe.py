@@ -187,6 +187,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     res = probe(args.encoders.split(","), args.img_size, args.model, args.limit)
+    from usfm_edge.bench.sysinfo import machine_info
+
+    res["machine"] = machine_info()
     res["command"] = "python benchmarks/linear_probe.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out")
     if args.out:

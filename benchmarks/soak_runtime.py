@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from usfm_edge.bench.latency import process_rss_mb as rss_mb  # noqa: E402
+from usfm_edge.bench.sysinfo import machine_info, machine_line  # noqa: E402
 
 SAMPLE = ROOT / "usfm_edge" / "assets" / "sample"
 
@@ -136,10 +137,11 @@ def main() -> None:
            "frames": args.frames, "distinct_frames": len(frames), "frame_shapes": sorted({f.shape for f in frames}),
            "seconds": seconds, "ms_per_frame": 1000 * seconds / max(1, args.frames), "samples": samples,
            "reference": ref, "max_growth_pct": growth, "final_growth_pct": final, "flat_within_5pct": growth <= 5.0,
-           "torch_loaded": "torch" in sys.modules, "concurrency": conc, "load_start": load_start, "load_end": os.getloadavg()}
+           "torch_loaded": "torch" in sys.modules, "concurrency": conc, "load_start": load_start, "load_end": os.getloadavg(),
+           "machine": machine_info()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak.json").write_text(json.dumps(res, indent=2, default=list) + "\n")
-    lines = ["# Runtime soak", "", f"Command: `{res['command']}`", "",
+    lines = ["# Runtime soak", "", f"Command: `{res['command']}`", "", f"Machine: {machine_line(res['machine'])}", "",
              f"Bundle: `{bundle.name}` ({args.preset}, random weights, seg, ONNX Runtime CPU, {args.threads} threads). "
              f"{args.frames} real frames ({len(frames)} distinct sample images, {len(res['frame_shapes'])} sizes) "
              f"through one engine in blocks of {args.every}, alternating `predict` and `stream`; "

@@ -10,7 +10,23 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["machine_info", "backend_versions", "backend_devices", "mkl_shim_state", "environment", "environment_text"]
+__all__ = ["machine_info", "machine_line", "load_note", "backend_versions", "backend_devices", "mkl_shim_state", "environment", "environment_text"]
+
+
+def machine_line(m: dict | None = None) -> str:
+    """``AMD EPYC, 2 cores, ISA avx2 fma avx512f ...`` as detected (for report headers)."""
+    m = m or machine_info()
+    return f"{m['cpu']}, {m['cores']} cores, ISA {' '.join(m['isa']) or 'without AVX2'}"
+
+
+def load_note(loads, cores: int | None = None) -> str:
+    """What the load averages seen during a run mean for its figures: a warning when any exceeded the cores."""
+    cores = cores or os.cpu_count() or 1
+    values = [v for v in (loads if isinstance(loads, (list, tuple)) else [loads]) if v is not None]
+    if values and max(values) > cores:
+        return (f"load reached {max(values):.1f} on {cores} cores: other work competed for the CPUs, so compare "
+                "ratios within this run, not absolute times")
+    return f"load stayed at or below the {cores} cores"
 
 
 def machine_info() -> dict:
