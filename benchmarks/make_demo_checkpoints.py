@@ -31,7 +31,7 @@ def main() -> None:
              "Tiny USFM backbones (`usfm_vit_tiny_patch16_224` architecture) with the boundary-precise `hires` head",
              "(conv stem at strides 2/4/8 fused with the ViT maps), trained on the training patients of the shared",
              "BUS-BRA and HC18 data by `usfm-edge finetune` with the ultrasound recipe (commands and held-out figures in",
-             "`benchmarks/RESULTS.md`, \"Segmentation on new patients\"), stored as fp16 (the EMA weights of the run).",
+             "`benchmarks/RESULTS.md` §1), stored as fp16 (the EMA weights of the run).",
              "They are research models, not medical devices. Training data licences: BUS-BRA (MIT-style), HC18",
              "(CC BY 4.0); see `../sample/README.md`.", ""]
     for key, src in (("busbra", args.busbra), ("hc18", args.hc18)):

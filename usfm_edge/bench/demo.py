@@ -101,7 +101,7 @@ def run_demo(out: str | Path = "demo_out", runs: int = 20, int8: bool = True) ->
 
             # the bundled sample is small (22 BUS-BRA / 17 HC18 frames, a few of them held out for the gate): accept
             # it, with the warning it earns, and gate at 5 Dice points instead of 1; calibrated on the full data the
-            # same models stay within 0.15 (BUS-BRA) and 0.54 (HC18) Dice points (benchmarks/RESULTS.md §8)
+            # same models stay within 0.15 (BUS-BRA) and 0.54 (HC18) Dice points (benchmarks/RESULTS.md §2)
             _say(f"  {name}: calibrated on the bundled sample only; accuracy gate limit 0.05 Dice (full data: 0.01)")
             kw["quantizer"] = make_quantizer([calib], n=300, min_frames=8, seed=0, max_drop=0.05)
         path = export(ckpt, target=target, precision=precision, out=out / f"{name}.usfm", **kw)

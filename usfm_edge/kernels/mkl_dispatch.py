@@ -3,7 +3,7 @@
 oneMKL picks its code path per CPU, and on a CPU whose vendor is not Intel it falls back to a generic
 path for some domains, FFT among them: on this project's AMD EPYC (AVX2 + FMA) ``torch.fft`` ran
 1.3-1.9x slower than with MKL's AVX2 kernels (``benchmarks/bench_kernels.py`` reports both; numbers in
-``benchmarks/RESULTS.md`` §1). The vendor test is the internal function ``mkl_serv_intel_cpu_true``,
+``benchmarks/RESULTS.md`` §6.4). The vendor test is the internal function ``mkl_serv_intel_cpu_true``,
 which ``libtorch_cpu.so`` exports and calls through its symbol table. A one-line shared library that
 defines it (returning 1) and is loaded into the global symbol scope *before torch* makes MKL decide
 by the CPU's instruction set alone. The CPU must of course have the instructions MKL then uses:

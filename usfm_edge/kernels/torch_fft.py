@@ -82,7 +82,7 @@ def _triton_available(x: torch.Tensor) -> bool:
 # intra-op threads and no autograd the chunks run concurrently (_USE_POOL), one chunk per thread and one torch
 # thread per chunk (MKL's FFT parallelises a small batch poorly). benchmarks/bench_kernels.py times these
 # paths side by side ("chunks, serial" and "one call" rows); in a one-off interleaved A/B run (session 3,
-# benchmarks/RESULTS.md §1) 1, 2, 4 or 8 frames per pooled chunk gave 3.0x, 4.8x, 5.1x, 5.5x the numpy loop.
+# benchmarks/RESULTS.md §6.2) 1, 2, 4 or 8 frames per pooled chunk gave 3.0x, 4.8x, 5.1x, 5.5x the numpy loop.
 _CHUNK_ELEMENTS = 8 * 224 * 224
 _USE_POOL = True
 _POOL: ThreadPoolExecutor | None = None

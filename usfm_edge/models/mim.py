@@ -55,7 +55,7 @@ mean_pad, mask_token True    both corruptions of the figure/checkpoint (see abov
 norm_target         True     MAE's per-patch normalised target (each 16x16 patch of the target, all channels,
                              to zero mean and unit variance) for BOTH loss terms. On by default since session 5:
                              on our data a raw-pixel target taught the encoder little beyond each patch's mean
-                             grey (benchmarks/RESULTS.md §6b), while the normalised target's 66-minute encoder
+                             grey (benchmarks/RESULTS.md §8.3), while the normalised target's 66-minute encoder
                              beat training from scratch on all three 10%-label tasks in 5 of 5 paired seeds
                              (§6e). SimMIM and, as far as the dossier tells, USFM reconstruct raw pixels:
                              ``norm_target=False`` (``--no-norm-target``) gives that objective. Predictions
