@@ -3,8 +3,7 @@
     python benchmarks/make_demo_checkpoints.py --busbra runs/busbra_hires/last.safetensors \
         --hc18 runs/hc18_hires/last.safetensors
 
-(the two ``usfm-edge finetune`` runs and their held-out figures are in ``benchmarks/RESULTS.md``, "Segmentation
-on new patients"). The last (EMA) weights are shipped, not the best validation checkpoint: the held-out
+(the two ``usfm-edge finetune`` runs and their held-out figures are in ``benchmarks/RESULTS.md`` §1). The last (EMA) weights are shipped, not the best validation checkpoint: the held-out
 patients then stay untouched by model selection.
 
 The provenance (source run, its config and validation metrics) is kept in each file's metadata and in

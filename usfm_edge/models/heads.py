@@ -356,8 +356,8 @@ class HybridUNetHead(nn.Module):
 
     The bottleneck stride must equal the patch size (16) for the two maps to line up; other sizes are
     resampled bilinearly. Why this shape: with a ViT trained on ~1k frames a thin conv stem beside it (the
-    ``hires`` head) learned far slower per step than a plain U-Net (RESULTS.md, "Segmentation on new
-    patients"); here the convolutions carry the boundaries at every scale and the ViT adds context.
+    ``hires`` head) learned far slower per step than a plain U-Net (benchmarks/RESULTS.md
+    §1); here the convolutions carry the boundaries at every scale and the ViT adds context.
     """
 
     def __init__(self, embed_dim: int, num_classes: int, num_taps: int = 4,
