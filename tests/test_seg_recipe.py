@@ -126,8 +126,31 @@ def test_hires_head_shapes_and_gradients():
     assert again.aux_weight == 0.0 and "aux" not in again.forward_train(x, aux=False)
 
 
-def test_hires_checkpoint_export_and_int8(tmp_path, sample_dir, monkeypatch):
-    """The hires head exports to a raw-frame bundle that passes parity, and quantises behind the gate."""
+def test_hybrid_head_starts_as_a_unet_and_trains_the_vit():
+    """The hybrid head's ViT context enters through a zero-initialised BN scale: the first forward pass does not
+    depend on the ViT maps; after one step the ViT receives gradients through that gate."""
+    torch.manual_seed(0)
+    model = build_task_model("seg", "usfm_vit_test", img_size=64, head="hybrid")
+    assert model.head_args["widths"] == [8, 16, 32, 64, 128] and model.aux_weight == pytest.approx(0.4)
+    x = torch.randn(2, 3, 64, 64)
+    model.train()
+    out = model.forward_train(x, aux=True)
+    assert out["out"].shape == (2, 2, 64, 64) and out["aux"].shape == (2, 2, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        feats = model.backbone.forward_intermediates(x, indices=model.out_indices)
+        scrambled = model.head([f.flip(0) for f in feats], x)  # other ViT maps: the same output at init
+    assert torch.allclose(scrambled, ref, atol=1e-5)  # stride-1 logits: already at the input size
+    model.train()
+    (model.forward_train(x, aux=False)["out"] * torch.randn(2, 2, 64, 64)).sum().backward()
+    assert model.head.context_norm.weight.grad.abs().sum() > 0  # the gate opens
+    assert model.head.enc[0][0][0].weight.grad.abs().sum() > 0  # the full-resolution conv path is trained
+
+
+@pytest.mark.parametrize("head", ["hires", "hybrid"])
+def test_hires_checkpoint_export_and_int8(tmp_path, sample_dir, monkeypatch, head):
+    """The hires and hybrid heads export to raw-frame bundles that pass parity, and quantise behind the gate."""
     pytest.importorskip("onnxruntime")
     from usfm_edge.calibration import make_quantizer
     from usfm_edge.export import export
@@ -136,13 +159,13 @@ def test_hires_checkpoint_export_and_int8(tmp_path, sample_dir, monkeypatch):
 
     monkeypatch.setenv("USFM_EDGE_MIN_CALIB_FRAMES", "8")
     torch.manual_seed(0)
-    model = build_task_model("seg", "usfm_vit_test", img_size=64, head="hires")
+    model = build_task_model("seg", "usfm_vit_test", img_size=64, head=head)
     path = save_task_checkpoint(model.eval(), tmp_path / "hires.safetensors")
     back = load_task_model(path)
-    assert back.head_name == "hires" and back.config()["head_args"]["stem"] == model.head_args["stem"]
+    assert back.head_name == head and back.config()["head_args"] == model.head_args
     fp32 = export(path, "onnx", out=tmp_path / "hires-onnx")
     meta = json.loads((fp32 / "usfm.json").read_text())
-    assert meta["parity"]["passed"] and meta["model"]["head"] == "hires"
+    assert meta["parity"]["passed"] and meta["model"]["head"] == head
     frame = read_image(sample_dir / "busbra" / "Images" / "bus_0090-l.png")
     with Engine.open(fp32) as engine:
         res = engine.predict(frame)
@@ -161,8 +184,10 @@ def test_hires_checkpoint_export_and_int8(tmp_path, sample_dir, monkeypatch):
     convs = [n for n in g.graph.node if n.op_type == "Conv" and n.name.startswith("/model/head/")]
     quantized = [n.name for n in convs if set(n.input) & dq]
     assert [n.name for n in convs if "cls_seg" in n.name] and not [n for n in quantized if "cls_seg" in n]
-    assert len(quantized) == len(convs) - 1, "every hires head conv but the classifier runs in INT8"
-    assert any("/stem/" in n for n in quantized) and any("/taps" in n for n in quantized)
+    # every head conv but the classifier runs in INT8 (the deep-supervision classifier is not in the graph)
+    assert len(quantized) == len(convs) - 1, (len(quantized), len(convs))
+    assert any(("/stem/" if head == "hires" else "/enc.0/") in n for n in quantized)
+    assert any("/taps" in n for n in quantized)
     assert math.isfinite(meta["calibration"]["report"]["gate"]["int8"]["dice"])
 
 
