@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # fp32 vs INT8 accuracy of the demo models on the held-out patients of the full datasets (same split as training).
 #   bash benchmarks/int8_accuracy.sh [DATA_ROOT=../shared/data] [OUT=runs/int8_accuracy]
-#   (DATASETS="hc18" for one dataset, LIMIT=N for at most N held-out frames; existing bundles are reused)
+#   (DATASETS="hc18" for one dataset, TARGETS="openvino jetson" for some INT8 paths, LIMIT=N for at most N
+#   held-out frames; existing bundles are reused)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${1:-../shared/data}"; OUT="${2:-runs/int8_accuracy}"
@@ -12,12 +13,12 @@ mkdir -p "$OUT"
 for ds in ${DATASETS:-busbra hc18}; do
   ck="usfm_edge/assets/checkpoints/${ds}_seg_tiny.safetensors"
   [ -d "$OUT/$ds-openvino-fp32.usfm" ] || usfm-edge export "$ck" --target openvino -o "$OUT/$ds-openvino-fp32.usfm"
-  for t in openvino onnx jetson; do
+  for t in ${TARGETS:-openvino onnx jetson}; do
     fs=(); [ "$t" = jetson ] && fs=(--frame-size "${FRAME[$ds]}")
     [ -d "$OUT/$ds-$t-int8.usfm" ] || usfm-edge export "$ck" --target $t -p int8 --calib "$ds:$DATA/$ds" "${fs[@]}" \
         -o "$OUT/$ds-$t-int8.usfm"
   done
-  for b in "$ck" "$OUT/$ds"-*.usfm; do
+  for b in "$ck" "$OUT/$ds"-openvino-fp32.usfm $(for t in ${TARGETS:-openvino onnx jetson}; do echo "$OUT/$ds-$t-int8.usfm"; done); do
     name=$(basename "$b"); name="${name%.usfm}"; name="${name%.safetensors}"
     usfm-edge evaluate "$b" --data "$ds:$DATA/$ds" --split val "${LIMIT_ARGS[@]}" --json "$OUT/eval-$ds-$name.json" > /dev/null
     echo "evaluated $name on $ds"

@@ -1,7 +1,7 @@
 """Turn fine-tuning runs into the bundled demo checkpoints (fp16 safetensors, <= 20 MB each).
 
-    python benchmarks/make_demo_checkpoints.py --busbra runs/busbra_hires/last.safetensors \
-        --hc18 runs/hc18_hires/last.safetensors
+    python benchmarks/make_demo_checkpoints.py --busbra runs/busbra_hybrid/last.safetensors \
+        --hc18 runs/hc18_hybrid/last.safetensors
 
 (the two ``usfm-edge finetune`` runs and their held-out figures are in ``benchmarks/RESULTS.md`` §1). The last (EMA) weights are shipped, not the best validation checkpoint: the held-out
 patients then stay untouched by model selection.
@@ -26,9 +26,12 @@ def main() -> None:
     args = p.parse_args()
     out = checkpoints_dir()
     out.mkdir(parents=True, exist_ok=True)
+    heads = {"hires": "the `hires` head (conv stem at strides 2/4/8 fused with the ViT maps)",
+             "hybrid": "the `hybrid` head (a conv U-Net on the frame whose stride-16 bottleneck adds the ViT maps)"}
+    head = load_task_model(args.busbra).head_name
     lines = ["# Demo checkpoints", "",
-             "Tiny USFM backbones (`usfm_vit_tiny_patch16_224` architecture) with the boundary-precise `hires` head",
-             "(conv stem at strides 2/4/8 fused with the ViT maps), trained on the training patients of the shared",
+             f"Tiny USFM backbones (`usfm_vit_tiny_patch16_224` architecture) with {heads.get(head, head)},",
+             "trained on the training patients of the shared",
              "BUS-BRA and HC18 data by `usfm-edge finetune` with the ultrasound recipe (commands and held-out figures in",
              "`benchmarks/RESULTS.md` §1), stored as fp16 (the EMA weights of the run).",
              "They are research models, not medical devices. Training data licences: BUS-BRA (MIT-style), HC18",
