@@ -34,7 +34,8 @@ from usfm_edge.core.bundle_schema import META_FILE, SUMS_FILE, BundleMeta
 from usfm_edge.core.errors import BundleError
 
 __all__ = ["sha256_file", "read_sums", "parse_sums", "format_sums", "read_meta", "verify_bundle", "BundleFiles",
-           "read_bundle_file", "onnx_external_data", "check_onnx_self_contained", "DEVICE_BUILT_FILES"]
+           "read_bundle_file", "onnx_external_data", "check_onnx_self_contained", "DEVICE_BUILT_FILES",
+           "ONNX_TENSOR_FIELDS"]
 
 #: files ``build_engine.sh`` writes on the device after export; allowed without a checksum.
 DEVICE_BUILT_FILES = frozenset({"model.engine", "timing.cache", "build_engine.log"})
@@ -340,9 +341,9 @@ def read_meta(folder: str | Path) -> BundleMeta:
 
 
 # -- ONNX external data, found without the onnx package -----------------------------------------------------------
-# onnx.proto3 field numbers of the messages that can hold a TensorProto (tests/test_bundle_trust.py checks this
-# table against onnx's own descriptors); TensorProto: name = 8, external_data = 13, data_location = 14.
-_ONNX_FIELDS = {
+#: onnx.proto3 field numbers of the messages that can hold a TensorProto (tests/test_bundle_trust.py checks this
+#: table against onnx's own descriptors); TensorProto: name = 8, external_data = 13, data_location = 14.
+ONNX_TENSOR_FIELDS = {
     "ModelProto": {7: "GraphProto", 20: "TrainingInfoProto", 25: "FunctionProto"},
     "TrainingInfoProto": {1: "GraphProto", 2: "GraphProto"},
     "GraphProto": {1: "NodeProto", 5: "TensorProto", 15: "SparseTensorProto"},
@@ -410,7 +411,7 @@ def onnx_external_data(data: bytes | bytearray) -> list[tuple[str, str]]:
             if depth > 64:
                 raise _Malformed(start)
             if kind != "TensorProto":
-                sub = _ONNX_FIELDS[kind]
+                sub = ONNX_TENSOR_FIELDS[kind]
                 stack.extend((sub[f], a, b, depth + 1) for f, w, a, b in _fields(buf, start, end) if w == 2 and f in sub)
                 continue
             name, location, external = "", "", False
