@@ -84,6 +84,8 @@ class _Dir:
                 raise NotADirectoryError(self.path)
         except (FileNotFoundError, NotADirectoryError):
             raise BundleError("bundle folder not found", path=self.path) from None
+        except OSError as exc:  # permission denied, I/O error...
+            raise BundleError(f"bundle folder cannot be opened: {exc.strerror}", path=self.path) from None
 
     def lstat(self, name: str) -> os.stat_result:
         if self.fd is None:
@@ -91,10 +93,13 @@ class _Dir:
         return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
 
     def names(self) -> list[str]:
-        if self.fd is None:
-            return sorted(os.listdir(self.path))
-        with os.scandir(self.fd) as it:
-            return sorted(e.name for e in it)
+        try:
+            if self.fd is None:
+                return sorted(os.listdir(self.path))
+            with os.scandir(self.fd) as it:
+                return sorted(e.name for e in it)
+        except OSError as exc:
+            raise BundleError(f"bundle folder cannot be listed: {exc.strerror}", path=self.path) from None
 
     def link_target(self, name: str) -> str:
         try:
@@ -109,6 +114,8 @@ class _Dir:
             st = self.lstat(name)
         except FileNotFoundError:
             raise BundleError(missing or f"file '{name}' is missing", path=path) from None
+        except OSError as exc:
+            raise BundleError(f"'{name}' cannot be read: {exc.strerror}", path=path) from None
         if stat.S_ISLNK(st.st_mode):
             raise BundleError(f"'{name}' is a symbolic link (to {self.link_target(name)!r}); a bundle holds regular "
                               "files only", path=path,
@@ -125,13 +132,20 @@ class _Dir:
         same = _NOFOLLOW or (fst.st_dev, fst.st_ino) == (st.st_dev, st.st_ino)  # no O_NOFOLLOW: compare inodes
         if not stat.S_ISREG(fst.st_mode) or not same:
             os.close(fd)
-            raise BundleError(f"'{name}' changed into {_kind(fst.st_mode)} while it was opened", path=path)
+            what = f"changed into {_kind(fst.st_mode)}" if not stat.S_ISREG(fst.st_mode) else "was replaced"
+            raise BundleError(f"'{name}' {what} while it was opened", path=path)
         return fd
 
     def read(self, name: str, *, writable: bool = False, limit: int | None = None,
              missing: str | None = None) -> bytes | bytearray:
         """The whole regular file ``name``, read once (``bytearray`` when ``writable``)."""
         fd = self.open_regular(name, missing)
+        try:
+            return self._read_fd(fd, name, writable, limit)
+        except OSError as exc:  # an I/O error while reading
+            raise BundleError(f"'{name}' cannot be read: {exc.strerror}", path=self.path / name) from None
+
+    def _read_fd(self, fd: int, name: str, writable: bool, limit: int | None) -> bytes | bytearray:
         with os.fdopen(fd, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
             if limit is not None and size > limit:
@@ -158,9 +172,12 @@ class _Dir:
 
     def sha256(self, name: str) -> str:
         h = hashlib.sha256()
-        with os.fdopen(self.open_regular(name), "rb", buffering=0) as f:
-            for block in iter(lambda: f.read(_CHUNK), b""):
-                h.update(block)
+        try:
+            with os.fdopen(self.open_regular(name), "rb", buffering=0) as f:
+                for block in iter(lambda: f.read(_CHUNK), b""):
+                    h.update(block)
+        except OSError as exc:
+            raise BundleError(f"'{name}' cannot be read: {exc.strerror}", path=self.path / name) from None
         return h.hexdigest()
 
     def close(self) -> None:
