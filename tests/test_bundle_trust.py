@@ -434,3 +434,64 @@ def test_predict_cli_on_a_bad_bundle_prints_one_error_line(bundles, frames, tmp_
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert lines and lines[-1].startswith("error: ") and str(p) in lines[-1], r.stderr[-2000:]
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+# -- 7. TensorRT: the engine is deserialised from the bytes read once (a fake tensorrt; no GPU here) --------------
+def test_tensorrt_engine_is_deserialised_from_the_bytes_read_once(bundles, tmp_path, monkeypatch):
+    import types
+
+    from usfm_edge.runtime import backends
+    from usfm_edge.runtime.bundle_io import BundleFiles
+
+    seen: list[bytes] = []
+
+    class FakeEngine:
+        names = {"frame": (np.uint8, (1, 64, 64), "in"), "probs": (np.float32, (1, 2, 64, 64), "out"),
+                 "mask": (np.uint8, (1, 64, 64), "out")}
+        num_io_tensors = 3
+
+        def get_tensor_name(self, i):
+            return list(self.names)[i]
+
+        def get_tensor_mode(self, n):
+            return self.names[n][2]
+
+        def get_tensor_dtype(self, n):
+            return self.names[n][0]
+
+        def get_tensor_shape(self, n):
+            return self.names[n][1]
+
+        def create_execution_context(self):
+            return object()
+
+    class FakeRuntime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            seen.append(bytes(data))
+            return FakeEngine() if bytes(data).startswith(b"ENGINE") else None
+
+    trt = types.SimpleNamespace(__version__="10.fake", Runtime=FakeRuntime, Logger=lambda level: None,
+                                TensorIOMode=types.SimpleNamespace(INPUT="in"), nptype=lambda t: t)
+    trt.Logger.WARNING = 0
+    cudart = types.SimpleNamespace(cudaSetDevice=lambda i: (0,), cudaStreamCreate=lambda: (0, 1))
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(backends, "_cudart", lambda: cudart)
+    p = _copy(bundles["onnx"], tmp_path)
+    data = json.loads((p / "usfm.json").read_text())
+    data["files"]["tensorrt_engine"] = "model.engine"
+    (p / "usfm.json").write_text(json.dumps(data))
+    _sums(p)  # model.engine is device-built: no SHA256SUMS line
+    (p / "model.engine").write_bytes(b"ENGINE v1")
+    with BundleFiles(p) as files:
+        be = backends.make_backend(p, files.meta, "tensorrt", files=files)
+    assert seen == [b"ENGINE v1"] and sorted(n for port in be.io()[1] for n in port.names) == ["mask", "probs"]
+    assert be.io()[1][0].dtype == "float32" and be.io()[0][0].shape == (1, 64, 64)
+    (p / "model.engine").unlink()
+    (p / "model.engine").symlink_to(tmp_path / "elsewhere.engine")
+    (tmp_path / "elsewhere.engine").write_bytes(b"ENGINE v2")
+    with pytest.raises(BundleError, match="'model.engine' is a symbolic link"):
+        Engine.open(p, backend="tensorrt")
+    assert seen == [b"ENGINE v1"]  # the linked engine was never handed to TensorRT

@@ -193,14 +193,16 @@ class OpenVINOBackend(Backend):
     """OpenVINO compiled model with one infer request per calling thread.
 
     Args:
-        xml: the IR ``.xml`` bytes (as verified by ``BundleFiles.read``), or its path (read once).
+        xml: the IR ``.xml`` bytes (as verified by ``BundleFiles.read``), or its path (read once); or an ONNX
+            model's bytes / path (then without ``weights``).
         output_names: outputs to fetch.
         device: ``auto``/``cpu`` -> ``CPU``, ``gpu`` -> ``GPU``, ``npu`` -> ``NPU``, or any OpenVINO device string.
         precision: the bundle's precision; ``fp32`` compiles with ``INFERENCE_PRECISION_HINT=f32`` (OpenVINO
             would otherwise compute in bf16 on CPUs with AVX512-BF16/AMX).
         threads: ``INFERENCE_NUM_THREADS`` on CPU (None = OpenVINO default).
-        weights: the ``.bin`` bytes (a ``bytearray`` is shared with OpenVINO without a copy and kept alive by the
-            backend); None reads the ``.bin`` beside ``xml`` when ``xml`` is a path.
+        weights: the ``.bin`` bytes of an IR (a ``bytearray`` is shared with OpenVINO without a copy and kept alive
+            by the backend); None reads the ``.bin`` beside ``xml`` when ``xml`` is the path of an ``.xml``, and
+            means an ONNX model (run by OpenVINO, ``Engine.from_file``) otherwise.
         source: the file the bytes came from (named in errors).
     """
 
@@ -212,15 +214,9 @@ class OpenVINOBackend(Backend):
         ov = require("openvino", BACKEND_EXTRAS[self.name])
         if not isinstance(xml, (bytes, bytearray)):
             source = source or xml
-            if weights is None:
+            if weights is None and Path(xml).suffix.lower() == ".xml":
                 weights = _model_bytes(Path(xml).with_suffix(".bin"), writable=True)
-        xml_bytes = _model_bytes(xml)
-        if weights is None:
-            raise BundleError("the OpenVINO IR needs its .bin weights", path=source)
-        try:
-            xml_text = bytes(xml_bytes).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise BundleError(f"the OpenVINO IR is not UTF-8 XML (byte offset {exc.start})", path=source) from None
+        data = _model_bytes(xml)
         self.version = ov.get_version()
         core = ov.Core()
         dev = {"auto": "CPU", "cpu": "CPU", "gpu": "GPU", "npu": "NPU"}.get((device or "auto").lower(), device)
@@ -234,11 +230,19 @@ class OpenVINOBackend(Backend):
             config["INFERENCE_PRECISION_HINT"] = "f32"
         if threads and base == "CPU":
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        # the weights tensor shares the verified buffer (OpenVINO keeps using it: hold it as long as the model)
-        self._weights = np.frombuffer(weights, np.uint8) if isinstance(weights, bytearray) else \
-            np.frombuffer(bytearray(weights), np.uint8)
+        self._weights = None
+        if weights is not None:  # an IR: the XML text and a weights tensor sharing the verified buffer (OpenVINO
+            # keeps using that memory: the backend holds it as long as the model)
+            try:
+                text = bytes(data).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BundleError(f"the OpenVINO IR is not UTF-8 XML (byte offset {exc.start})", path=source) from None
+            self._weights = np.frombuffer(weights if isinstance(weights, bytearray) else bytearray(weights), np.uint8)
+        else:  # an ONNX model run by OpenVINO (Engine.from_file): its weights must be inside these bytes
+            check_onnx_self_contained(data, source or "model.onnx")
         try:
-            model = core.read_model(xml_text, ov.Tensor(self._weights, shared_memory=True))
+            model = core.read_model(text, ov.Tensor(self._weights, shared_memory=True)) if self._weights is not None \
+                else core.read_model(bytes(data))
             self.compiled = core.compile_model(model, dev, config)
         except Exception as exc:  # noqa: BLE001
             raise BundleError(f"OpenVINO cannot compile the model on {dev}: {exc}", path=source) from exc
@@ -455,8 +459,9 @@ def make_backend(folder: Path, meta, backend: str = "auto", device: str = "auto"
             hints.append(exc.hint)
             continue
         data = read(name)  # a tampered file, a link or a special file is refused here, never fallen back from
-        weights = read(meta.files.get("openvino_bin") or str(Path(name).with_suffix(".bin")), writable=True) \
-            if b == "openvino" else None
+        weights = None
+        if b == "openvino" and Path(name).suffix.lower() == ".xml":  # else an ONNX model run by OpenVINO
+            weights = read(meta.files.get("openvino_bin") or str(Path(name).with_suffix(".bin")), writable=True)
         try:
             if b == "tensorrt":
                 return TensorRTBackend(data, names, dev, source=folder / name)
