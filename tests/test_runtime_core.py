@@ -92,7 +92,7 @@ def test_bad_frames_raise_input_error_and_engine_stays_usable(bundles, backend):
         assert engine.backend.name == backend
         good = np.random.default_rng(0).integers(0, 256, (200, 180), dtype=np.uint8)
         for bad, match in [(good.astype(np.float32), "dtype"), (np.zeros((4, 50, 50), np.uint8), "shape"),
-                           (np.zeros((1, 1), np.uint8), "2x2"), (np.zeros((2, 2, 2, 2), np.uint8), "dimensions"),
+                           (np.zeros((1, 1), np.uint8), "at least 8 px"), (np.zeros((2, 2, 2, 2), np.uint8), "dimensions"),
                            ([[1, 2], [3, 4]], "numpy array"), (np.zeros((5000, 10), np.uint8), "larger")]:
             with pytest.raises(InputError, match=match):
                 engine.predict(bad)

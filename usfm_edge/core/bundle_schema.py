@@ -65,6 +65,98 @@ def default_thresholds(precision: str) -> dict[str, float | None]:
     return dict(table[precision])
 
 
+#: largest frame side, image size or tensor dimension a bundle may declare (also the runtime's hard ceiling)
+MAX_SIDE_LIMIT = 65536
+_MAX_DIM = 2**31 - 1
+
+
+# -- typed checks of usfm.json values: each failure is a BundleError naming the field ----------------------------
+def _show(value: Any) -> str:
+    """A value as it is spelled in ``usfm.json`` (``"4096"``, ``null``, ``Infinity``), shortened."""
+    try:
+        text = json.dumps(value, allow_nan=True, sort_keys=True)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _bad(where: str, expected: str, value: Any) -> BundleError:
+    return BundleError(f"{where} must be {expected}, got {_show(value)}")
+
+
+def check_int(value: Any, where: str, lo: int, hi: int) -> int:
+    """``value`` if it is an integer (not a bool) in ``[lo, hi]``, else BundleError naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise _bad(where, f"an integer in [{lo}, {hi}]", value)
+    return value
+
+
+def check_str(value: Any, where: str, choices: tuple[str, ...] | None = None) -> str:
+    """``value`` if it is a non-empty string (one of ``choices`` when given), else BundleError naming ``where``."""
+    if choices is not None:
+        if not isinstance(value, str) or value not in choices:
+            raise _bad(where, "one of " + ", ".join(choices), value)
+    elif not isinstance(value, str) or not value:
+        raise _bad(where, "a non-empty string", value)
+    return value
+
+
+def _check_type(value: Any, where: str, kind: type | tuple[type, ...], expected: str, optional: bool = False):
+    if (value is None and optional) or (isinstance(value, kind) and not isinstance(value, bool)) or \
+            (kind is bool and isinstance(value, bool)):
+        return value
+    raise _bad(where, expected + (" or null" if optional else ""), value)
+
+
+def _check_number(value: Any, where: str, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or \
+            value in (float("inf"), float("-inf")) or (positive and value <= 0):
+        raise _bad(where, "a positive finite number" if positive else "a finite number", value)
+    return float(value)
+
+
+def _check_str_list(value: Any, where: str, unique: bool = False) -> list[str]:
+    _check_type(value, where, (list, tuple), "a list of strings")
+    for i, item in enumerate(value):
+        check_str(item, f"{where}[{i}]")
+    if unique and len(set(value)) != len(value):
+        dup = next(x for i, x in enumerate(value) if x in value[:i])
+        raise BundleError(f"{where} must not repeat a name, {_show(dup)} appears twice")
+    return list(value)
+
+
+def _check_preprocessing(pre: Any) -> None:
+    """The ``PreprocessSpec`` fields of ``usfm.json`` (the runtime builds the spec from them with ``from_dict``)."""
+    where = "preprocessing"
+    _check_type(pre, where, dict, "a PreprocessSpec object")
+    if "img_size" not in pre:
+        raise BundleError(f"{where}.img_size is missing (preprocessing must be a PreprocessSpec object)")
+    known = ("img_size", "interpolation", "antialias", "mean", "std", "in_chans", "max_side", "extra")
+    unknown = sorted(set(pre) - set(known))
+    if unknown:
+        raise BundleError(f"{where} has unknown keys {unknown} (known: {', '.join(known)})")
+    check_int(pre["img_size"], f"{where}.img_size", 1, MAX_SIDE_LIMIT)
+    if "interpolation" in pre:
+        check_str(pre["interpolation"], f"{where}.interpolation", ("bicubic", "bilinear"))
+    if "antialias" in pre:
+        _check_type(pre["antialias"], f"{where}.antialias", bool, "true or false")
+    chans = check_int(pre.get("in_chans", 3), f"{where}.in_chans", 1, 4)
+    for key in ("mean", "std"):
+        if key not in pre:
+            if chans != 3:
+                raise BundleError(f"{where}.{key} is missing (the default has 3 values, in_chans is {chans})")
+            continue
+        values = _check_type(pre[key], f"{where}.{key}", (list, tuple), f"a list of {chans} numbers")
+        if len(values) != chans:
+            raise _bad(f"{where}.{key}", f"a list of {chans} numbers (one per input channel)", values)
+        for i, v in enumerate(values):
+            _check_number(v, f"{where}.{key}[{i}]", positive=key == "std")
+    if "max_side" in pre:
+        check_int(pre["max_side"], f"{where}.max_side", 8, MAX_SIDE_LIMIT)
+    if "extra" in pre:
+        _check_type(pre["extra"], f"{where}.extra", dict, "an object")
+
+
 @dataclass
 class TensorSpec:
     """One graph input or output.
@@ -82,12 +174,18 @@ class TensorSpec:
     description: str = ""
 
     def validate(self, where: str) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise BundleError(f"{where}: tensor name must be a non-empty string")
-        if self.dtype not in DTYPES:
-            raise BundleError(f"{where} '{self.name}': dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if not isinstance(self.shape, list) or not all(isinstance(d, (int, str)) for d in self.shape):
-            raise BundleError(f"{where} '{self.name}': shape must be a list of ints and axis names")
+        """Check every field; ``where`` is the field path used in messages (``input.tensor``, ``outputs[0]``)."""
+        check_str(self.name, f"{where}.name")
+        check_str(self.dtype, f"{where}.dtype", DTYPES)
+        shape = _check_type(self.shape, f"{where}.shape", list, "a list of dimensions (integers or axis names)")
+        if not 1 <= len(shape) <= 8:
+            raise _bad(f"{where}.shape", "a list of 1 to 8 dimensions", shape)
+        for i, d in enumerate(shape):
+            if isinstance(d, str):
+                check_str(d, f"{where}.shape[{i}]")
+            else:
+                check_int(d, f"{where}.shape[{i}]", 0, _MAX_DIM)
+        _check_type(self.description, f"{where}.description", str, "a string")
 
 
 @dataclass
@@ -117,28 +215,41 @@ class InputContract:
     max_batch: int | None = None
 
     def validate(self) -> None:
-        self.tensor.validate("input")
-        if self.layout not in ("BHW", "BCHW"):
-            raise BundleError(f"input layout {self.layout!r} must be 'BHW' or 'BCHW'")
+        """Check every field with its type and range; a failure names the field (``input.max_side``...)."""
+        self.tensor.validate("input.tensor")
+        check_str(self.layout, "input.layout", ("BHW", "BCHW"))
+        _check_type(self.raw_frame, "input.raw_frame", bool, "true or false")
         if self.raw_frame and self.tensor.dtype != "uint8":
-            raise BundleError("a raw-frame input must be uint8")
-        if not 1 <= self.min_side <= self.max_side:
-            raise BundleError(f"input sides must satisfy 1 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
-        if self.static_hw is not None and (len(self.static_hw) != 2 or min(self.static_hw) < 1):
-            raise BundleError(f"static_hw must be [H, W], got {self.static_hw!r}")
+            raise BundleError(f"input.tensor.dtype must be \"uint8\" for a raw-frame input, got {_show(self.tensor.dtype)}")
+        rank = 3 if self.layout == "BHW" else 4
+        if len(self.tensor.shape) != rank:
+            raise _bad("input.tensor.shape", f"{rank} dimensions for layout {self.layout}", self.tensor.shape)
+        _check_str_list(self.dynamic_axes, "input.dynamic_axes")
+        check_int(self.min_side, "input.min_side", 2, MAX_SIDE_LIMIT)
+        check_int(self.max_side, "input.max_side", 8, MAX_SIDE_LIMIT)
+        if self.min_side > self.max_side:
+            raise BundleError(f"input.min_side ({self.min_side}) must not exceed input.max_side ({self.max_side})")
+        if self.static_hw is not None:
+            hw = _check_type(self.static_hw, "input.static_hw", (list, tuple), "[H, W]", optional=True)
+            if len(hw) != 2:
+                raise _bad("input.static_hw", "[H, W]", hw)
+            for i, v in enumerate(hw):
+                check_int(v, f"input.static_hw[{i}]", 1, MAX_SIDE_LIMIT)
+        if self.max_batch is not None:
+            check_int(self.max_batch, "input.max_batch", 1, MAX_SIDE_LIMIT)
 
 
 def _build(cls, data: Any, where: str):
     if not isinstance(data, dict):
-        raise BundleError(f"{where} must be a JSON object, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+        raise _bad(where, "a JSON object", data)
+    fields = dataclasses.fields(cls)
+    unknown = sorted(set(data) - {f.name for f in fields})
     if unknown:
         raise BundleError(f"{where} has unknown keys {unknown}")
-    try:
-        return cls(**data)
-    except TypeError as exc:
-        raise BundleError(f"{where} is incomplete: {exc}") from exc
+    for f in fields:
+        if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise BundleError(f"{where}.{f.name} is missing")
+    return cls(**data)
 
 
 @dataclass
@@ -196,42 +307,64 @@ class BundleMeta:
 
     # -- validation -----------------------------------------------------------------------------
     def validate(self) -> BundleMeta:
-        """Check types and allowed values; raise BundleError naming the field. Returns self."""
+        """Check every field's type and range; a failure is a BundleError naming the field. Returns self."""
         self.validate_contract()
-        if not isinstance(self.files, dict) or not self.files:
-            raise BundleError("files must map roles to file names")
-        for role, name in self.files.items():
-            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
-                raise BundleError(f"files['{role}'] = {name!r} must be a plain file name inside the bundle")
+        files = _check_type(self.files, "files", dict, "an object mapping roles to file names")
+        if not files:
+            raise BundleError("files must name at least one model file")
+        for role, name in files.items():
+            if not isinstance(name, str) or not name or name.startswith(".") or any(
+                    c in name for c in '/\\:\0') or any(ord(c) < 32 for c in name) or len(name) > 255:
+                raise BundleError(f"files['{role}'] = {_show(name)} must be a plain file name inside the bundle")
+        for key in ("model", "source", "thresholds", "tools", "extra"):
+            _check_type(getattr(self, key), key, dict, "an object")
+        _check_type(self.calibration, "calibration", dict, "an object", optional=True)
+        _check_type(self.parity, "parity", dict, "an object", optional=True)
+        for key in ("created", "name", "device"):
+            _check_type(getattr(self, key), key, str, "a string")
+        _check_type(self.notes, "notes", list, "a list of strings")
+        for i, note in enumerate(self.notes):
+            _check_type(note, f"notes[{i}]", str, "a string")
         return self
 
     def validate_contract(self) -> BundleMeta:
-        """Check the model-contract fields only (``CONTRACT_FIELDS``: what a model file carries). Returns self."""
-        if not isinstance(self.schema_version, int) or self.schema_version < 1:
-            raise BundleError(f"schema_version must be a positive int, got {self.schema_version!r}")
+        """Check the model-contract fields only (``CONTRACT_FIELDS``: what a model file carries), field by field
+        with types and ranges. Returns self."""
+        check_int(self.schema_version, "schema_version", 1, 1 << 30)
         if self.schema_version > SCHEMA_VERSION:
             raise BundleError(
                 f"bundle schema version {self.schema_version} was written by a newer usfm-edge "
                 f"(this one reads up to {SCHEMA_VERSION})", hint="upgrade usfm-edge: pip install -U usfm-edge")
-        if self.task not in TASKS:
-            raise BundleError(f"task {self.task!r} is not one of {', '.join(TASKS)}")
-        if self.precision not in PRECISIONS:
-            raise BundleError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        if self.backend not in BACKENDS:
-            raise BundleError(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
-        if not isinstance(self.labels, list) or not all(isinstance(x, str) for x in self.labels):
-            raise BundleError("labels must be a list of strings")
+        check_str(self.task, "task", TASKS)
+        check_str(self.precision, "precision", PRECISIONS)
+        check_str(self.backend, "backend", BACKENDS)
+        check_str(self.target, "target")
+        _check_str_list(self.labels, "labels", unique=True)
         if self.task in ("seg", "cls") and not self.labels:
-            raise BundleError(f"a {self.task} bundle needs its class labels")
+            raise BundleError(f"labels must name the classes of a {self.task} bundle, got []")
+        if len(self.labels) > 256 and self.task == "seg":
+            raise BundleError(f"labels: a seg bundle's mask is uint8, so at most 256 classes, got {len(self.labels)}")
+        if not isinstance(self.input, InputContract):
+            raise _bad("input", "an object", self.input)
         self.input.validate()
-        if not self.outputs:
-            raise BundleError("a bundle needs at least one output")
-        for out in self.outputs:
-            out.validate("output")
-        if not isinstance(self.preprocessing, dict) or "img_size" not in self.preprocessing:
-            raise BundleError("preprocessing must be a PreprocessSpec dict with img_size")
-        if not isinstance(self.band_stop, dict) or "enabled" not in self.band_stop:
-            raise BundleError("band_stop must be a dict with 'enabled'")
+        outputs = _check_type(self.outputs, "outputs", list, "a list of tensors")
+        if not outputs:
+            raise BundleError("outputs must list at least one tensor, got []")
+        for i, out in enumerate(outputs):
+            if not isinstance(out, TensorSpec):
+                raise _bad(f"outputs[{i}]", "an object", out)
+            out.validate(f"outputs[{i}]")
+        names = [o.name for o in outputs]
+        dup = [n for i, n in enumerate(names) if n in names[:i]]
+        if dup:
+            raise BundleError(f"outputs must not repeat a name, {_show(dup[0])} appears twice")
+        _check_preprocessing(self.preprocessing)
+        band = _check_type(self.band_stop, "band_stop", dict, "an object with 'enabled'")
+        if "enabled" not in band:
+            raise BundleError("band_stop.enabled is missing")
+        _check_type(band["enabled"], "band_stop.enabled", bool, "true or false")
+        _check_type(band.get("rings"), "band_stop.rings", list, "a list", optional=True)
+        _check_type(band.get("mask_sha256"), "band_stop.mask_sha256", str, "a hex string", optional=True)
         return self
 
     # -- (de)serialisation -----------------------------------------------------------------------
@@ -261,24 +394,37 @@ class BundleMeta:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names}
-        try:
-            inp = dict(known["input"])
-            inp["tensor"] = _build(TensorSpec, inp.get("tensor"), "input.tensor")
-            known["input"] = _build(InputContract, inp, "input")
-            known["outputs"] = [_build(TensorSpec, o, f"outputs[{i}]") for i, o in enumerate(known["outputs"])]
-        except (KeyError, TypeError) as exc:
-            raise BundleError(f"{META_FILE} lacks a required entry: {exc}") from exc
-        try:
-            return cls(**known, extra=extra)
-        except TypeError as exc:
-            raise BundleError(f"{META_FILE} is incomplete: {exc}") from exc
+        for key in ("task", "input", "outputs", "preprocessing", "precision", "backend", "target", "files"):
+            if key not in known:
+                raise BundleError(f"{META_FILE} lacks the required entry '{key}'")
+        inp = known["input"]
+        if not isinstance(inp, dict):
+            raise _bad("input", "a JSON object", inp)
+        inp = dict(inp)
+        if "tensor" not in inp:
+            raise BundleError("input.tensor is missing")
+        inp["tensor"] = _build(TensorSpec, inp["tensor"], "input.tensor")
+        known["input"] = _build(InputContract, inp, "input")
+        if not isinstance(known["outputs"], list):
+            raise _bad("outputs", "a list of tensors", known["outputs"])
+        known["outputs"] = [_build(TensorSpec, o, f"outputs[{i}]") for i, o in enumerate(known["outputs"])]
+        return cls(**known, extra=extra)
 
     @classmethod
-    def from_json(cls, text: str) -> BundleMeta:
+    def from_json(cls, text: str | bytes) -> BundleMeta:
+        """Parse and validate ``usfm.json`` text (or its raw bytes, which must be UTF-8)."""
+        if isinstance(text, (bytes, bytearray)):
+            try:
+                text = bytes(text).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BundleError(f"{META_FILE} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                                  f"{exc.start})") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise BundleError(f"{META_FILE} is not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise BundleError(f"{META_FILE} nests its JSON too deeply") from None
         return cls.from_dict(data)
 
     # -- the same contract inside a model file ---------------------------------------------------------

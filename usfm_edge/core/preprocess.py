@@ -145,37 +145,71 @@ def resize_nearest(a: np.ndarray, hw: tuple[int, int], centred: bool = True) -> 
     return np.ascontiguousarray(a[..., ys[:, None], xs[None, :]])
 
 
-def check_frame(frame, spec: PreprocessSpec | None = None, name: str = "frame") -> np.ndarray:
+def frame_layout(frame, name: str = "frame") -> tuple[int, int, str]:
+    """``(H, W, layout)`` of a raw frame from its shape alone (no data is read, nothing is copied).
+
+    ``layout``: ``HW``, ``HWC`` (channels last: 1, 3 or 4) or ``CHW`` (channels first: 1 or 3).
+
+    Raises:
+        InputError: not an array, empty, or a shape that is no frame.
+    """
+    if not isinstance(frame, np.ndarray):
+        raise InputError(f"{name} must be a numpy array, got {type(frame).__name__}")
+    shape = frame.shape
+    if frame.ndim not in (2, 3):
+        if frame.size == 0:
+            raise InputError(f"{name} is empty (shape {shape})")
+        raise InputError(f"{name} has {frame.ndim} dimensions (shape {shape}); expected a 2-D grey frame")
+    if frame.ndim == 2:
+        h, w, layout = shape[0], shape[1], "HW"
+    elif shape[0] in (1, 3) and shape[-1] not in (1, 3, 4):
+        h, w, layout = shape[1], shape[2], "CHW"
+    elif shape[-1] in (1, 3, 4):
+        h, w, layout = shape[0], shape[1], "HWC"
+    else:
+        raise InputError(f"{name} has shape {shape}; expected (H, W), (H, W, 3) or (3, H, W)")
+    if frame.size == 0:
+        raise InputError(f"{name} is empty: {h}x{w} pixels (shape {shape})")
+    return int(h), int(w), layout
+
+
+def check_frame(frame, spec: PreprocessSpec | None = None, name: str = "frame", *, min_side: int = 2,
+                max_side: int | None = None) -> np.ndarray:
     """Validate one raw frame and return it as a C-contiguous uint8 (H, W) grey array.
 
     Accepts uint8 (H, W), (H, W, 1), (H, W, 3/4) RGB(A) or channel-first (1/3, H, W). RGB is converted
     to grey with ITU-R BT.601 luma weights. Anything else raises InputError naming the problem.
+
+    The shape, the sides (``min_side``; ``max_side``, else ``spec.max_side``) and the dtype are checked on the
+    array as given, before any conversion, copy or scan of the values: a 20000x20000x3 frame (or a broadcast view
+    of one) is refused without allocating anything.
     """
-    if not isinstance(frame, np.ndarray):
-        raise InputError(f"{name} must be a numpy array, got {type(frame).__name__}")
+    h, w, layout = frame_layout(frame, name)
+    limit = max_side if max_side is not None else (spec.max_side if spec is not None else None)
+    if min(h, w) < max(2, int(min_side)):
+        need = max(2, int(min_side))
+        raise InputError(f"{name} is {h}x{w} pixels; this model needs sides of at least {need} px")
+    if limit is not None and max(h, w) > limit:
+        raise InputError(f"{name} is {h}x{w} pixels, larger than the configured maximum side {limit} px",
+                         hint="crop or downsample the frame, or open the engine with a larger max_side")
+    if frame.dtype == np.bool_:
+        raise InputError(f"{name} has dtype bool (a mask?); expected a uint8 grey or RGB frame")
     if frame.dtype != np.uint8:
+        if frame.dtype.kind in "fc" and not np.isfinite(frame).all():
+            raise InputError(f"{name} ({frame.dtype}) contains NaN or infinite values; expected a uint8 frame",
+                             hint="fix the source of the frame; the engine never guesses a value for NaN")
         raise InputError(
             f"{name} has dtype {frame.dtype}; expected uint8 (raw 8-bit B-mode frame)",
             hint="convert with np.clip(x, 0, 255).astype(np.uint8) if the values are already 0..255",
         )
-    if frame.ndim == 3:
-        if frame.shape[0] in (1, 3) and frame.shape[-1] not in (1, 3, 4):
-            frame = np.moveaxis(frame, 0, -1)
-        c = frame.shape[-1]
-        if c == 1:
+    if layout == "CHW":
+        frame = np.moveaxis(frame, 0, -1)
+    if layout != "HW":
+        if frame.shape[-1] == 1:
             frame = frame[..., 0]
-        elif c in (3, 4):
+        else:
             rgb = frame[..., :3].astype(np.float32)
             frame = np.clip(rgb @ np.array([0.299, 0.587, 0.114], np.float32) + 0.5, 0, 255).astype(np.uint8)
-        else:
-            raise InputError(f"{name} has shape {frame.shape}; expected (H, W), (H, W, 3) or (3, H, W)")
-    elif frame.ndim != 2:
-        raise InputError(f"{name} has {frame.ndim} dimensions (shape {frame.shape}); expected a 2-D grey frame")
-    h, w = frame.shape
-    if h < 2 or w < 2:
-        raise InputError(f"{name} is {h}x{w} pixels; at least 2x2 is needed")
-    if spec is not None and max(h, w) > spec.max_side:
-        raise InputError(f"{name} is {h}x{w} pixels, larger than the configured maximum side {spec.max_side}")
     return np.ascontiguousarray(frame)
 
 

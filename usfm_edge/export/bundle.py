@@ -73,8 +73,12 @@ def write_sums(folder: str | Path) -> Path:
     folder = Path(folder)
     sums = {}
     for f in sorted(folder.iterdir()):
+        if f.is_symlink():
+            raise BundleError(f"'{f.name}' is a symbolic link; a bundle holds regular files only", path=f)
         if f.is_dir():
             raise BundleError(f"bundles are flat folders; found a sub-folder '{f.name}'", path=folder)
+        if not f.is_file():
+            raise BundleError(f"'{f.name}' is not a regular file; a bundle holds regular files only", path=f)
         if f.name == SUMS_FILE or f.name in DEVICE_BUILT_FILES:
             continue
         sums[f.name] = sha256_file(f)

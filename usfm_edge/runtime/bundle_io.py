@@ -1,30 +1,54 @@
 """Read and verify a bundle folder (stdlib + numpy only; shared by the runtime and the exporter).
 
-``verify_bundle`` is what ``Engine.open`` runs before loading anything:
+Verify-then-use: what a backend loads is exactly what was hashed. :class:`BundleFiles` opens the folder once
+(a directory descriptor, so every name is looked up in that same folder) and
 
-* ``usfm.json`` parses and its schema version is not newer than ours (else "written by a newer usfm-edge");
-* every file listed in ``SHA256SUMS`` exists and has the listed SHA-256 (a flipped byte names the file);
-* every file the metadata refers to is listed; no other file is present except the engine products a
-  device adds after export (``model.engine``, ``timing.cache``, build logs);
-* ONNX external-data locations stay inside the bundle (checked when ``onnx`` is importable).
+* refuses symbolic links and anything but regular files anywhere in the bundle (``lstat`` / ``O_NOFOLLOW``;
+  a FIFO is refused without blocking on it);
+* reads ``usfm.json`` once, parses those bytes (UTF-8, field-by-field validation in ``core.bundle_schema``) and
+  checks the same bytes against ``SHA256SUMS``; refuses a schema newer than ours ("written by a newer usfm-edge");
+* checks that every file listed in ``SHA256SUMS`` is there, every model file the metadata names is listed, and no
+  other file is present except the engine products a device adds after export (``model.engine``,
+  ``timing.cache``, build logs);
+* ``read(name)`` reads a file into memory once, hashes those bytes and returns them: the backend is created from
+  that buffer (ONNX Runtime from bytes, OpenVINO from an XML string and a weights tensor, TensorRT deserialised
+  from bytes) and never opens the file again, so a file swapped after the check cannot be loaded;
+* ``check_rest()`` hashes the listed files nobody read (the other backend's model, ``build_engine.sh``).
+
+ONNX models must hold their weights inside the verified file: :func:`onnx_external_data` scans the protobuf
+(no ``onnx`` package needed) and any tensor stored as external data is refused, since ONNX Runtime would read it
+from outside the bundle, unverified.
+
+``verify_bundle`` runs all of it without loading a backend (the exporter's final check, ``quantize``).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 from usfm_edge.core.bundle_schema import META_FILE, SUMS_FILE, BundleMeta
 from usfm_edge.core.errors import BundleError
 
-__all__ = ["sha256_file", "read_sums", "format_sums", "read_meta", "verify_bundle", "DEVICE_BUILT_FILES"]
+__all__ = ["sha256_file", "read_sums", "parse_sums", "format_sums", "read_meta", "verify_bundle", "BundleFiles",
+           "read_bundle_file", "onnx_external_data", "check_onnx_self_contained", "DEVICE_BUILT_FILES",
+           "ONNX_TENSOR_FIELDS"]
 
 #: files ``build_engine.sh`` writes on the device after export; allowed without a checksum.
 DEVICE_BUILT_FILES = frozenset({"model.engine", "timing.cache", "build_engine.log"})
+_META_LIMIT = 16 << 20  # usfm.json larger than this is not ours
+_SUMS_LIMIT = 1 << 20
+_CHUNK = 1 << 20
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_FLAGS = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+_DIR_FD = (os.open in os.supports_dir_fd and os.stat in os.supports_dir_fd and os.stat in os.supports_follow_symlinks
+           and os.scandir in os.supports_fd and hasattr(os, "O_DIRECTORY"))
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | Path, chunk: int = _CHUNK) -> str:
     """Hex SHA-256 of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -38,105 +62,429 @@ def format_sums(sums: dict[str, str]) -> str:
     return "".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items()))
 
 
-def read_sums(folder: str | Path) -> dict[str, str]:
-    """Parse ``SHA256SUMS`` -> ``{file name: hex digest}``.
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"),
+                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+class _Dir:
+    """A bundle folder opened once; names are looked up in it with ``dir_fd`` where the OS has it."""
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder)
+        self.fd: int | None = None
+        try:
+            if _DIR_FD:
+                self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+            elif not self.path.is_dir():
+                raise NotADirectoryError(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise BundleError("bundle folder not found", path=self.path) from None
+        except OSError as exc:  # permission denied, I/O error...
+            raise BundleError(f"bundle folder cannot be opened: {exc.strerror}", path=self.path) from None
+
+    def lstat(self, name: str) -> os.stat_result:
+        if self.fd is None:
+            return os.lstat(self.path / name)
+        return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+
+    def names(self) -> list[str]:
+        try:
+            if self.fd is None:
+                return sorted(os.listdir(self.path))
+            with os.scandir(self.fd) as it:
+                return sorted(e.name for e in it)
+        except OSError as exc:
+            raise BundleError(f"bundle folder cannot be listed: {exc.strerror}", path=self.path) from None
+
+    def link_target(self, name: str) -> str:
+        try:
+            return os.readlink(name, dir_fd=self.fd) if self.fd is not None else os.readlink(self.path / name)
+        except OSError:
+            return "?"
+
+    def open_regular(self, name: str, missing: str | None = None) -> int:
+        """A read-only descriptor of the regular file ``name``; BundleError for a link, a folder, a FIFO..."""
+        path = self.path / name
+        try:
+            st = self.lstat(name)
+        except FileNotFoundError:
+            raise BundleError(missing or f"file '{name}' is missing", path=path) from None
+        except OSError as exc:
+            raise BundleError(f"'{name}' cannot be read: {exc.strerror}", path=path) from None
+        if stat.S_ISLNK(st.st_mode):
+            raise BundleError(f"'{name}' is a symbolic link (to {self.link_target(name)!r}); a bundle holds regular "
+                              "files only", path=path,
+                              hint="replace the link by a copy of the file (cp -L) and check SHA256SUMS again")
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"'{name}' is {_kind(st.st_mode)}, not a regular file; a bundle holds regular files "
+                              "only", path=path)
+        try:
+            fd = os.open(name, _FLAGS, dir_fd=self.fd) if self.fd is not None else os.open(path, _FLAGS)
+        except OSError as exc:  # ELOOP: replaced by a link since the lstat above
+            why = "it was replaced by a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+            raise BundleError(f"'{name}' cannot be opened: {why}", path=path) from None
+        fst = os.fstat(fd)
+        same = _NOFOLLOW or (fst.st_dev, fst.st_ino) == (st.st_dev, st.st_ino)  # no O_NOFOLLOW: compare inodes
+        if not stat.S_ISREG(fst.st_mode) or not same:
+            os.close(fd)
+            what = f"changed into {_kind(fst.st_mode)}" if not stat.S_ISREG(fst.st_mode) else "was replaced"
+            raise BundleError(f"'{name}' {what} while it was opened", path=path)
+        return fd
+
+    def read(self, name: str, *, writable: bool = False, limit: int | None = None,
+             missing: str | None = None) -> bytes | bytearray:
+        """The whole regular file ``name``, read once (``bytearray`` when ``writable``)."""
+        fd = self.open_regular(name, missing)
+        try:
+            return self._read_fd(fd, name, writable, limit)
+        except OSError as exc:  # an I/O error while reading
+            raise BundleError(f"'{name}' cannot be read: {exc.strerror}", path=self.path / name) from None
+
+    def _read_fd(self, fd: int, name: str, writable: bool, limit: int | None) -> bytes | bytearray:
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if limit is not None and size > limit:
+                raise BundleError(f"'{name}' is {size} bytes, more than the {limit} bytes such a file may have",
+                                  path=self.path / name)
+            if not writable:
+                data = f.readall()
+            else:
+                data = bytearray(size)
+                view, n = memoryview(data), 0
+                while n < size:
+                    k = f.readinto(view[n:])
+                    if not k:  # the file shrank while read: keep what was read (its hash will tell)
+                        del view
+                        del data[n:]
+                        break
+                    n += k
+                else:
+                    del view
+                    data += f.readall()  # it grew while read
+        if limit is not None and len(data) > limit:
+            raise BundleError(f"'{name}' grew past {limit} bytes while it was read", path=self.path / name)
+        return data
+
+    def sha256(self, name: str) -> str:
+        h = hashlib.sha256()
+        try:
+            with os.fdopen(self.open_regular(name), "rb", buffering=0) as f:
+                for block in iter(lambda: f.read(_CHUNK), b""):
+                    h.update(block)
+        except OSError as exc:
+            raise BundleError(f"'{name}' cannot be read: {exc.strerror}", path=self.path / name) from None
+        return h.hexdigest()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def read_bundle_file(folder: str | Path, name: str, *, writable: bool = False) -> bytes | bytearray:
+    """One file of a folder read whole, once, refusing links and non-regular files (no checksum: see
+    :class:`BundleFiles` for the verified read)."""
+    d = _Dir(folder)
+    try:
+        return d.read(name, writable=writable)
+    finally:
+        d.close()
+
+
+def parse_sums(data: bytes, path: str | Path) -> dict[str, str]:
+    """``SHA256SUMS`` bytes -> ``{file name: hex digest}``.
 
     Raises:
-        BundleError: the file is missing or a line is malformed.
+        BundleError: not UTF-8, a malformed line, a path outside the bundle or a file listed twice.
     """
-    path = Path(folder) / SUMS_FILE
-    if not path.is_file():
-        raise BundleError(f"{SUMS_FILE} is missing: not a usfm-edge bundle or an incomplete copy", path=folder)
-    sums = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = bytes(data).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{SUMS_FILE} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start})", path=path) from None
+    sums: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         digest, sep, name = line.partition("  ")
         name = name.lstrip("*")
         if not sep or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) or not name:
             raise BundleError(f"{SUMS_FILE} line {n} is malformed: {line[:120]!r}", path=path)
-        if "/" in name or "\\" in name or name in (".", ".."):
+        if "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
             raise BundleError(f"{SUMS_FILE} line {n} names a path outside the bundle: {name!r}", path=path)
+        if name in sums:
+            raise BundleError(f"{SUMS_FILE} line {n} lists '{name}' a second time", path=path)
         sums[name] = digest
     return sums
 
 
-def read_meta(folder: str | Path) -> BundleMeta:
-    """Parse and validate ``usfm.json`` without checking hashes (see ``verify_bundle``)."""
-    folder = Path(folder)
-    path = folder / META_FILE
-    if not folder.is_dir():
-        raise BundleError("bundle folder not found", path=folder)
-    if not path.is_file():
-        raise BundleError(f"{META_FILE} is missing: not a usfm-edge bundle", path=folder)
+def _parse_meta(data: bytes, path: Path) -> BundleMeta:
     try:
-        return BundleMeta.from_json(path.read_text())
+        return BundleMeta.from_json(data)
     except BundleError as exc:
         raise BundleError(exc.message, path=path, hint=exc.hint) from None
 
 
-def _check_external_data(folder: Path, onnx_name: str) -> None:
-    try:
-        import onnx
-        from onnx.external_data_helper import uses_external_data
-    except ImportError:  # the runtime may be installed without the onnx package; ORT checks paths itself
-        return
-    try:
-        model = onnx.load(str(folder / onnx_name), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - protobuf decode errors
-        raise BundleError(f"'{onnx_name}' is not a readable ONNX model: {exc}", path=folder / onnx_name) from exc
-    root = folder.resolve()
-    tensors = list(model.graph.initializer)
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.t is not None and attr.t.name:
-                tensors.append(attr.t)
-    for t in tensors:
-        if not uses_external_data(t):
-            continue
-        location = {e.key: e.value for e in t.external_data}.get("location", "")
-        target = (folder / location).resolve()
-        if os.path.isabs(location) or root not in target.parents:
-            raise BundleError(f"'{onnx_name}' tensor '{t.name}' points to external data outside the bundle: "
-                              f"{location!r}", path=folder / onnx_name)
-
-
-def verify_bundle(folder: str | Path, check_external: bool = True) -> BundleMeta:
-    """Verify a bundle folder and return its metadata.
+class BundleFiles:
+    """A bundle folder opened for verify-then-use (see the module docstring); a context manager.
 
     Args:
         folder: the ``NAME.usfm`` folder.
-        check_external: check ONNX external-data locations (needs ``onnx``; skipped when absent).
+        verify: check ``SHA256SUMS`` and the file listing; False still refuses links and non-regular files and
+            validates ``usfm.json``, but hashes nothing.
+
+    Attributes:
+        meta: the validated ``usfm.json``, parsed from the bytes that were hashed.
+        sums: ``SHA256SUMS`` (empty when not verifying).
+
+    Raises:
+        BundleError: the folder or ``usfm.json`` is missing, a link or non-regular file, a missing, unlisted or
+            tampered file, a non-UTF-8 or malformed ``usfm.json`` / ``SHA256SUMS``; the message names the file.
+    """
+
+    def __init__(self, folder: str | Path, verify: bool = True):
+        self._dir = _Dir(folder)
+        self.folder = self._dir.path
+        self.verify = verify
+        self._verified: set[str] = set()
+        try:
+            raw = self._dir.read(META_FILE, limit=_META_LIMIT, missing=f"{META_FILE} is missing: not a usfm-edge bundle")
+            self.meta = _parse_meta(raw, self.folder / META_FILE)
+            self.sums: dict[str, str] = {}
+            if verify:
+                self.sums = parse_sums(self._dir.read(SUMS_FILE, limit=_SUMS_LIMIT, missing=(
+                    f"{SUMS_FILE} is missing: not a usfm-edge bundle or an incomplete copy")), self.folder / SUMS_FILE)
+                if META_FILE not in self.sums:
+                    raise BundleError(f"{META_FILE} is not covered by {SUMS_FILE}", path=self.folder)
+                self._check_listing()
+                self._check_digest(META_FILE, raw)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_listing(self) -> None:
+        names = self._dir.names()
+        for name in names:  # links and special files are refused wherever they are
+            try:
+                mode = self._dir.lstat(name).st_mode
+            except FileNotFoundError:  # removed since the listing: a listed file is reported missing below
+                continue
+            if stat.S_ISLNK(mode) or not stat.S_ISREG(mode):
+                os.close(self._dir.open_regular(name))  # raises the message naming the file
+        present = set(names)
+        for name in self.sums:
+            if name not in present:
+                raise BundleError(f"file '{name}' listed in {SUMS_FILE} is missing", path=self.folder / name)
+        for role, name in self.meta.files.items():
+            if name not in self.sums and name not in DEVICE_BUILT_FILES:
+                raise BundleError(f"file '{name}' ({role}) is not covered by {SUMS_FILE}", path=self.folder / name)
+        for name in names:
+            if name not in self.sums and name != SUMS_FILE and name not in DEVICE_BUILT_FILES:
+                raise BundleError(f"file '{name}' is not listed in {SUMS_FILE}", path=self.folder / name,
+                                  hint="remove it, or export the bundle again")
+
+    def _check_digest(self, name: str, data: bytes | bytearray) -> None:
+        if hashlib.sha256(data).hexdigest() != self.sums[name]:
+            raise BundleError(f"file '{name}' does not match its SHA-256 in {SUMS_FILE} (corrupt or modified)",
+                              path=self.folder / name, hint="re-copy the bundle or export it again")
+        self._verified.add(name)
+
+    def exists(self, name: str) -> bool:
+        """Whether ``name`` is in the folder (a link counts: reading it is refused with its own message)."""
+        try:
+            self._dir.lstat(name)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def read(self, name: str, *, writable: bool = False) -> bytes | bytearray:
+        """The bytes of one bundle file, read once and checked against ``SHA256SUMS``: hand these to the backend.
+
+        A device-built file (``model.engine``) not listed in ``SHA256SUMS`` is read without a checksum (the device
+        made it); ``writable`` returns a ``bytearray`` (OpenVINO shares it as its weights tensor without a copy).
+        """
+        if self.verify and name not in self.sums and name not in DEVICE_BUILT_FILES:
+            raise BundleError(f"file '{name}' is not covered by {SUMS_FILE}", path=self.folder / name)
+        data = self._dir.read(name, writable=writable)
+        if self.verify and name in self.sums:
+            self._check_digest(name, data)
+        return data
+
+    def check_rest(self) -> None:
+        """Hash every listed file that :meth:`read` has not verified yet."""
+        for name, digest in sorted(self.sums.items()):
+            if name in self._verified:
+                continue
+            if self._dir.sha256(name) != digest:
+                raise BundleError(f"file '{name}' does not match its SHA-256 in {SUMS_FILE} (corrupt or modified)",
+                                  path=self.folder / name, hint="re-copy the bundle or export it again")
+            self._verified.add(name)
+
+    def close(self) -> None:
+        self._dir.close()
+
+    def __enter__(self) -> BundleFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_sums(folder: str | Path) -> dict[str, str]:
+    """Parse ``SHA256SUMS`` -> ``{file name: hex digest}``.
+
+    Raises:
+        BundleError: the file is missing, a link, not UTF-8 or a line is malformed.
+    """
+    folder = Path(folder)
+    d = _Dir(folder)
+    try:
+        data = d.read(SUMS_FILE, limit=_SUMS_LIMIT,
+                      missing=f"{SUMS_FILE} is missing: not a usfm-edge bundle or an incomplete copy")
+    finally:
+        d.close()
+    return parse_sums(data, folder / SUMS_FILE)
+
+
+def read_meta(folder: str | Path) -> BundleMeta:
+    """Parse and validate ``usfm.json`` without checking hashes (see ``verify_bundle``)."""
+    with BundleFiles(folder, verify=False) as files:
+        return files.meta
+
+
+# -- ONNX external data, found without the onnx package -----------------------------------------------------------
+#: onnx.proto3 field numbers of the messages that can hold a TensorProto (tests/test_bundle_trust.py checks this
+#: table against onnx's own descriptors); TensorProto: name = 8, external_data = 13, data_location = 14.
+ONNX_TENSOR_FIELDS = {
+    "ModelProto": {7: "GraphProto", 20: "TrainingInfoProto", 25: "FunctionProto"},
+    "TrainingInfoProto": {1: "GraphProto", 2: "GraphProto"},
+    "GraphProto": {1: "NodeProto", 5: "TensorProto", 15: "SparseTensorProto"},
+    "FunctionProto": {7: "NodeProto", 11: "AttributeProto"},
+    "NodeProto": {5: "AttributeProto"},
+    "AttributeProto": {5: "TensorProto", 6: "GraphProto", 10: "TensorProto", 11: "GraphProto",
+                       22: "SparseTensorProto", 23: "SparseTensorProto"},
+    "SparseTensorProto": {1: "TensorProto", 2: "TensorProto"},
+}
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _varint(buf: memoryview, i: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= end or shift > 63:
+            raise _Malformed(i)
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def _fields(buf: memoryview, i: int, end: int):
+    """``(field, wire type, a, b)`` of one protobuf message: varints give their value in ``a``,
+    length-delimited fields their byte range ``[a, b)``."""
+    while i < end:
+        key, i = _varint(buf, i, end)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i, end)
+            yield field, wire, value, 0
+        elif wire == 2:
+            n, i = _varint(buf, i, end)
+            if i + n > end:
+                raise _Malformed(i)
+            yield field, wire, i, i + n
+            i += n
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            raise _Malformed(i)
+    if i != end:
+        raise _Malformed(i)
+
+
+def onnx_external_data(data: bytes | bytearray) -> list[tuple[str, str]]:
+    """``(tensor name, location)`` of every tensor of an ONNX model stored as external data (graphs, subgraphs,
+    functions, sparse tensors); a plain protobuf scan, no ``onnx`` package.
+
+    Raises:
+        ValueError: the bytes are not a well-formed protobuf message.
+    """
+    buf = memoryview(data)
+    found: list[tuple[str, str]] = []
+    stack = [("ModelProto", 0, len(buf), 0)]
+    try:
+        while stack:
+            kind, start, end, depth = stack.pop()
+            if depth > 64:
+                raise _Malformed(start)
+            if kind != "TensorProto":
+                sub = ONNX_TENSOR_FIELDS[kind]
+                stack.extend((sub[f], a, b, depth + 1) for f, w, a, b in _fields(buf, start, end) if w == 2 and f in sub)
+                continue
+            name, location, external = "", "", False
+            for f, w, a, b in _fields(buf, start, end):
+                if f == 8 and w == 2:
+                    name = bytes(buf[a:b]).decode("utf-8", "replace")
+                elif f == 14 and w == 0:
+                    external = external or a == 1  # DataLocation.EXTERNAL
+                elif f == 13 and w == 2:
+                    external = True
+                    entry = {ef: bytes(buf[ea:eb]).decode("utf-8", "replace")
+                             for ef, ew, ea, eb in _fields(buf, a, b) if ew == 2}
+                    if entry.get(1) == "location":
+                        location = entry.get(2, "")
+            if external:
+                found.append((name, location))
+    except _Malformed as exc:
+        raise ValueError(f"malformed protobuf near byte {exc.args[0]}") from None
+    return found
+
+
+def check_onnx_self_contained(data: bytes | bytearray, path: str | Path) -> None:
+    """Refuse an ONNX model that is not a readable protobuf or keeps any tensor in external data.
+
+    Raises:
+        BundleError: names the model file and the first external tensor.
+    """
+    name = Path(path).name
+    try:
+        external = onnx_external_data(data)
+    except ValueError as exc:
+        raise BundleError(f"'{name}' is not a readable ONNX model ({exc})", path=path) from None
+    if external:
+        tensor, location = external[0]
+        raise BundleError(f"'{name}' tensor '{tensor}' keeps its data in an external file {location!r} ({len(external)} "
+                          "tensor(s) in all): refused, external data would be read from outside the bundle's verified "
+                          "bytes", path=path, hint="export the model with its weights inside the .onnx file")
+
+
+def verify_bundle(folder: str | Path, check_external: bool = True) -> BundleMeta:
+    """Verify a bundle folder and return its metadata (see :class:`BundleFiles`; loads no backend).
+
+    Args:
+        folder: the ``NAME.usfm`` folder.
+        check_external: refuse an ONNX model with external data.
 
     Returns:
         the validated ``BundleMeta``.
 
     Raises:
-        BundleError: newer schema, missing/tampered/unlisted file, or data outside the bundle; the message
-            names the file.
+        BundleError: newer schema, link or special file, missing/tampered/unlisted file, or external data; the
+            message names the file.
     """
-    folder = Path(folder)
-    meta = read_meta(folder)
-    sums = read_sums(folder)
-    if META_FILE not in sums:
-        raise BundleError(f"{META_FILE} is not covered by {SUMS_FILE}", path=folder)
-    for name, digest in sums.items():
-        f = folder / name
-        if not f.is_file():
-            raise BundleError(f"file '{name}' listed in {SUMS_FILE} is missing", path=f)
-        if sha256_file(f) != digest:
-            raise BundleError(f"file '{name}' does not match its SHA-256 in {SUMS_FILE} (corrupt or modified)",
-                              path=f, hint="re-copy the bundle or export it again")
-    for role, name in meta.files.items():
-        if name in DEVICE_BUILT_FILES and name not in sums:
-            continue
-        if name not in sums:
-            raise BundleError(f"file '{name}' ({role}) is not covered by {SUMS_FILE}", path=folder / name)
-    for f in folder.iterdir():
-        if f.name not in sums and f.name != SUMS_FILE and f.name not in DEVICE_BUILT_FILES:
-            raise BundleError(f"file '{f.name}' is not listed in {SUMS_FILE}", path=f,
-                              hint="remove it, or export the bundle again")
-    onnx_name = meta.files.get("onnx")
-    if check_external and onnx_name and (folder / onnx_name).is_file():
-        _check_external_data(folder, onnx_name)
-    return meta
+    with BundleFiles(folder) as files:
+        onnx_name = files.meta.files.get("onnx")
+        if check_external and onnx_name in files.sums:
+            check_onnx_self_contained(files.read(onnx_name), files.folder / onnx_name)
+        files.check_rest()
+        return files.meta

@@ -18,12 +18,20 @@ any size. The engine fits each frame to ``meta.input.static_hw`` with the bundle
 bilinearly, the mask as their argmax, a restored image resized). ``predict``, ``evaluate``, the INT8 gate,
 parity and ``bench`` all go through it; none of them resizes frames itself.
 
+Opening is verify-then-use (``bundle_io.BundleFiles``): each model file is read once, its bytes are checked
+against ``SHA256SUMS`` and the backend is created from those bytes; links and special files are refused. The
+validated ``usfm.json`` is then checked against the loaded graph (``runtime.contract``: output names, dtypes, ranks,
+task and labels), statically and on a first run on a blank frame, so an edited ``usfm.json`` is a ``BundleError``
+at open, never a backend's exception or nonsense later.
+
 Every public method is safe to call from several threads at once (see ``backends``); a bad frame raises
-``InputError`` and leaves the engine usable.
+``InputError`` and leaves the engine usable. Frame sizes are checked on the array's shape before any conversion or
+copy (``core.preprocess.check_frame``), so an oversized frame costs no memory.
 """
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,10 +40,11 @@ from pathlib import Path
 import numpy as np
 
 from usfm_edge.core.bundle_schema import BundleMeta
-from usfm_edge.core.errors import BundleError, ConfigError, DataError, InputError
+from usfm_edge.core.errors import BundleError, ConfigError, DataError, InputError, UsfmEdgeError
 from usfm_edge.core.preprocess import PreprocessSpec, check_frame, fit_frame, preprocess
 from usfm_edge.runtime.backends import Backend, available_backends, make_backend
-from usfm_edge.runtime.bundle_io import read_meta, verify_bundle
+from usfm_edge.runtime.bundle_io import BundleFiles, read_bundle_file
+from usfm_edge.runtime.contract import check_graph, check_outputs
 from usfm_edge.runtime.results import (
     ClsResult,
     EnhanceResult,
@@ -77,6 +86,20 @@ def graph_input(meta: BundleMeta, grays: Sequence[np.ndarray], spec: PreprocessS
     return np.stack([preprocess(g, spec, band_stop_mask) for g in grays])
 
 
+_MODEL_ROLE = {"tensorrt": "tensorrt_engine", "openvino": "openvino_xml", "onnxruntime": "onnx"}  # usfm.json files
+
+
+def _load_mask(data: bytes, path: Path) -> np.ndarray:
+    """A band-stop mask ``.npy`` from its verified bytes."""
+    try:
+        mask = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - numpy's ValueError / EOFError on a broken file
+        raise BundleError(f"'{path.name}' is not a readable .npy mask: {exc}", path=path) from exc
+    if mask.ndim != 2 or mask.dtype.kind not in "biuf":
+        raise BundleError(f"'{path.name}' must hold a 2-D numeric mask, got {mask.dtype} {mask.shape}", path=path)
+    return mask
+
+
 class Engine:
     """A bundle loaded on one backend; thread-safe ``predict`` / ``predict_batch`` / ``stream``.
 
@@ -114,7 +137,7 @@ class Engine:
             name = meta.files.get("band_stop_mask")
             if not name or self.folder is None:
                 raise BundleError("bare bundle with band-stop filtering lacks its band_stop_mask file", path=folder)
-            self._mask = np.load(self.folder / name, allow_pickle=False)
+            self._mask = _load_mask(read_bundle_file(self.folder, name), self.folder / name)
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -128,27 +151,42 @@ class Engine:
                 ``tensorrt``, ``openvino`` or ``onnxruntime``.
             device: ``auto`` (the bundle's default device), ``cpu``, ``gpu``, ``cuda[:N]``, ``npu``...
             threads: CPU threads for ONNX Runtime / OpenVINO (None = backend default).
-            warmup: number of warm-up runs on a blank frame.
-            verify: check ``SHA256SUMS`` and the schema first (``verify_bundle``).
+            warmup: number of warm-up runs on a blank frame. The first run (made also with ``warmup=0``) checks the
+                outputs against ``usfm.json`` (``runtime.contract.check_outputs``).
+            verify: check ``SHA256SUMS`` and the file listing; each model file's bytes are hashed as they are read
+                and handed to the backend (``bundle_io.BundleFiles``). False still refuses links and special files
+                and validates ``usfm.json``.
             max_side: refuse frames with a longer side (protects the device's memory); None = the bundle's limit.
             spin: ONNX Runtime's worker threads spin-wait between calls (its default, fastest alone); False
                 frees the cores at once for other work in the process (docs/embedding.md).
 
         Raises:
-            BundleError: corrupt, tampered or too new bundle, or a model the backend cannot load.
+            BundleError: corrupt, tampered or too new bundle, a link or special file in it, a ``usfm.json`` field of
+                the wrong type or range or that does not fit the model (output names, task, labels), or a model the
+                backend cannot load; the message names the file or the field.
             BackendUnavailableError: the needed backend is not installed (names the extra).
             ConfigError: unknown backend name or a bad ``max_side``.
         """
         folder = Path(path)
-        meta = verify_bundle(folder) if verify else read_meta(folder)
-        be = make_backend(folder, meta, backend, device, threads, spin=spin)
-        try:
-            engine = cls(folder, meta, be, max_side=max_side)
-            for _ in range(max(0, int(warmup))):
-                engine.run_raw(engine._blank_input())
-        except BaseException:
-            be.close()
-            raise
+        with BundleFiles(folder, verify=verify) as files:
+            meta = files.meta
+            be = make_backend(folder, meta, backend, device, threads, spin=spin, files=files)
+            try:
+                source = folder / meta.files.get(_MODEL_ROLE.get(be.name, ""), "")
+                check_graph(meta, be, source)
+                mask = None
+                name = meta.files.get("band_stop_mask")
+                if not meta.input.raw_frame and meta.band_stop.get("enabled") and name:
+                    mask = _load_mask(files.read(name), folder / name)
+                if verify:
+                    files.check_rest()  # the listed files no backend read (other models, build_engine.sh)
+                engine = cls(folder, meta, be, max_side=max_side, band_stop_mask=mask)
+                engine._probe(source)
+                for _ in range(max(0, int(warmup)) - 1):
+                    engine.run_raw(engine._blank_input())
+            except BaseException:
+                be.close()
+                raise
         return engine
 
     @classmethod
@@ -208,6 +246,18 @@ class Engine:
         h, w = self.meta.input.static_hw or (s, s)
         return np.zeros((1, h, w), np.uint8)
 
+    def _probe(self, source) -> None:
+        """One run on a blank frame: the outputs must fit ``usfm.json`` (a failure is a BundleError)."""
+        x = self._blank_input()
+        try:
+            outs = self.run_raw(x)
+        except UsfmEdgeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the backend's own error types
+            raise BundleError(f"the model fails on a blank {x.shape} input at open: {exc}", path=source,
+                              hint="the usfm.json does not describe this model, or the model is broken") from exc
+        check_outputs(self.meta, x, outs, source)
+
     def run_raw(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Run the graph on its own input tensor (uint8 ``(B, H, W)`` or normalised ``(B, 3, S, S)``)."""
         backend = self.backend
@@ -223,26 +273,11 @@ class Engine:
 
         Raises:
             InputError: empty, non-uint8 (float, NaN/inf, int16, bool...), wrong shape, too small or too
-                large frames; the message names the problem. Any size within the limits is accepted, also by
-                static-shape bundles (the engine fits the frame, see the module docstring).
+                large frames; the message names the problem (sizes: the frame's and the bundle's limit). Any size
+                within the limits is accepted, also by static-shape bundles (the engine fits the frame, see the
+                module docstring). Shape and sides are checked before the frame is converted or copied.
         """
-        if isinstance(frame, np.ndarray):
-            if frame.size == 0:
-                raise InputError(f"frame is empty (shape {frame.shape})")
-            if frame.dtype == np.bool_:
-                raise InputError("frame has dtype bool (a mask?); expected a uint8 grey or RGB frame")
-            if frame.dtype.kind in "fc" and not np.isfinite(frame).all():
-                raise InputError(f"frame ({frame.dtype}) contains NaN or infinite values; expected a uint8 frame",
-                                 hint="fix the source of the frame; the engine never guesses a value for NaN")
-        gray = check_frame(frame, self.spec)
-        h, w = gray.shape
-        inp = self.meta.input
-        if min(h, w) < inp.min_side:
-            raise InputError(f"frame is {h}x{w}; this bundle needs sides of at least {inp.min_side} px")
-        if max(h, w) > self.max_side:
-            raise InputError(f"frame is {h}x{w}, larger than the configured maximum side {self.max_side} px",
-                             hint="crop or downsample the frame, or open the engine with a larger max_side")
-        return gray
+        return check_frame(frame, self.spec, min_side=int(self.meta.input.min_side), max_side=self.max_side)
 
     def load(self, item, pixel_spacing_mm=None) -> tuple[np.ndarray, tuple[float, float] | None]:
         """A frame or a file path -> ``(checked grey frame, spacing)``.
