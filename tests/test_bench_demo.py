@@ -33,7 +33,7 @@ def test_demo_checkpoints_are_small_task_models():
         path = checkpoints_dir() / name
         assert path.stat().st_size < 20e6
         model = load_task_model(path)
-        assert model.task == "seg" and len(model.labels) == 2 and model.head_name == "hires"
+        assert model.task == "seg" and len(model.labels) == 2 and model.head_name == "hybrid"
         extra = model.checkpoint_config["extra"]
         assert extra["metrics"]["dice"] > floor[key] and extra["split"]["val_images"] >= 150
     hc = load_task_model(checkpoints_dir() / DEMO_CHECKPOINTS["hc18"]).checkpoint_config["extra"]["metrics"]
