@@ -227,8 +227,10 @@ void write_outputs(const Options& o, const usfm::Bundle& b, const std::vector<us
 }
 
 int run(const Options& o) {
-    usfm::Bundle bundle = usfm::open_bundle(o.bundle);
-    check_runnable(bundle);
+    // [doc:open]
+    usfm::Bundle bundle = usfm::open_bundle(o.bundle);  // SHA256SUMS, schema version, contract; keep it alive
+    check_runnable(bundle);                              // backend, task, raw-frame input, 'mask' output
+    // [doc:end]
     int max_side = std::min(bundle.max_side, bundle.meta.at("preprocessing").value("max_side", bundle.max_side));
     std::vector<usfm::Frame> frames = load_frames(o.inputs);
     for (const auto& f : frames) check_frame(bundle, f, max_side);
@@ -241,11 +243,13 @@ int run(const Options& o) {
         std::cerr << "usfm_host: note: a bundle made for ONNX Runtime; its model.onnx runs on OpenVINO's ONNX "
                      "frontend (the parity in usfm.json was measured on ONNX Runtime)\n";
 
+    // [doc:request]
     ov::Core core;
     ov::CompiledModel compiled = compile_bundle(core, bundle, o.device, o.threads);
-    ov::InferRequest request = compiled.create_infer_request();
-    const ov::Output<const ov::Node> in_port = compiled.input(bundle.input_name);
-    const ov::Output<const ov::Node> mask_port = compiled.output("mask");
+    ov::InferRequest request = compiled.create_infer_request();  // one per thread
+    const ov::Output<const ov::Node> in_port = compiled.input(bundle.input_name);  // usfm.json input.tensor.name
+    const ov::Output<const ov::Node> mask_port = compiled.output("mask");          // usfm.json outputs[].name
+    // [doc:end]
     const std::size_t classes = bundle.labels.size();
 
     int wh = bundle.static_hw ? (*bundle.static_hw)[0] : bundle.img_size;
