@@ -59,6 +59,19 @@ def test_doc_cpp_snippets_are_the_compiled_host_code():
         assert block.strip() in regions, f"docs/embedding.md C++ block is not a [doc:...] region of examples/cpp_host:\n{block[:300]}"
 
 
+def test_make_frames_writes_a_dicom_cine_as_pgm(tmp_path, capsys):
+    pytest.importorskip("pydicom")
+    spec = importlib.util.spec_from_file_location("test_readers", ROOT / "tests" / "test_readers.py")
+    readers_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readers_test)
+    cine = np.random.default_rng(0).integers(0, 256, (3, 40, 50), dtype=np.uint8)
+    dcm = readers_test.write_dicom(tmp_path / "cine.dcm", cine, PixelSpacing=[0.2, 0.3])
+    paths = make_frames.make_frames(tmp_path / "pgm", [dcm])
+    assert [p.name for p in paths] == [f"{i:04d}_cine_f{i:03d}.pgm" for i in range(3)]
+    assert all(np.array_equal(make_frames.read_pgm(p), f) for p, f in zip(paths, cine))
+    assert "--pixel-spacing 0.2,0.3" in capsys.readouterr().err
+
+
 # -- fixtures -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def host(tmp_path_factory) -> Path:
