@@ -27,7 +27,7 @@ import numpy as np
 
 from usfm_edge.core.errors import ConfigError
 
-__all__ = ["Ellipse", "fill_holes", "fill_outline_mask", "keep_largest_component", "fit_ellipse",
+__all__ = ["opencv", "Ellipse", "fill_holes", "fill_outline_mask", "keep_largest_component", "fit_ellipse",
            "ellipse_perimeter", "head_circumference_mm", "size_bin", "HC_SIZE_BINS"]
 
 #: HC size bins of the evaluation report (mm): small heads, mid, large (upper bound excluded).
@@ -45,12 +45,17 @@ class Ellipse(NamedTuple):
     theta: float
 
 
-def _cv2():
+def opencv(purpose: str = "mask geometry"):
+    """The ``cv2`` module (OpenCV, a base dependency), or a ConfigError saying what needed it."""
     try:
         import cv2
     except ImportError as exc:  # pragma: no cover - a base dependency
-        raise ConfigError("mask geometry needs OpenCV", hint="pip install opencv-python-headless") from exc
+        raise ConfigError(f"{purpose} needs OpenCV", hint="pip install opencv-python-headless") from exc
     return cv2
+
+
+def _cv2():
+    return opencv()
 
 
 def _u8(mask: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from usfm_edge.core.errors import ConfigError
+from usfm_edge.core.geometry import opencv
 
 __all__ = ["AugmentConfig", "UltrasoundAugment", "AUGMENT_PRESETS"]
 
@@ -79,11 +79,7 @@ AUGMENT_PRESETS: dict[str, AugmentConfig | None] = {
 
 
 def _cv2():
-    try:
-        import cv2
-    except ImportError as exc:  # pragma: no cover - opencv is a train dependency
-        raise ConfigError("ultrasound augmentation needs OpenCV", hint="pip install 'usfm-edge[train]'") from exc
-    return cv2
+    return opencv("ultrasound augmentation")
 
 
 class UltrasoundAugment:
