@@ -172,3 +172,81 @@ def test_atomic_write_temporaries_of_dead_writers_are_removed(tmp_path):
     live.write_bytes(b"writing")
     assert remove_stale_temps(target) == [dead]
     assert live.exists() and target.read_text() == "complete"
+
+
+# -- 3. training checkpoints: the complete one is kept, a killed save is cleaned up and explained ------------------
+def _save(path: Path, step: int) -> None:
+    torch = pytest.importorskip("torch")
+    from usfm_edge.train.engine import TrainState, save_training_state
+
+    model = torch.nn.Linear(2, 2)
+    save_training_state(path, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                        state=TrainState(step=step), config={"task": "seg"})
+
+
+def test_a_killed_save_keeps_the_complete_checkpoint_and_its_temp_is_removed(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from usfm_edge.train.engine import remove_stale_checkpoint_temps, resume_payload
+
+    run = tmp_path / "run"
+    _save(run / "checkpoint.pt", step=3)
+
+    def killed(obj, f, *a, **k):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _save(run / "checkpoint.pt", step=4)
+    monkeypatch.undo()
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt"]  # the exception path removes its temp
+    dead = run / f"checkpoint.pt.{_dead_tag()}.tmp"  # what a SIGKILL leaves instead
+    dead.write_bytes(b"half a checkpoint")
+    legacy = run / "checkpoint.pt.k3j_x9ab.tmp"  # an older version's name, 20 minutes old
+    legacy.write_bytes(b"half")
+    os.utime(legacy, (time.time() - 1200, time.time() - 1200))
+    live = run / f"checkpoint.pt.{owner_tag()}.tmp"  # a save in progress
+    live.write_bytes(b"writing")
+    payload, path = resume_payload(run, "checkpoint.pt")
+    assert payload["step"] == 3 and path == run / "checkpoint.pt"
+    assert not dead.exists() and not legacy.exists() and live.exists()
+    live.unlink()
+    dead.write_bytes(b"x")
+    assert remove_stale_checkpoint_temps(run / "checkpoint.pt") == [dead]  # what a fresh run does first
+
+
+def test_resume_after_a_kill_during_the_first_save_says_so(tmp_path):
+    pytest.importorskip("torch")
+    from usfm_edge.core.errors import CheckpointError
+    from usfm_edge.train.engine import resume_payload
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / f"checkpoint.pt.{_dead_tag()}.tmp").write_bytes(b"half a checkpoint")
+    with pytest.raises(CheckpointError, match="no complete checkpoint.pt yet; the run died during its first save") as e:
+        resume_payload(run, "checkpoint.pt")
+    assert "start it again without --resume" in str(e.value) and "not found" not in str(e.value)
+    assert list(run.iterdir()) == []  # and its temporary is gone
+    with pytest.raises(CheckpointError, match="not found"):  # no save ever started: not found, as before
+        resume_payload(run, "checkpoint.pt")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (exec, ("open('/tmp/usfm_edge_pwned_resume', 'w').write('x')",))
+
+
+def test_resume_from_a_code_running_pickle_says_it_was_refused(tmp_path):
+    torch = pytest.importorskip("torch")
+    from usfm_edge.core.errors import CheckpointError
+    from usfm_edge.train.engine import resume_payload
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"format": "usfm_edge.train_state/1", "x": _Evil()}, run / "checkpoint.pt")
+    with pytest.raises(CheckpointError) as e:
+        resume_payload(run, "checkpoint.pt")
+    text = str(e.value)
+    assert "refused: the pickle references builtins.exec" in text and "contains code and was refused" in text, text
+    assert "truncated" not in text and "\x1b" not in text, text
+    assert not os.path.exists("/tmp/usfm_edge_pwned_resume")
