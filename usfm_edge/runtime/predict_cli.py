@@ -12,6 +12,10 @@ Writes into ``--out`` (each file atomically: temporary file + rename):
   models), label/probability (cls), timing_ms.
 * ``features.npy`` for ``features`` bundles (one row per frame, in the order of ``results.csv``).
 
+Frames are numbered within their file everywhere (records, errors, messages). Input names can carry patient
+data: ``--anonymize-names`` writes overlays as ``frame_0001.png``... and names the inputs ``file_0001``... in the
+tables and messages; ``--name-map PATH`` (outside ``--out``) keeps the mapping back to the input paths.
+
 Pixel spacing: a DICOM's own spacing wins, then a dataset table next to the image (HC18's
 ``*pixel_size*.csv`` with ``filename`` and ``pixel size(mm)`` columns, in the image's folder or the one above),
 then ``--pixel-spacing`` for the remaining files; ``results.json`` records which source gave each frame's spacing. HC18-style models are
