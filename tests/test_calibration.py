@@ -19,6 +19,7 @@ from PIL import Image
 from usfm_edge.calibration import CalibrationSet, QuantRecipe, build_calibration_set, make_quantizer
 from usfm_edge.calibration.backends import check_qdq, read_contract
 from usfm_edge.core.errors import BackendUnavailableError, ConfigError, DataError, ValidationError
+from usfm_edge.core.io import owner_tag
 from usfm_edge.data.readers import read_image
 
 torch = pytest.importorskip("torch")
@@ -340,7 +341,12 @@ def test_quantize_bundle_without_checkpoint(fp32_bundle, tmp_path):
 
     src = tmp_path / fp32_bundle.name
     shutil.copytree(fp32_bundle, src)  # the checkpoint is not next to this copy: quantise its ONNX directly
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".seg-onnx-int8.usfm.tmp-{dead.pid}-{owner_tag().split('-')[1]}-0badf00d"  # a killed run's
+    stale.mkdir()
     out = quantize_bundle(src, SPECS, max_drop=0.02)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([src.name, out.name])  # the dead temp is gone
     meta = json.loads((out / "usfm.json").read_text())
     assert out.name == "seg-onnx-int8.usfm" and meta["precision"] == "int8"
     assert meta["parity"]["passed"] and meta["parity"]["reference"].startswith("fp32 bundle")

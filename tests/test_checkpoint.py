@@ -180,8 +180,12 @@ def test_code_running_pickle_is_refused(tmp_path):
         pickle.dump({"cls_token": _Evil()}, f)
     torch.save({"x": _Evil()}, tmp_path / "evil2.pth")
     for p in (path, tmp_path / "evil2.pth"):
-        with pytest.raises(CheckpointError, match="evil"):
+        with pytest.raises(CheckpointError, match="evil") as err:
             usfm_edge.create_model("usfm_vit_test", checkpoint=p)
+        text = str(err.value)  # one complete message: no escape codes, no sentence cut short
+        assert "\x1b" not in text and "refused: the pickle" in text and "contains code and was refused" in text, text
+        assert "truncated" not in text and len(text) < 600, text
+    assert "references builtins.exec" in str(err.value)  # torch.save's pickle names the refused global
     assert not os.path.exists("/tmp/usfm_edge_pwned")
 
 

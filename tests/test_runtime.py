@@ -378,6 +378,38 @@ def test_predict_cli_seg_hc_cine_and_failures(bundles, frames, tmp_path):
     assert not (tmp_path / "o2" / "overlays").exists()
 
 
+def test_predict_numbers_frames_per_file_and_anonymizes_names(bundles, frames, tmp_path):
+    """A DICOM's bad frames are numbered within the file in the messages, as in results.json; with
+    --anonymize-names no input name reaches the outputs and the mapping is written only outside them."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    patient = "DOE_JANE_1961"
+    Image.fromarray(frames[0]).save(inp / f"a_{patient}.png")
+    write_dicom(inp / f"{patient}.dcm", np.zeros((2, 4, 300), np.uint8))  # frames too small: refused per frame
+    out, runner = tmp_path / "out", CliRunner()
+    r = runner.invoke(main, ["predict", str(bundles["onnx"]), str(inp), "--out", str(out)])
+    assert r.exit_code == 1 and "2 input(s) failed, 1 frame(s) predicted" in r.output, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert [e["frame"] for e in res["errors"]] == [0, 1]
+    assert all(e["error"].startswith("frame is 4x300 pixels; this model needs") for e in res["errors"]), res["errors"]
+    assert f"{patient}.dcm[frame 0]" in r.output and f"{patient}.dcm[frame 1]" in r.output, r.output
+    assert "frame 2" not in r.output  # the run-wide index of the second DICOM frame
+    anon, mapping = tmp_path / "anon", tmp_path / "private" / "names.json"
+    r = runner.invoke(main, ["predict", str(bundles["onnx"]), str(inp), "--out", str(anon), "--anonymize-names",
+                             "--name-map", str(mapping)])
+    assert r.exit_code == 1, r.output
+    assert sorted(p.name for p in (anon / "overlays").iterdir()) == ["frame_0001.png"]
+    for f in anon.rglob("*"):
+        assert patient not in f.name and (f.is_dir() or patient.encode() not in f.read_bytes()), f
+    res = json.loads((anon / "results.json").read_text())
+    assert json.loads(mapping.read_text()) == {"file_0001": str(inp / f"{patient}.dcm"),  # input order
+                                               "file_0002": str(inp / f"a_{patient}.png")}
+    assert res["records"][0]["file"] == "file_0002" and [e["file"] for e in res["errors"]] == ["file_0001"] * 2
+    r = runner.invoke(main, ["predict", str(bundles["onnx"]), str(inp), "--out", str(anon), "--anonymize-names",
+                             "--name-map", str(anon / "names.json")])
+    assert r.exit_code != 0 and "outside --out" in r.output, r.output
+
+
 def test_predict_cli_cls_and_enhance(bundles, frames, tmp_path):
     img, runner = tmp_path / "frame.png", CliRunner()
     Image.fromarray(frames[2]).save(img)

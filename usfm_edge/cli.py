@@ -364,7 +364,11 @@ def _progress(it, label):
               metavar="MM", help="mm per pixel for files without their own spacing (a DICOM's own wins)")
 @click.option("--threads", type=int, default=None, help="backend CPU threads")
 @click.option("--no-overlays", is_flag=True, help="write results.json/.csv only")
-def predict(bundle, inputs, out, backend, device, pixel_spacing, threads, no_overlays):
+@click.option("--anonymize-names", is_flag=True,
+              help="name outputs frame_0001.png / file_0001, never after the inputs (names can carry patient data)")
+@click.option("--name-map", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="with --anonymize-names: JSON file outside --out mapping file_0001... to the inputs")
+def predict(bundle, inputs, out, backend, device, pixel_spacing, threads, no_overlays, anonymize_names, name_map):
     """Run BUNDLE on INPUTS (PNG/JPEG/DICOM files, folders, multi-frame DICOM cine); write overlays and tables.
 
     Areas are in px and, when the pixel spacing is known, mm²; HC18-style bundles also give the head
@@ -373,7 +377,8 @@ def predict(bundle, inputs, out, backend, device, pixel_spacing, threads, no_ove
     from usfm_edge.runtime.predict_cli import run_predict
 
     summary = run_predict(bundle, inputs, out, backend=backend, device=device, pixel_spacing=pixel_spacing,
-                          threads=threads, overlays=not no_overlays)
+                          threads=threads, overlays=not no_overlays, anonymize_names=anonymize_names,
+                          name_map=name_map)
     click.echo(f"{summary['frames']} frame(s) from {summary['files']} file(s) via {summary['backend']}, "
                f"mean {summary['mean_timing_ms']} ms/frame -> {out}")
 

@@ -246,11 +246,11 @@ def _quantize_files(bundle: Path, meta, out: Path, quantizer) -> Path:
     """
     import datetime as _dt
     import shutil
-    import uuid
 
     from usfm_edge.core.bundle_schema import META_FILE, SUMS_FILE
     from usfm_edge.core.io import atomic_write_text
-    from usfm_edge.runtime.bundle_io import DEVICE_BUILT_FILES, format_sums, sha256_file, verify_bundle
+    from usfm_edge.export.bundle import BundleWriter
+    from usfm_edge.runtime.bundle_io import DEVICE_BUILT_FILES, format_sums, sha256_file
 
     if meta.backend == "tensorrt":
         raise ConfigError("a TensorRT bundle can only be quantised from its checkpoint (its build script and "
@@ -261,9 +261,8 @@ def _quantize_files(bundle: Path, meta, out: Path, quantizer) -> Path:
                           hint="export an fp32 bundle or pass the checkpoint")
     role = "openvino_xml" if meta.backend == "openvino" else "onnx"
     model = bundle / meta.files[role]
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with BundleWriter(out) as writer:  # cleans dead writers' temporaries of ``out``; atomic commit
+        tmp = writer.path
         work = tmp.parent / f"{tmp.name}-work"
         work.mkdir()
         try:
@@ -293,11 +292,5 @@ def _quantize_files(bundle: Path, meta, out: Path, quantizer) -> Path:
         atomic_write_text(tmp / META_FILE, meta.validate().to_json())
         sums = {f.name: sha256_file(f) for f in tmp.iterdir() if f.is_file() and f.name != SUMS_FILE}
         atomic_write_text(tmp / SUMS_FILE, format_sums(sums))
-        verify_bundle(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        return writer.commit()
 

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 
 from usfm_edge.core.bundle_schema import BUNDLE_SUFFIX, META_FILE, SUMS_FILE, BundleMeta
 from usfm_edge.core.errors import BundleError, ExportError
-from usfm_edge.core.io import atomic_write_text
+from usfm_edge.core.io import atomic_write_text, clean_before_write, owner_tag
 from usfm_edge.runtime.bundle_io import (
     DEVICE_BUILT_FILES,
     format_sums,
@@ -102,7 +101,10 @@ class BundleWriter:
     """Build a bundle in a temporary sibling folder; ``commit`` renames it into place.
 
     Used as a context manager, an exception inside the block removes the temporary folder, so a failed
-    export never leaves a bundle (complete or partial) behind.
+    export never leaves a bundle (complete or partial) behind. A killed export leaves its temporary folder
+    (named with its PID, ``.NAME.usfm.tmp-<pid>-<host>-<hex>``); the next writer of ``out`` removes it, and
+    when a kill fell between ``commit``'s two renames it first puts the previous bundle back at ``out``
+    (``core.io.clean_before_write``), before it checks ``out``.
 
     Args:
         out: the bundle folder to create (``.usfm`` is appended when missing).
@@ -112,6 +114,7 @@ class BundleWriter:
     def __init__(self, out: str | Path, overwrite: bool = True):
         self.out = bundle_path(out)
         self.overwrite = overwrite
+        clean_before_write(self.out)
         if self.out.exists():
             if not self.out.is_dir() or not ((self.out / META_FILE).is_file() or not any(self.out.iterdir())):
                 raise ExportError("output exists and is not a usfm-edge bundle; refusing to replace it", path=self.out)
@@ -119,7 +122,7 @@ class BundleWriter:
                 raise ExportError("bundle already exists; refusing to replace it", path=self.out,
                                   hint="pass --force (Python: overwrite=True) or choose another --out")
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.path = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.path = self.out.parent / f".{self.out.name}.tmp-{owner_tag()}"
         self.path.mkdir()
         self.committed = False
 
@@ -145,12 +148,12 @@ class BundleWriter:
         verify_bundle(self.path)
         old = None
         if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
+            old = self.out.parent / f".{self.out.name}.old-{owner_tag()}"
             os.replace(self.out, old)
         try:
             os.replace(self.path, self.out)
-        except OSError:
-            if old is not None:
+        except BaseException:  # an error or an interrupt between the renames: the previous bundle goes back
+            if old is not None and not self.out.exists():
                 os.replace(old, self.out)
             raise
         if old is not None:

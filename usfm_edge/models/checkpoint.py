@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,32 @@ def _names(keys: list[str], limit: int) -> str:
     return ", ".join(f"{g}.* ({n})" for g, n in groups.items())
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_REFUSED_OPCODE = re.compile(r"Unsupported operand (\d+)")
+
+
+def describe_load_error(exc: BaseException) -> tuple[str, bool]:
+    """``(one complete sentence, is_unsafe)`` for an error of ``torch.load(weights_only=True)``.
+
+    torch's message for a refused pickle is a page with ANSI escape codes; this keeps what matters: the
+    global the pickle references (``exec`` becomes ``builtins.exec``) or the refused pickle instruction.
+    Other errors keep their first line, without escape codes.
+    """
+    text = _ANSI.sub("", str(exc))
+    found = _REFUSED_GLOBAL.search(text)
+    if found:
+        name = found[1] if "." in found[1] else f"builtins.{found[1]}"
+        return f"refused: the pickle references {name}, which could run code", True
+    found = _REFUSED_OPCODE.search(text)
+    if found:
+        return f"refused: the pickle uses an instruction (opcode {found[1]}) that safe loading does not allow", True
+    if "weights_only" in text:
+        return "refused: the pickle holds objects that safe loading (weights_only=True) does not allow", True
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+    return first, False
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Read a checkpoint file -> (flat-or-nested state dict, our JSON config or None).
 
@@ -81,10 +108,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError (truncated zip), EOFError, ...
-        msg = str(exc).splitlines()[0][:300]
-        unsafe = "weights_only" in str(exc) or "Unsupported global" in str(exc)
-        hint = ("this pickle contains objects that could run code; it was refused (weights_only=True). "
-                "Re-save it as a plain state dict" if unsafe else "the file may be truncated or not a checkpoint")
+        msg, unsafe = describe_load_error(exc)
+        hint = ("this pickle contains code and was refused (weights_only=True); re-save it as a plain state dict "
+                "where you trust its source" if unsafe else "the file may be truncated or not a checkpoint")
         raise CheckpointError(f"cannot load checkpoint: {msg}", path=path, hint=hint) from exc
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a state dict", path=path)

@@ -12,6 +12,10 @@ Writes into ``--out`` (each file atomically: temporary file + rename):
   models), label/probability (cls), timing_ms.
 * ``features.npy`` for ``features`` bundles (one row per frame, in the order of ``results.csv``).
 
+Frames are numbered within their file everywhere (records, errors, messages). Input names can carry patient
+data: ``--anonymize-names`` writes overlays as ``frame_0001.png``... and names the inputs ``file_0001``... in the
+tables and messages; ``--name-map PATH`` (outside ``--out``) keeps the mapping back to the input paths.
+
 Pixel spacing: a DICOM's own spacing wins, then a dataset table next to the image (HC18's
 ``*pixel_size*.csv`` with ``filename`` and ``pixel size(mm)`` columns, in the image's folder or the one above),
 then ``--pixel-spacing`` for the remaining files; ``results.json`` records which source gave each frame's spacing. HC18-style models are
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -30,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from usfm_edge.core.errors import DataError, InputError
+from usfm_edge.core.errors import ConfigError, DataError, InputError
 from usfm_edge.core.io import atomic_save_npy, atomic_write_bytes, atomic_write_json, atomic_write_text
 from usfm_edge.data.readers import IMAGE_SUFFIXES
 
@@ -92,12 +97,18 @@ def _hc(mask: np.ndarray, k: int, spacing) -> tuple[float | None, str | None, li
 
 
 class _Names:
-    """Unique overlay file names: ``stem.png``, ``stem_f0003.png`` for cine frames, ``stem-2.png`` on clashes."""
+    """Unique overlay file names: ``stem.png``, ``stem_f0003.png`` for cine frames, ``stem-2.png`` on clashes;
+    with ``anonymous`` ``frame_0001.png``, ``frame_0002.png``... in the order of the records (no input name)."""
 
-    def __init__(self):
+    def __init__(self, anonymous: bool = False):
         self.used: set[str] = set()
+        self.anonymous = anonymous
 
     def __call__(self, path: Path, frame: int, n_frames: int) -> str:
+        if self.anonymous:
+            name = f"frame_{len(self.used) + 1:04d}.png"
+            self.used.add(name)
+            return name
         base = path.stem if n_frames == 1 else f"{path.stem}_f{frame:04d}"
         name, k = f"{base}.png", 2
         while name in self.used:
@@ -235,9 +246,25 @@ def _drain(src: deque, dst: list) -> int:
     return n
 
 
+_STREAM_INDEX = re.compile(r"^frame \d+: ")  # the stream numbers frames across the whole run; we do per file
+
+
+def _anonymize(summary: dict, files: list[Path], name_map: Path | None) -> None:
+    """Replace every input path and name in ``summary`` by ``file_0001``...; write the mapping to ``name_map``."""
+    ids = {str(f): f"file_{k:04d}" for k, f in enumerate(files, 1)}
+    for entry in [*summary["records"], *summary["errors"]]:
+        entry["file"] = ids.get(entry["file"], entry["file"])
+    for e in summary["errors"]:
+        for f in files:
+            e["error"] = e["error"].replace(str(f), ids[str(f)]).replace(f.name, ids[str(f)])
+    if name_map is not None:
+        atomic_write_json(name_map, {v: k for k, v in ids.items()})
+
+
 def run_predict(bundle: str | Path, inputs: Sequence[str | Path], out: str | Path, backend: str = "auto",
                 device: str = "auto", pixel_spacing: float | None = None, threads: int | None = None,
-                overlays: bool = True, progress: bool = True) -> dict:
+                overlays: bool = True, progress: bool = True, anonymize_names: bool = False,
+                name_map: str | Path | None = None) -> dict:
     """Predict every frame of ``inputs`` with ``bundle`` and write overlays, ``results.json`` and ``results.csv``.
 
     Args:
@@ -250,6 +277,9 @@ def run_predict(bundle: str | Path, inputs: Sequence[str | Path], out: str | Pat
         threads: backend CPU threads.
         overlays: write the overlay PNGs.
         progress: show a click progress bar (on stderr).
+        anonymize_names: never copy input names (which can carry patient data) into the outputs: overlays are
+            ``frame_0001.png``... in record order, ``results.json``/``.csv`` name files ``file_0001``...
+        name_map: with ``anonymize_names``, a JSON file (outside ``out``) to write ``{file_0001: input path}`` to.
 
     Returns:
         the ``results.json`` content.
@@ -264,6 +294,13 @@ def run_predict(bundle: str | Path, inputs: Sequence[str | Path], out: str | Pat
     from usfm_edge.runtime.engine import Engine
 
     out = Path(out)
+    if name_map is not None:
+        name_map = Path(name_map)
+        if not anonymize_names:
+            raise ConfigError("a name map is written only with anonymised names", hint="add --anonymize-names")
+        if name_map.resolve().is_relative_to(out.resolve()):
+            raise ConfigError("the name map must be kept out of the outputs (it links them to the input names)",
+                              path=name_map, hint="choose a --name-map outside --out")
     files = expand_inputs(inputs)
     spacing = None if pixel_spacing is None else (float(pixel_spacing), float(pixel_spacing))
     engine = Engine.open(bundle, backend=backend, device=device, threads=threads)
@@ -271,7 +308,7 @@ def run_predict(bundle: str | Path, inputs: Sequence[str | Path], out: str | Pat
     records: list[dict] = []
     errors: list[dict] = []
     features: list[np.ndarray] = []
-    names = _Names()
+    names = _Names(anonymous=anonymize_names)
     pending: deque = deque()
     read_errors: deque = deque()  # appended by the stream's loader thread
     bar = click.progressbar(length=len(files), label="predict", file=sys.stderr if progress else io.StringIO(),
@@ -289,7 +326,7 @@ def run_predict(bundle: str | Path, inputs: Sequence[str | Path], out: str | Pat
             f, i, n, frame, sp, src = pending.popleft()
             advance(_drain(read_errors, errors) + (i == n - 1))
             if isinstance(result, (InputError, DataError)):
-                errors.append({"file": str(f), "frame": i, "error": result.message})
+                errors.append({"file": str(f), "frame": i, "error": _STREAM_INDEX.sub("", result.message)})
                 continue
             rec = _record(result, f, i, n, sp, src, hc_index)
             if overlays:
@@ -312,12 +349,15 @@ def run_predict(bundle: str | Path, inputs: Sequence[str | Path], out: str | Pat
                "head_circumference": hc_index is not None, "files": len(files), "frames": len(records),
                "errors": errors, "mean_timing_ms": round(float(np.mean([r["timing_ms"] for r in records])), 3)
                if records else None, "records": records}
+    if anonymize_names:
+        _anonymize(summary, files, name_map)
     if features:
         atomic_save_npy(out / "features.npy", np.stack(features))
     atomic_write_json(out / "results.json", summary)
     atomic_write_text(out / "results.csv", _csv(records, engine.task, engine.labels, hc_index is not None))
     if errors:
         raise DataError(f"{len(errors)} input(s) failed, {len(records)} frame(s) predicted; the failures are listed "
-                        f"in results.json: " + "; ".join(f"{e['file']}[{e['frame']}]: {e['error']}" for e in errors[:3]),
+                        f"in results.json: " + "; ".join(f"{e['file']}[frame {e['frame']}]: {e['error']}" if e["frame"] is not None
+                                  else f"{e['file']}: {e['error']}" for e in errors[:3]),
                         path=out / "results.json")
     return summary

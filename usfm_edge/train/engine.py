@@ -14,6 +14,7 @@ tensor, number, string, list or dict (RNG states included), so no pickle code ev
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import random
 import time
@@ -33,7 +34,7 @@ from usfm_edge.train.optim import scaled_lr, set_lr
 
 __all__ = ["NonFiniteLossError", "TrainState", "JsonlLogger", "cpu_supports_bf16", "autocast_dtype",
            "train_one_epoch", "run_epochs", "rng_state", "set_rng_state", "save_training_state", "load_training_state",
-           "resume_payload", "Schedule", "schedule", "restore_training_state", "distributed", "write_run_config"]
+           "resume_payload", "remove_stale_checkpoint_temps", "Schedule", "schedule", "restore_training_state", "distributed", "write_run_config"]
 
 
 class NonFiniteLossError(UsfmEdgeError):
@@ -327,6 +328,8 @@ def save_training_state(path: str | Path, *, model: nn.Module, optimizer: torch.
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
     """Read a training-state file with ``torch.load(weights_only=True)`` (no pickled code runs)."""
+    from usfm_edge.models.checkpoint import describe_load_error
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError("training checkpoint not found", path=path,
@@ -334,8 +337,11 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot read training checkpoint: {str(exc).splitlines()[0][:300]}", path=path,
-                              hint="the file may be truncated; use an earlier checkpoint") from exc
+        msg, unsafe = describe_load_error(exc)
+        hint = ("this file contains code and was refused (no pickled code runs); it is not a checkpoint this "
+                "tool wrote: use the run's own checkpoint.pt" if unsafe
+                else "the file may be truncated; use an earlier checkpoint")
+        raise CheckpointError(f"cannot read training checkpoint: {msg}", path=path, hint=hint) from exc
     if not isinstance(payload, dict) or payload.get("format") != "usfm_edge.train_state/1":
         raise CheckpointError("not a usfm-edge training checkpoint (no 'format' key)", path=path,
                               hint="--resume takes checkpoint.pt of a pretraining run; use --init for weights")
@@ -349,7 +355,23 @@ def resume_payload(resume: str | Path | None, name: str = "checkpoint.pt") -> tu
         return None, None
     path = Path(resume)
     path = path / name if path.is_dir() else path
+    partial = sorted(path.parent.glob(f"{glob.escape(path.name)}.*.tmp")) if path.parent.is_dir() else []
+    remove_stale_checkpoint_temps(path)
+    if not path.is_file() and partial:
+        raise CheckpointError(f"no complete {path.name} yet; the run died during its first save "
+                              f"(left {partial[0].name})", path=path,
+                              hint="start it again without --resume")
     return load_training_state(path), path
+
+
+def remove_stale_checkpoint_temps(path: str | Path) -> list[Path]:
+    """Remove the ``NAME.*.tmp`` files a killed save of ``path`` left (the complete ``path`` is kept until a new
+    one has been written in full: ``save_training_state`` writes a temporary, then renames it). Run at the start
+    of every run and resume; a save of this machine still in progress (its PID is alive) is left alone, and a
+    temporary without a PID (older versions) once it is 10 minutes old."""
+    from usfm_edge.core.io import remove_stale_temps
+
+    return remove_stale_temps(path, max_age_s=600)
 
 
 @dataclass(frozen=True)

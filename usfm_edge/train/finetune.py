@@ -45,6 +45,7 @@ from usfm_edge.train.engine import (
     TrainState,
     autocast_dtype,
     distributed,
+    remove_stale_checkpoint_temps,
     restore_training_state,
     resume_payload,
     run_epochs,
@@ -325,6 +326,7 @@ def fit_finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: str | Path | 
     out.mkdir(parents=True, exist_ok=True)
     try:
         payload, resume = resume_payload(resume, CHECKPOINT)
+        remove_stale_checkpoint_temps(out / CHECKPOINT)
         if payload is not None:
             diff = cfg.resume_diff(payload["config"], sorted(
                 k for k in payload["config"] if k not in ("epochs", "max_steps", "time_limit_min")))

@@ -39,6 +39,7 @@ from usfm_edge.train.engine import (
     TrainState,
     autocast_dtype,
     distributed,
+    remove_stale_checkpoint_temps,
     restore_training_state,
     resume_payload,
     run_epochs,
@@ -132,6 +133,7 @@ def fit_pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: str | Path | 
 def _fit(cfg: PretrainConfig, out: Path, resume, progress: bool, info: DistInfo) -> PretrainResult:
     out.mkdir(parents=True, exist_ok=True)
     payload, resume = resume_payload(resume, CHECKPOINT)
+    remove_stale_checkpoint_temps(out / CHECKPOINT)
     if payload is not None:
         _check_resume(payload["config"], cfg, resume)
         if payload["extra"].get("world_size", 1) != info.world_size:
