@@ -231,8 +231,10 @@ class OpenVINOBackend(Backend):
         if threads and base == "CPU":
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self._weights = None
-        if weights is not None:  # an IR: the XML text and a weights tensor sharing the verified buffer (OpenVINO
-            # keeps using that memory: the backend holds it as long as the model)
+        if weights is not None:  # an IR: the XML text and a weights tensor made from the verified buffer. It is
+            # copied into OpenVINO's own memory (shared_memory=False): a compiled model can outlive this backend
+            # (an async queue of a stream still draining when the engine closes), and shared weights freed with the
+            # backend would then be read after free.
             try:
                 text = bytes(data).decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -241,9 +243,11 @@ class OpenVINOBackend(Backend):
         else:  # an ONNX model run by OpenVINO (Engine.from_file): its weights must be inside these bytes
             check_onnx_self_contained(data, source or "model.onnx")
         try:
-            model = core.read_model(text, ov.Tensor(self._weights, shared_memory=True)) if self._weights is not None \
+            model = core.read_model(text, ov.Tensor(self._weights, shared_memory=False)) if self._weights is not None \
                 else core.read_model(bytes(data))
             self.compiled = core.compile_model(model, dev, config)
+            del model
+            self._weights = None  # OpenVINO holds its own copy
         except Exception as exc:  # noqa: BLE001
             raise BundleError(f"OpenVINO cannot compile the model on {dev}: {exc}", path=source) from exc
         self.device = dev

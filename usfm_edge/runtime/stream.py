@@ -76,6 +76,7 @@ class _OpenVINOSubmitter:
         self._names, self._ports = list(backend.output_names), list(backend._ports)
         self._queue = ov.AsyncInferQueue(backend.compiled, int(jobs))
         self._queue.set_callback(self._done)
+        self._closed = False
 
     def _done(self, request, fut: Future) -> None:
         try:
@@ -87,6 +88,9 @@ class _OpenVINOSubmitter:
 
     def submit(self, x: np.ndarray) -> Future:
         fut: Future = Future()
+        if self._closed:  # a loader thread that outlived Engine.close: nothing more runs
+            fut.set_exception(BundleError("engine was closed"))
+            return fut
         fut.set_running_or_notify_cancel()
         self._queue.start_async({0: x}, fut, share_inputs=False)  # copied into the request's own tensor
         return fut
@@ -105,6 +109,7 @@ class _OpenVINOSubmitter:
                 pass
 
     def shutdown(self) -> None:
+        self._closed = True
         try:
             self._queue.wait_all()
         except Exception:  # noqa: BLE001 - already reported through a future
