@@ -209,6 +209,12 @@ FRAME_CASES = [
     ("none", _frame(lambda f: None), InputError),
     ("ragged-list", _frame(lambda f: [[1, 2, 3], [4, 5]]), InputError),
     ("huge-side-no-memory", _frame(lambda f: np.broadcast_to(np.uint8(0), (200_000, 200_000))), InputError),
+    ("2-channels", _frame(lambda f: np.dstack([f, f])), InputError),
+    ("pil-image", _frame(lambda f: Image.fromarray(f)), InputError),
+    ("png-bytes", _frame(lambda f: REAL_PNG.read_bytes()), InputError),
+    ("uint16", _frame(lambda f: f.astype(np.uint16) * 200), InputError),
+    ("datetime", _frame(lambda f: np.zeros((64, 64), "datetime64[s]")), InputError),
+    ("rgb-float-nan", _frame(lambda f: np.dstack([f.astype(np.float32)] * 3) * np.nan), InputError),
     ("structured-dtype", _frame(lambda f: np.zeros((64, 64), dtype=[("a", np.uint8), ("b", np.uint8)])),
      InputError),
 ]
@@ -279,14 +285,23 @@ BUNDLE_CASES = [
     ("onnx-truncated-matching-sums", _bundle(lambda p: (p / "model.onnx").write_bytes(
         (p / "model.onnx").read_bytes()[:5000])), BundleError),
     ("onnx-valid-protobuf-not-a-model", _bundle(lambda p: (p / "model.onnx").write_bytes(b"\x08\x07")), BundleError),
+    ("usfm-json-5000-digit-int", _bundle(lambda p: (p / "usfm.json").write_text(
+        '{"schema_version": ' + "9" * 5000 + "}")), BundleError),
+    ("usfm-json-bom", _bundle(lambda p: (p / "usfm.json").write_bytes(b"\xef\xbb\xbf" + (p / "usfm.json").read_bytes())),
+     BundleError),
+    ("usfm-json-nan-version", _bundle(lambda p: _meta(p, lambda d: _setitem(d, "schema_version", float("nan")))),
+     BundleError),
+    ("signature-folder", _bundle(lambda p: (p / "SIGNATURE").mkdir()), BundleError),
     ("bundle-is-a-file", _bundle_file_is_folder, BundleError),
     ("bundle-missing", lambda t, c: t / "nothing.usfm", BundleError),
 ]
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------------
-def _safetensors(tensors: dict) -> bytes:
+def _safetensors(tensors: dict, metadata: dict | None = None) -> bytes:
     header, blobs, off = {}, b"", 0
+    if metadata is not None:
+        header["__metadata__"] = metadata
     for k, arr in tensors.items():
         data = np.ascontiguousarray(arr, np.float32).tobytes()
         header[k] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [off, off + len(data)]}
@@ -294,6 +309,26 @@ def _safetensors(tensors: dict) -> bytes:
         off += len(data)
     h = json.dumps(header).encode()
     return struct.pack("<Q", len(h)) + h + blobs
+
+
+def _task_checkpoint(tmp, ctx, **config):
+    """A real task checkpoint (seg, usfm_vit_test) whose stored config was edited."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file, save_file
+
+    from usfm_edge.models.tasks import build_task_model, save_task_checkpoint
+
+    p = tmp / "seg.safetensors"
+    save_task_checkpoint(build_task_model("seg", "usfm_vit_test", img_size=S), p)
+    with open(p, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        meta = json.loads(f.read(n))["__metadata__"]
+    cfg = json.loads(meta["usfm_edge"])
+    cfg.update(config)
+    meta["usfm_edge"] = json.dumps(cfg)
+    save_file({k: v.contiguous() for k, v in load_file(str(p)).items()}, str(p), metadata=meta)
+    assert torch is not None
+    return p
 
 
 def _zip_not_torch(tmp, ctx):
@@ -337,6 +372,18 @@ CHECKPOINT_CASES = [
     ("training-state-checkpoint-pt", _torch_save("checkpoint.pt", lambda torch: {
         "format": "usfm_edge.train_state/1", "model": {"w": torch.zeros(2)}, "epoch": 3}), ExportError),
     ("checkpoint-missing", lambda t, c: t / "nope.safetensors", CheckpointError),
+    ("safetensors-config-not-json", lambda t, c: _write(t, "cfg.safetensors", _safetensors(
+        {"w": np.ones(2)}, {"usfm_edge": "{not json"})), CheckpointError),
+    ("safetensors-config-a-list", lambda t, c: _write(t, "cfgl.safetensors", _safetensors(
+        {"w": np.ones(2)}, {"usfm_edge": "[1, 2]"})), CheckpointError),
+    ("task-config-without-model", lambda t, c: _write(t, "task.safetensors", _safetensors(
+        {"w": np.ones(2)}, {"usfm_edge": json.dumps({"task": "seg", "format": "usfm_edge.task/1"})})), UsfmEdgeError),
+    ("task-config-unknown-preset", lambda t, c: _task_checkpoint(t, c, model="no_such_vit", model_args=None),
+     CheckpointError),
+    ("task-config-img-size-text", lambda t, c: _task_checkpoint(t, c, img_size="big"), CheckpointError),
+    ("task-config-head-args-list", lambda t, c: _task_checkpoint(t, c, head_args=[1, 2]), CheckpointError),
+    ("task-config-model-args-text", lambda t, c: _task_checkpoint(t, c, model_args="wide"), CheckpointError),
+    ("task-checkpoint-weights-of-another-size", lambda t, c: _task_checkpoint(t, c, img_size=128), UsfmEdgeError),
     ("checkpoint-is-folder", lambda t, c: (t / "d.pth").mkdir() or t / "d.pth", CheckpointError),
 ]
 
