@@ -143,7 +143,26 @@ def _signature_not_json(p, keys):
     return "not UTF-8 JSON"
 
 
-REFUSALS = {"wrong-key": _wrong_key, "unsigned": _unsigned, "tampered-signature": _tampered_signature,
+def _signature_doc(**edit):
+    def build(p, keys):
+        sign_bundle(p, keys["a"][0])
+        doc = json.loads((p / "SIGNATURE").read_text())
+        doc.update(edit)
+        (p / "SIGNATURE").write_text(json.dumps(doc))
+        return "SIGNATURE"
+
+    return build
+
+
+def _signature_huge(p, keys):
+    (p / "SIGNATURE").write_bytes(b" " * (1 << 20))
+    return "more than"
+
+
+REFUSALS = {"key-id-int": _signature_doc(key_id=7), "signature-odd-hex": _signature_doc(signature="abc"),
+            "signature-short": _signature_doc(signature="00" * 10), "other-algorithm": _signature_doc(algorithm="rsa"),
+            "signs-other-file": _signature_doc(signed_file="usfm.json"), "signature-huge": _signature_huge,
+            "wrong-key": _wrong_key, "unsigned": _unsigned, "tampered-signature": _tampered_signature,
             "resummed-after-edit": _resummed_after_edit, "signature-symlink": _signature_symlink,
             "signature-not-json": _signature_not_json}
 
@@ -179,6 +198,32 @@ def test_signature_symlink_is_refused_even_without_keys(bundle, keys, tmp_path):
 def test_unsigned_bundle_opens_without_keys(bundle, frame):
     with Engine.open(bundle) as engine:
         assert engine.predict(frame).mask.shape == frame.shape
+
+
+def test_one_key_alone_and_an_empty_key_list(bundle, keys, tmp_path):
+    from usfm_edge.core.errors import ConfigError
+
+    p = _copy(bundle, tmp_path)
+    sign_bundle(p, keys["a"][0])
+    Engine.open(p, trusted_keys=keys["a"][1], warmup=0).close()  # a single path, not a list
+    with pytest.raises(ConfigError, match="empty"):
+        Engine.open(p, trusted_keys=[])
+    with pytest.raises(ConfigError, match="verify"):
+        Engine.open(p, trusted_keys=[keys["a"][1]], verify=False)
+
+
+def test_evaluate_refuses_an_untrusted_bundle(bundle, keys, tmp_path):
+    from usfm_edge.core.errors import ConfigError
+    from usfm_edge.evaluation.evaluate import open_predictor
+
+    p = _copy(bundle, tmp_path)
+    sign_bundle(p, keys["b"][0])
+    with pytest.raises(BundleError, match="not among"):
+        open_predictor(p, trusted_keys=[keys["a"][1]])
+    eng, task, _ = open_predictor(p, trusted_keys=[keys["b"][1]])
+    eng.close()
+    with pytest.raises(ConfigError, match="checkpoint"):
+        open_predictor(keys["a"][1], trusted_keys=[keys["a"][1]])
 
 
 def test_missing_cryptography_names_the_extra(bundle, keys, monkeypatch):

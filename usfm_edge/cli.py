@@ -183,7 +183,9 @@ def finetune(out, config, resume, **kwargs):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the results here")
-def evaluate(source, data, split, val_fraction, split_seed, limit, backend, device, json_out):
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Ed25519 public key (PEM, repeatable): refuse a bundle not signed by one of them")
+def evaluate(source, data, split, val_fraction, split_seed, limit, backend, device, json_out, trusted_keys):
     """Score a fine-tuned checkpoint (.safetensors) or an exported bundle (NAME.usfm/) on real frames.
 
     Both go through the same graph and the same metrics, so fp32, fp16 and INT8 are directly comparable.
@@ -194,7 +196,7 @@ def evaluate(source, data, split, val_fraction, split_seed, limit, backend, devi
     from usfm_edge.evaluation.evaluate import evaluate as run
 
     res = run(source, list(data), split=split, val_fraction=val_fraction, seed=split_seed, limit=limit,
-              backend=backend, device=device)
+              backend=backend, device=device, trusted_keys=list(trusted_keys) or None)
     click.echo(res["scored"]["text"], err=True)
     click.echo(json.dumps(res, indent=2))
     if json_out:

@@ -115,6 +115,8 @@ def load_public_keys(keys: Iterable) -> list:
         DataError: a key file is unreadable or not an Ed25519 public key.
     """
     serialization, ed25519 = _crypto()
+    if isinstance(keys, (str, os.PathLike, bytes, bytearray)) or not isinstance(keys, Iterable):
+        keys = [keys]  # one key given alone
     out = []
     for k in keys:
         if isinstance(k, ed25519.Ed25519PublicKey):
