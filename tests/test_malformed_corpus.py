@@ -426,7 +426,31 @@ def _cli_predict_trusted_key_not_pem(tmp, ctx):
             _write(tmp, "k.pub", b"not a key")], 1
 
 
+def _cli_sign_tampered_bundle(tmp, ctx):
+    pytest.importorskip("cryptography")
+    from usfm_edge.runtime.signing import generate_keypair
+
+    key, _ = generate_keypair(tmp / "k")
+    b = _bundle(lambda p: open(p / "model.onnx", "ab").write(b"\0"), resum=False)(tmp, ctx)
+    return ["sign", b, "--key", key], 1  # a tampered bundle is never signed
+
+
+def _cli_name_map_without_anonymize(tmp, ctx):
+    return ["predict", ctx["bundle"], REAL_PNG, "--out", tmp / "out", "--name-map", tmp / "map.json"], 2
+
+
+def _cli_evaluate_trusted_key_on_unsigned(tmp, ctx):
+    pytest.importorskip("cryptography")
+    from usfm_edge.runtime.signing import generate_keypair
+
+    _, pub = generate_keypair(tmp / "k")
+    return ["evaluate", ctx["bundle"], "--data", f"busbra:{SAMPLE / 'busbra'}", "--trusted-key", pub], 1
+
+
 CLI_CASES = [
+    ("sign-tampered-bundle", _cli_sign_tampered_bundle, None),
+    ("predict-name-map-without-anonymize", _cli_name_map_without_anonymize, None),
+    ("evaluate-trusted-key-unsigned", _cli_evaluate_trusted_key_on_unsigned, None),
     ("predict-bundle-json-array", _cli_predict_bad_bundle, None),
     ("predict-1x1-png", _cli_predict_tiny_png, None),
     ("predict-text-png", _cli_predict_text_png, None),
