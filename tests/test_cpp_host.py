@@ -221,3 +221,14 @@ def test_refuses_bad_frames_and_usage(host, bundles, tmp_path):
     assert res.returncode == 2 and "not a binary PGM" in res.stderr, res.stderr
     res = subprocess.run([str(host)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "usage: usfm_host" in res.stderr
+
+
+def test_a_signed_bundle_still_opens(host, bundles, frames_dir, tmp_path):
+    """SIGNATURE (usfm-edge sign) is allowed without a SHA256SUMS line; this host does not check it."""
+    pytest.importorskip("cryptography")
+    from usfm_edge.runtime.signing import generate_keypair, sign_bundle
+
+    signed = copy_bundle(bundles["onnx-fp32"], tmp_path / "signed.usfm")
+    sign_bundle(signed, generate_keypair(tmp_path / "keys")[0])
+    res = run_host(host, signed, tmp_path / "out", sorted(frames_dir.glob("*.pgm"))[:1])
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -183,7 +183,9 @@ def finetune(out, config, resume, **kwargs):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the results here")
-def evaluate(source, data, split, val_fraction, split_seed, limit, backend, device, json_out):
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Ed25519 public key (PEM, repeatable): refuse a bundle not signed by one of them")
+def evaluate(source, data, split, val_fraction, split_seed, limit, backend, device, json_out, trusted_keys):
     """Score a fine-tuned checkpoint (.safetensors) or an exported bundle (NAME.usfm/) on real frames.
 
     Both go through the same graph and the same metrics, so fp32, fp16 and INT8 are directly comparable.
@@ -194,7 +196,7 @@ def evaluate(source, data, split, val_fraction, split_seed, limit, backend, devi
     from usfm_edge.evaluation.evaluate import evaluate as run
 
     res = run(source, list(data), split=split, val_fraction=val_fraction, seed=split_seed, limit=limit,
-              backend=backend, device=device)
+              backend=backend, device=device, trusted_keys=list(trusted_keys) or None)
     click.echo(res["scored"]["text"], err=True)
     click.echo(json.dumps(res, indent=2))
     if json_out:
@@ -368,7 +370,10 @@ def _progress(it, label):
               help="name outputs frame_0001.png / file_0001, never after the inputs (names can carry patient data)")
 @click.option("--name-map", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="with --anonymize-names: JSON file outside --out mapping file_0001... to the inputs")
-def predict(bundle, inputs, out, backend, device, pixel_spacing, threads, no_overlays, anonymize_names, name_map):
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Ed25519 public key (PEM, repeatable): refuse a bundle not signed by one of them")
+def predict(bundle, inputs, out, backend, device, pixel_spacing, threads, no_overlays, anonymize_names, name_map,
+            trusted_keys):
     """Run BUNDLE on INPUTS (PNG/JPEG/DICOM files, folders, multi-frame DICOM cine); write overlays and tables.
 
     Areas are in px and, when the pixel spacing is known, mm²; HC18-style bundles also give the head
@@ -378,9 +383,33 @@ def predict(bundle, inputs, out, backend, device, pixel_spacing, threads, no_ove
 
     summary = run_predict(bundle, inputs, out, backend=backend, device=device, pixel_spacing=pixel_spacing,
                           threads=threads, overlays=not no_overlays, anonymize_names=anonymize_names,
-                          name_map=name_map)
+                          name_map=name_map, trusted_keys=trusted_keys or None)
     click.echo(f"{summary['frames']} frame(s) from {summary['files']} file(s) via {summary['backend']}, "
                f"mean {summary['mean_timing_ms']} ms/frame -> {out}")
+
+
+# ------------------------------------------------------------------------------------------ keygen / sign
+@main.command(context_settings=CONTEXT)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="folder for signing.key (private, mode 0600) and signing.pub")
+@click.option("--force", is_flag=True, help="replace an existing key pair")
+def keygen(out, force):
+    """Make an Ed25519 key pair for signing bundles (needs usfm-edge[sign])."""
+    from usfm_edge.runtime.signing import generate_keypair, key_id, load_public_keys
+
+    priv, pub = generate_keypair(out, force=force)
+    click.echo(f"wrote {priv} (keep it secret) and {pub} (key id {key_id(load_public_keys([pub])[0])})")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--key", "key", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="signing.key from usfm-edge keygen")
+def sign(bundle, key):
+    """Verify BUNDLE and write its SIGNATURE (Ed25519 over the bytes of SHA256SUMS)."""
+    from usfm_edge.runtime.signing import sign_bundle
+
+    click.echo(f"wrote {sign_bundle(bundle, key)}")
 
 
 # -------------------------------------------------------------------------------------------- demo

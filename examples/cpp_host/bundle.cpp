@@ -22,6 +22,9 @@ const char* kMetaFile = "usfm.json";
 const char* kSumsFile = "SHA256SUMS";
 // Files build_engine.sh writes on a device after export; allowed without a checksum (bundle_io.DEVICE_BUILT_FILES).
 const std::set<std::string> kDeviceBuiltFiles = {"model.engine", "timing.cache", "build_engine.log"};
+// The optional Ed25519 signature of SHA256SUMS (usfm-edge sign; bundle_io.SIGNATURE_FILE): allowed without a
+// checksum. This host does not check it; docs/embedding.md "Signed bundles" shows the OpenSSL calls that do.
+const char* const kSignatureFile = "SIGNATURE";
 
 // Read a whole file once. Refuses symlinks (O_NOFOLLOW) and anything that is not a regular file (fstat on the
 // opened descriptor, so the check and the read concern the same file).
@@ -188,7 +191,7 @@ Bundle open_bundle(const fs::path& folder) {
     }
     for (const auto& entry : fs::directory_iterator(folder)) {
         std::string name = entry.path().filename().string();
-        if (!sums.count(name) && name != kSumsFile && !kDeviceBuiltFiles.count(name))
+        if (!sums.count(name) && name != kSumsFile && name != kSignatureFile && !kDeviceBuiltFiles.count(name))
             throw BundleError("file '" + name + "' is not listed in " + kSumsFile +
                               ": remove it, or export the bundle again");
     }

@@ -421,7 +421,7 @@ class BundleMeta:
                                   f"{exc.start})") from None
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # JSONDecodeError, or an integer of more digits than Python converts
             raise BundleError(f"{META_FILE} is not valid JSON: {exc}") from exc
         except RecursionError:
             raise BundleError(f"{META_FILE} nests its JSON too deeply") from None

@@ -322,6 +322,15 @@ def read_dicom(path: str | Path) -> DicomFrames:
             path=path,
             hint="give the image or cine file of the study",
         )
+    try:
+        return _dicom_frames(ds, path)
+    except (ValueError, TypeError, OverflowError, IndexError, KeyError, AttributeError) as exc:
+        # a header value a broken writer stored as text ('fast', 'a\\b') or out of range
+        raise DataError(f"DICOM header value is malformed ({type(exc).__name__}: {exc})", path=path,
+                        hint="the file was written by a non-conforming tool: export it again from the scanner") from exc
+
+
+def _dicom_frames(ds, path: Path) -> DicomFrames:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     arr = _dicom_pixels(ds, path)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)

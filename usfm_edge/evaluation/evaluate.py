@@ -94,18 +94,22 @@ def evaluate_predictor(predictor, records: Sequence, task: str, *, degrade_seed:
 PRIMARY = {"seg": "dice", "cls": "auc", "enhance": "psnr"}
 
 
-def open_predictor(path: str | Path, backend: str = "auto", device: str = "auto"):
+def open_predictor(path: str | Path, backend: str = "auto", device: str = "auto", trusted_keys=None):
     """A checkpoint (``.safetensors``) -> ``TorchPredictor``; a bundle folder -> ``runtime.Engine`` (any frame size,
-    static-shape bundles included). Returns ``(predictor, task, info)``."""
+    static-shape bundles included; ``trusted_keys``: it must be signed by one of them). Returns
+    ``(predictor, task, info)``."""
     path = Path(path)
     if path.is_dir():
         from usfm_edge.runtime import Engine
 
-        eng = Engine.open(path, backend=backend, device=device)
+        eng = Engine.open(path, backend=backend, device=device, trusted_keys=trusted_keys or None)
         info = {"kind": "bundle", "backend": getattr(eng.backend, "name", "?"), "precision": eng.meta.precision}
         if eng.meta.input.static_hw:
             info["frames_resized_to"] = list(eng.meta.input.static_hw)  # by the engine, outputs mapped back
         return eng, eng.task, info
+    if trusted_keys:
+        raise ConfigError("trusted keys check a bundle's signature; a checkpoint file has none", path=path,
+                          hint="export the checkpoint to a bundle and sign it, or drop --trusted-key")
     from usfm_edge.evaluation.torch_predictor import TorchPredictor
     from usfm_edge.models.tasks import load_task_model
 
@@ -122,12 +126,12 @@ def _cuda() -> bool:
 
 def evaluate(path: str | Path, data: str | Sequence[str], split: str = "val", val_fraction: float = 0.2,
              seed: int = 0, limit: int | None = None, backend: str = "auto", device: str = "auto",
-             progress: Callable | None = None) -> dict:
+             progress: Callable | None = None, trusted_keys=None) -> dict:
     """Evaluate a checkpoint or bundle on a data source's held-out split; returns metrics + provenance.
 
     ``scored`` says what was scored (:func:`describe_selection`: frames, patients, split).
     """
-    predictor, task, info = open_predictor(path, backend=backend, device=device)
+    predictor, task, info = open_predictor(path, backend=backend, device=device, trusted_keys=trusted_keys)
     chosen = select_records(data, split=split, val_fraction=val_fraction, seed=seed)
     records = evenly_spaced(chosen, limit)
     scored = describe_selection(records, split, val_fraction, seed, of=len(chosen))

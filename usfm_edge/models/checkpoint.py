@@ -102,7 +102,14 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"cannot read safetensors file ({exc})", path=path,
                                   hint="the file may be truncated; re-download or re-export it") from exc
-        config = json.loads(meta[META_KEY]) if META_KEY in meta else None
+        try:
+            config = json.loads(meta[META_KEY]) if META_KEY in meta else None
+        except (ValueError, RecursionError) as exc:
+            raise CheckpointError(f"the '{META_KEY}' config in the safetensors metadata is not valid JSON ({exc})",
+                                  path=path, hint="re-export the checkpoint with usfm-edge") from None
+        if config is not None and not isinstance(config, dict):
+            raise CheckpointError(f"the '{META_KEY}' config in the safetensors metadata is a "
+                                  f"{type(config).__name__}, not a JSON object", path=path)
         return sd, config
     _sniff(path)
     try:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from usfm_edge.core.errors import CheckpointError, ConfigError
+from usfm_edge.core.errors import CheckpointError, ConfigError, UsfmEdgeError
 from usfm_edge.core.preprocess import PreprocessSpec
 from usfm_edge.models.heads import (
     AuxFCNHead,
@@ -369,7 +369,13 @@ def load_task_model(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"not a usfm-edge task checkpoint (task: {task!r})", path=path,
                               hint="initialise a task model from a backbone with build_task_model(task, "
                                    "checkpoint=PATH)")
-    model = TaskModel.from_config(cfg)
+    try:
+        model = TaskModel.from_config(cfg)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # an edited or foreign config; ConfigError too
+        why = exc.message if isinstance(exc, UsfmEdgeError) else f"{type(exc).__name__}: {exc}"
+        raise CheckpointError(f"the model config stored in the checkpoint cannot build a model ({why})", path=path,
+                              hint="the checkpoint's metadata was edited or written by another tool: "
+                                   "fine-tune or export it again") from exc
     _load_strict(model, sd, path)
     model.checkpoint_config = cfg
     return model.to(map_location).eval()

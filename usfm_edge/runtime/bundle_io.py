@@ -35,10 +35,14 @@ from usfm_edge.core.errors import BundleError
 
 __all__ = ["sha256_file", "read_sums", "parse_sums", "format_sums", "read_meta", "verify_bundle", "BundleFiles",
            "read_bundle_file", "onnx_external_data", "check_onnx_self_contained", "DEVICE_BUILT_FILES",
+           "SIGNATURE_FILE", "UNLISTED_FILES",
            "ONNX_TENSOR_FIELDS"]
 
 #: files ``build_engine.sh`` writes on the device after export; allowed without a checksum.
 DEVICE_BUILT_FILES = frozenset({"model.engine", "timing.cache", "build_engine.log"})
+#: the detached signature of ``SHA256SUMS`` (``runtime.signing``); allowed without a checksum, a regular file.
+SIGNATURE_FILE = "SIGNATURE"
+UNLISTED_FILES = DEVICE_BUILT_FILES | {SIGNATURE_FILE}
 _META_LIMIT = 16 << 20  # usfm.json larger than this is not ours
 _SUMS_LIMIT = 1 << 20
 _CHUNK = 1 << 20
@@ -241,6 +245,8 @@ class BundleFiles:
     Attributes:
         meta: the validated ``usfm.json``, parsed from the bytes that were hashed.
         sums: ``SHA256SUMS`` (empty when not verifying).
+        sums_bytes: the exact ``SHA256SUMS`` bytes that were parsed (None when not verifying): a signature is
+            checked over these (``runtime.signing``).
 
     Raises:
         BundleError: the folder or ``usfm.json`` is missing, a link or non-regular file, a missing, unlisted or
@@ -256,9 +262,11 @@ class BundleFiles:
             raw = self._dir.read(META_FILE, limit=_META_LIMIT, missing=f"{META_FILE} is missing: not a usfm-edge bundle")
             self.meta = _parse_meta(raw, self.folder / META_FILE)
             self.sums: dict[str, str] = {}
+            self.sums_bytes: bytes | None = None
             if verify:
-                self.sums = parse_sums(self._dir.read(SUMS_FILE, limit=_SUMS_LIMIT, missing=(
-                    f"{SUMS_FILE} is missing: not a usfm-edge bundle or an incomplete copy")), self.folder / SUMS_FILE)
+                self.sums_bytes = bytes(self._dir.read(SUMS_FILE, limit=_SUMS_LIMIT, missing=(
+                    f"{SUMS_FILE} is missing: not a usfm-edge bundle or an incomplete copy")))
+                self.sums = parse_sums(self.sums_bytes, self.folder / SUMS_FILE)
                 if META_FILE not in self.sums:
                     raise BundleError(f"{META_FILE} is not covered by {SUMS_FILE}", path=self.folder)
                 self._check_listing()
@@ -284,7 +292,7 @@ class BundleFiles:
             if name not in self.sums and name not in DEVICE_BUILT_FILES:
                 raise BundleError(f"file '{name}' ({role}) is not covered by {SUMS_FILE}", path=self.folder / name)
         for name in names:
-            if name not in self.sums and name != SUMS_FILE and name not in DEVICE_BUILT_FILES:
+            if name not in self.sums and name != SUMS_FILE and name not in UNLISTED_FILES:
                 raise BundleError(f"file '{name}' is not listed in {SUMS_FILE}", path=self.folder / name,
                                   hint="remove it, or export the bundle again")
 
@@ -314,6 +322,13 @@ class BundleFiles:
         if self.verify and name in self.sums:
             self._check_digest(name, data)
         return data
+
+    def read_unlisted(self, name: str, *, limit: int | None = None) -> bytes:
+        """A file allowed without a checksum (``SIGNATURE``, a device-built file): read once, links refused."""
+        if name not in UNLISTED_FILES:
+            raise BundleError(f"file '{name}' is not one that a bundle may hold without a checksum",
+                              path=self.folder / name)
+        return bytes(self._dir.read(name, limit=limit))
 
     def check_rest(self) -> None:
         """Hash every listed file that :meth:`read` has not verified yet."""

@@ -142,7 +142,8 @@ class Engine:
     # -- construction ------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, backend: str = "auto", device: str = "auto", threads: int | None = None,
-             warmup: int = 1, verify: bool = True, *, max_side: int | None = None, spin: bool = True) -> Engine:
+             warmup: int = 1, verify: bool = True, *, max_side: int | None = None, spin: bool = True,
+             trusted_keys: Sequence | None = None) -> Engine:
         """Verify a bundle, load it on a backend and warm it up.
 
         Args:
@@ -159,17 +160,26 @@ class Engine:
             max_side: refuse frames with a longer side (protects the device's memory); None = the bundle's limit.
             spin: ONNX Runtime's worker threads spin-wait between calls (its default, fastest alone); False
                 frees the cores at once for other work in the process (docs/embedding.md).
+            trusted_keys: Ed25519 public keys (PEM file paths or key objects; ``runtime.signing``): when given, the
+                bundle must carry a ``SIGNATURE`` by one of them over the ``SHA256SUMS`` bytes read for the
+                verification, checked before any model file is read; needs ``usfm-edge[sign]``.
 
         Raises:
-            BundleError: corrupt, tampered or too new bundle, a link or special file in it, a ``usfm.json`` field of
+            BundleError: unsigned, untrusted signer or wrong signature (with ``trusted_keys``); corrupt, tampered or too new bundle, a link or special file in it, a ``usfm.json`` field of
                 the wrong type or range or that does not fit the model (output names, task, labels), or a model the
                 backend cannot load; the message names the file or the field.
             BackendUnavailableError: the needed backend is not installed (names the extra).
             ConfigError: unknown backend name or a bad ``max_side``.
         """
         folder = Path(path)
+        if trusted_keys is not None and not verify:
+            raise ConfigError("trusted_keys need verify=True: the signature covers SHA256SUMS")
         with BundleFiles(folder, verify=verify) as files:
             meta = files.meta
+            if trusted_keys is not None:
+                from usfm_edge.runtime.signing import check_signature
+
+                check_signature(files, trusted_keys)
             be = make_backend(folder, meta, backend, device, threads, spin=spin, files=files)
             try:
                 source = folder / meta.files.get(_MODEL_ROLE.get(be.name, ""), "")

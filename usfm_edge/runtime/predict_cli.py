@@ -264,7 +264,7 @@ def _anonymize(summary: dict, files: list[Path], name_map: Path | None) -> None:
 def run_predict(bundle: str | Path, inputs: Sequence[str | Path], out: str | Path, backend: str = "auto",
                 device: str = "auto", pixel_spacing: float | None = None, threads: int | None = None,
                 overlays: bool = True, progress: bool = True, anonymize_names: bool = False,
-                name_map: str | Path | None = None) -> dict:
+                name_map: str | Path | None = None, trusted_keys: Sequence[str | Path] | None = None) -> dict:
     """Predict every frame of ``inputs`` with ``bundle`` and write overlays, ``results.json`` and ``results.csv``.
 
     Args:
@@ -280,6 +280,7 @@ def run_predict(bundle: str | Path, inputs: Sequence[str | Path], out: str | Pat
         anonymize_names: never copy input names (which can carry patient data) into the outputs: overlays are
             ``frame_0001.png``... in record order, ``results.json``/``.csv`` name files ``file_0001``...
         name_map: with ``anonymize_names``, a JSON file (outside ``out``) to write ``{file_0001: input path}`` to.
+        trusted_keys: Ed25519 public key files; when given, the bundle must be signed by one of them.
 
     Returns:
         the ``results.json`` content.
@@ -303,7 +304,8 @@ def run_predict(bundle: str | Path, inputs: Sequence[str | Path], out: str | Pat
                               path=name_map, hint="choose a --name-map outside --out")
     files = expand_inputs(inputs)
     spacing = None if pixel_spacing is None else (float(pixel_spacing), float(pixel_spacing))
-    engine = Engine.open(bundle, backend=backend, device=device, threads=threads)
+    engine = Engine.open(bundle, backend=backend, device=device, threads=threads,
+                         trusted_keys=list(trusted_keys) if trusted_keys else None)
     hc_index = hc_label_index(engine.meta)
     records: list[dict] = []
     errors: list[dict] = []
