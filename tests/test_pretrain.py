@@ -250,6 +250,22 @@ def test_encoder_exports_load_strictly(tmp_path):
 def test_time_limit_stops_cleanly_with_checkpoint(tmp_path):
     result = fit_pretrain(_cfg(time_limit_min=1e-6), tmp_path, progress=False)
     assert result.steps == 1 and result.checkpoint.is_file() and result.encoder.is_file()
+    from usfm_edge.train.engine import load_training_state
+
+    assert load_training_state(result.checkpoint)["extra"]["train_seconds"] > 0  # the budget spans resumes
+
+
+def test_time_budget_drives_the_cosine_and_is_kept_across_resume(tmp_path):
+    """A budget that ends long before the step schedule still ends at min_lr (the cosine follows the budget
+    fraction), and a resumed run that already spent its budget says so instead of training on."""
+    import json
+
+    cfg = _cfg(epochs=50, time_limit_min=0.05, min_lr=1e-6)
+    fit_pretrain(cfg, tmp_path, progress=False)
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "log.jsonl").read_text().splitlines() if '"lr"' in line]
+    assert lrs and lrs[-1] < 0.2 * max(lrs), lrs  # far down the cosine although only a few of 600 steps ran
+    with pytest.raises(ConfigError, match="budget"):
+        fit_pretrain(cfg, tmp_path, resume=tmp_path / "checkpoint.pt", progress=False)
 
 
 def test_continued_pretraining_from_official_layout(tmp_path):

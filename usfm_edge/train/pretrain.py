@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,7 @@ from usfm_edge.train.engine import (
     schedule,
     write_run_config,
 )
-from usfm_edge.train.optim import build_optimizer, cosine_lr
+from usfm_edge.train.optim import budget_cosine_lr, build_optimizer
 from usfm_edge.train.options import add_argparse_options, overrides_from, pretrain_options
 
 __all__ = ["PretrainResult", "fit_pretrain", "run_pretrain", "export_encoder", "main"]
@@ -171,18 +172,36 @@ def _fit(cfg: PretrainConfig, out: Path, resume, progress: bool, info: DistInfo)
         write_run_config(out, config_dict)
         _announce(cfg, records, sampler, info, amp, sched, state if payload else None)
     saved_at = [-1]
+    # the time budget spans resumes (like fine-tuning): the cosine follows the larger of the step fraction and the
+    # budget fraction, so a --time-limit-min run ends at min_lr instead of being cut off at a high rate
+    spent_before = float((payload or {}).get("extra", {}).get("train_seconds", 0.0))
+    since = time.time()
+    budget_s = 60.0 * cfg.time_limit_min if cfg.time_limit_min else None
+
+    def spent() -> float:
+        return spent_before + time.time() - since
+
+    if budget_s is not None and spent() >= budget_s:
+        raise ConfigError(f"--resume: the run already used its {cfg.time_limit_min} min budget", path=resume,
+                          hint="raise --time-limit-min to train longer")
 
     def checkpoint(st: TrainState) -> None:
         if info.is_main and saved_at[0] != st.step:
             saved_at[0] = st.step
             save_training_state(out / CHECKPOINT, model=model, optimizer=optimizer, state=st, config=config_dict,
-                                extra={"organs": sampler.base.names, "world_size": info.world_size})
+                                extra={"organs": sampler.base.names, "world_size": info.world_size,
+                                       "train_seconds": spent()})
             export_encoder(model, cfg, out / ENCODER, st)
 
+    def lr_at(step: int) -> float:
+        frac = spent() / budget_s if budget_s else 0.0
+        return budget_cosine_lr(step, sched.total_steps, sched.warmup_steps, sched.peak_lr, cfg.min_lr, frac)
+
     run_epochs(net, loader, optimizer, sampler, state=state, epochs=cfg.epochs, batch_size=cfg.batch_size,
-               last_step=min(sched.total_steps, cfg.max_steps or sched.total_steps), time_limit_min=cfg.time_limit_min,
+               last_step=min(sched.total_steps, cfg.max_steps or sched.total_steps),
+               time_limit_min=None if budget_s is None else (budget_s - spent()) / 60.0,
                progress=progress and info.is_main, device=info.device,
-               lr_at=lambda s: cosine_lr(s, sched.total_steps, sched.warmup_steps, sched.peak_lr, cfg.min_lr),
+               lr_at=lr_at,
                steps_in_epoch=sched.steps_per_epoch, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad,
                amp_dtype=amp, dist_info=info, images_per_step=sched.total_batch, log_every=cfg.log_every,
                logger=logger, save_every=cfg.save_every, checkpoint_fn=checkpoint)
