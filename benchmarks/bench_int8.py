@@ -271,17 +271,13 @@ def bench_preset(preset: str, args, specs: list[str], work: Path) -> dict:
             "dice_vs_ground_truth": dice, "openvino_int8_perf_counters": counters}
 
 
-def _first(load):
-    return load[0] if isinstance(load, (list, tuple)) else load
-
-
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = ["# INT8 benchmark (usfm-edge)", "", f"Command: `{result['command']}`", "",
              f"Machine: {m.get('cpu')} x{m['cpus']} vCPU; ISA: {', '.join(m.get('isa', []))}; class (detected): "
              f"{m.get('cpu_class', '?')}; "
              f"load average at start {m['load_avg_start']}, end {m.get('load_avg_end')} "
-             f"({load_note([_first(m['load_avg_start']), _first(m.get('load_avg_end'))], m['cpus'])}).",
+             f"({load_note([m['load_avg_start'], m.get('load_avg_end')], m['cpus'])}).",
              f"Versions: torch {m['torch']}, onnxruntime {m['onnxruntime']}, openvino {m['openvino']}, nncf "
              f"{m['nncf']}, onnx {m['onnx']}. Threads {result['threads']}, batch 1, {result['runs']} runs per variant ("
              + (f"in {result['rounds']} fresh processes of its own per variant, rotating order"

@@ -317,7 +317,7 @@ def render(res: dict) -> str:
              f"warm-up calls, variants interleaved (part a: {_mode(res.get('block', 1))}, rows marked "
              "[alternating] alternate single calls); times are medians (p10-p90 in brackets). Load average "
              f"(1, 5, 15 min) at start {res['load_average_start']}, at end {res['load_average_end']} "
-             f"({load_note([res['load_average_start'][0], res['load_average_end'][0]])}).", "",
+             f"({load_note([res['load_average_start'], res['load_average_end']])}).", "",
              f"## (a) {res['batch']} frames of 224x224, one random ring mask each", "",
              "| variant | median ms / batch | ms / image | speed-up vs numpy reference loop, median (p10) "
              "| same, median of per-round ratios | vs numpy rfft loop, median (p10) | max abs err |",

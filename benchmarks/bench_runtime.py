@@ -197,16 +197,12 @@ def versions() -> dict:
     return out
 
 
-def _first(load):
-    return load[0] if isinstance(load, (list, tuple)) else load
-
-
 def write_report(out: Path, res: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "runtime.json").write_text(json.dumps(res, indent=2) + "\n")
     lines = ["# Runtime benchmark", "", f"Command: `{res['command']}`", "",
              f"Machine: {res['versions']}. Threads: {res['threads']}. Load average at start {res['load_start']}, "
-             f"at end {res['load_end']} ({load_note([_first(res['load_start']), _first(res['load_end'])])}).",
+             f"at end {res['load_end']} ({load_note([res['load_start'], res['load_end']])}).",
              "", "## (a) Runtime overhead: `Engine.predict` minus bare `session.run` on the same uint8 frame", "",
              "`usfm_vit_small_patch16_224` bundles with **random weights** (the work per frame does not depend on "
              f"them), ONNX Runtime CPU, {res['rounds']} interleaved rounds per row, medians (p10-p90).", "",

@@ -20,9 +20,13 @@ def machine_line(m: dict | None = None) -> str:
 
 
 def load_note(loads, cores: int | None = None) -> str:
-    """What the load averages seen during a run mean for its figures: a warning when any exceeded the cores."""
+    """What the load averages seen during a run mean for its figures: a warning when any exceeded the cores.
+
+    ``loads``: 1-minute load averages, each a number or an ``os.getloadavg()`` triple (its first value is used).
+    """
     cores = cores or os.cpu_count() or 1
-    values = [v for v in (loads if isinstance(loads, (list, tuple)) else [loads]) if v is not None]
+    items = loads if isinstance(loads, list) else [loads]
+    values = [v[0] if isinstance(v, (list, tuple)) else v for v in items if v is not None]
     if values and max(values) > cores:
         return (f"load reached {max(values):.1f} on {cores} cores: other work competed for the CPUs, so compare "
                 "ratios within this run, not absolute times")

@@ -54,10 +54,6 @@ def opencv(purpose: str = "mask geometry"):
     return cv2
 
 
-def _cv2():
-    return opencv()
-
-
 def _u8(mask: np.ndarray) -> np.ndarray:
     m = np.asarray(mask)
     if m.ndim != 2:
@@ -71,7 +67,7 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     Returns:
         boolean (H, W): the foreground plus its enclosed holes.
     """
-    cv2 = _cv2()
+    cv2 = opencv()
     m = _u8(mask)
     h, w = m.shape
     padded = np.zeros((h + 2, w + 2), np.uint8)
@@ -83,7 +79,7 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
 def keep_largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 8-connected component of a 2-D mask, as booleans (all False for an empty mask)."""
-    cv2 = _cv2()
+    cv2 = opencv()
     m = _u8(mask)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
     if n <= 1:
@@ -102,7 +98,7 @@ def fill_outline_mask(outline: np.ndarray) -> np.ndarray:
     Returns:
         uint8 (H, W) mask of 0/1.
     """
-    cv2 = _cv2()
+    cv2 = opencv()
     wall = _u8(outline)
     if not wall.any():
         return np.zeros(wall.shape, np.uint8)
@@ -131,7 +127,7 @@ def fit_ellipse(mask: np.ndarray, largest_component: bool = True) -> Ellipse:
     Raises:
         ValueError: the mask is empty or not 2-D.
     """
-    cv2 = _cv2()
+    cv2 = opencv()
     m = _u8(mask)
     if not m.any():
         raise ValueError("cannot fit an ellipse to an empty mask")
