@@ -35,6 +35,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def export_test_seg(out: Path, targets=("onnx",)) -> dict:
+    """Bundles of the seeded ``usfm_vit_test`` seg model (64 px), one per target, gated on one real frame:
+    ``{target: bundle path}`` (the small model the runtime-trust, signing and corpus tests open)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from usfm_edge.export.exporter import export
+    from usfm_edge.export.parity import default_frames
+    from usfm_edge.models.tasks import build_task_model
+
+    torch.manual_seed(0)
+    seg = build_task_model("seg", "usfm_vit_test", img_size=64)
+    frames = default_frames(1)
+    return {t: export(seg, t, out=out / f"seg-{t}", verify_frames=frames) for t in targets}
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     return SAMPLE

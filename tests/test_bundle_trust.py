@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import export_test_seg
 from PIL import Image
 
 from usfm_edge.core.errors import BundleError, InputError
@@ -34,21 +35,8 @@ S = 64
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("onnxruntime")
     pytest.importorskip("openvino")
-    import torch
-
-    from usfm_edge.export.exporter import export
-    from usfm_edge.export.parity import default_frames
-    from usfm_edge.models.tasks import build_task_model
-
-    out = tmp_path_factory.mktemp("trust")
-    torch.manual_seed(0)
-    seg = build_task_model("seg", "usfm_vit_test", img_size=S)
-    kw = dict(verify_frames=default_frames(1))
-    return {"onnx": export(seg, "onnx", out=out / "seg-onnx", **kw),
-            "openvino": export(seg, "openvino", out=out / "seg-ov", **kw)}
+    return export_test_seg(tmp_path_factory.mktemp("trust"), ("onnx", "openvino"))
 
 
 @pytest.fixture(scope="module")

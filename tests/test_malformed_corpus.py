@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import export_test_seg
 from PIL import Image
 
 from usfm_edge.core.errors import (
@@ -469,18 +470,7 @@ XFAIL: dict[str, str] = {}  # case id -> reason (strict): a known gap still to f
 # -- fixtures and the runner -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("onnxruntime")
-    import torch
-
-    from usfm_edge.export.exporter import export
-    from usfm_edge.export.parity import default_frames
-    from usfm_edge.models.tasks import build_task_model
-
-    out = tmp_path_factory.mktemp("corpus")
-    torch.manual_seed(0)
-    seg = build_task_model("seg", "usfm_vit_test", img_size=S)
-    bundle = export(seg, "onnx", out=out / "seg-onnx", verify_frames=default_frames(1))
+    bundle = export_test_seg(tmp_path_factory.mktemp("corpus"))["onnx"]
     engine = Engine.open(bundle)
     yield {"bundle": bundle, "engine": engine, "frame": np.asarray(Image.open(REAL_PNG).convert("L"))}
     engine.close()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import export_test_seg
 from PIL import Image
 
 from usfm_edge.core.errors import BackendUnavailableError, BundleError
@@ -29,23 +30,11 @@ from usfm_edge.runtime.signing import generate_keypair, sign_bundle, verify_sign
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "usfm_edge" / "assets" / "sample"
-S = 64
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("onnxruntime")
-    import torch
-
-    from usfm_edge.export.exporter import export
-    from usfm_edge.export.parity import default_frames
-    from usfm_edge.models.tasks import build_task_model
-
-    out = tmp_path_factory.mktemp("sign")
-    torch.manual_seed(0)
-    seg = build_task_model("seg", "usfm_vit_test", img_size=S)
-    return export(seg, "onnx", out=out / "seg-onnx", verify_frames=default_frames(1))
+    return export_test_seg(tmp_path_factory.mktemp("sign"))["onnx"]
 
 
 @pytest.fixture(scope="module")
