@@ -23,12 +23,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("USFM_EDGE_CACHE", Path.home() / ".cache" / "usfm-edge"))
 
 
-def atomic_write_with(path: str | Path, write) -> Path:
+def atomic_write_with(path: str | Path, write, mode: int | None = None) -> Path:
     """Call ``write(tmp_path)`` on a temporary sibling of ``path``, then rename it into place.
 
     A crash or an exception leaves ``path`` untouched and no temporary file behind (a killed process leaves one
-    named with its PID, which ``remove_stale_temps(path)`` removes later); the result gets the usual
-    permissions (``0666 & ~umask``; ``mkstemp`` alone would leave 0600).
+    named with its PID, which ``remove_stale_temps(path)`` removes later); the result gets ``mode``, or the usual
+    permissions (``0666 & ~umask``) when None. The temporary file is created 0600, so a private ``mode`` such as
+    0600 is never wider, even while it is written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,9 +37,11 @@ def atomic_write_with(path: str | Path, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        if mode is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -46,8 +49,16 @@ def atomic_write_with(path: str | Path, write) -> Path:
     return path
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    return atomic_write_with(path, lambda tmp: Path(tmp).write_bytes(data))
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None, fsync: bool = False) -> Path:
+    """``data`` to ``path`` atomically (``atomic_write_with``); ``fsync`` flushes it to disk before the rename."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+
+    return atomic_write_with(path, write, mode)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -20,12 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from usfm_edge.core.bundle_schema import SUMS_FILE
 from usfm_edge.core.errors import BundleError, ConfigError, DataError, require
+from usfm_edge.core.io import atomic_write_bytes
 from usfm_edge.runtime.bundle_io import SIGNATURE_FILE, BundleFiles
 
 __all__ = ["SIGNATURE_FILE", "generate_keypair", "sign_bundle", "verify_signature", "check_signature",
@@ -53,24 +53,6 @@ def key_id(public_key) -> str:
     return hashlib.sha256(_raw_public(public_key)).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to a temporary file in the same folder (created with ``mode``), fsync, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode) if hasattr(os, "fchmod") else None
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def generate_keypair(out: str | Path, *, force: bool = False) -> tuple[Path, Path]:
     """Write ``signing.key`` (PEM PKCS#8, mode 0600) and ``signing.pub`` (PEM SubjectPublicKeyInfo) into ``out``.
 
@@ -88,8 +70,8 @@ def generate_keypair(out: str | Path, *, force: bool = False) -> tuple[Path, Pat
     priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    _write_atomic(priv_path, priv, 0o600)
-    _write_atomic(pub_path, pub, 0o644)
+    atomic_write_bytes(priv_path, priv, 0o600, fsync=True)
+    atomic_write_bytes(pub_path, pub, 0o644, fsync=True)
     return priv_path, pub_path
 
 
@@ -164,7 +146,7 @@ def sign_bundle(path: str | Path, private_key_path: str | Path) -> Path:
     target = folder / SIGNATURE_FILE
     if target.is_symlink() or (target.exists() and not target.is_file()):
         raise BundleError(f"'{SIGNATURE_FILE}' exists and is not a regular file", path=target)
-    _write_atomic(target, (json.dumps(doc, indent=1) + "\n").encode(), 0o644)
+    atomic_write_bytes(target, (json.dumps(doc, indent=1) + "\n").encode(), 0o644, fsync=True)
     return target
 
 
