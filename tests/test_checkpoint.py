@@ -153,6 +153,13 @@ def test_wrong_files_get_a_message_that_says_what_they_are(tmp_path):
     with pytest.raises(CheckpointError, match="not a checkpoint: this is a text file") as err:
         usfm_edge.create_model("usfm_vit_test", checkpoint=tmp_path / "notes.txt")
     assert "best.safetensors" in str(err.value) and "pop from" not in str(err.value)
+    (tmp_path / "notes-utf8.txt").write_text("a" + "é" * 2048)  # the 4096 bytes read end inside a character
+    with pytest.raises(CheckpointError, match="text file"):
+        usfm_edge.create_model("usfm_vit_test", checkpoint=tmp_path / "notes-utf8.txt")
+    save_checkpoint(tmp_path / "w.safetensors", usfm_edge.create_model("usfm_vit_test").state_dict(), {})
+    (tmp_path / "w.safetensors").rename(tmp_path / "w.pth")
+    with pytest.raises(CheckpointError, match="safetensors file without the .safetensors suffix"):
+        usfm_edge.create_model("usfm_vit_test", checkpoint=tmp_path / "w.pth")
     (tmp_path / "noise.pth").write_bytes(bytes(range(7, 200)))
     with pytest.raises(CheckpointError, match="binary file of another kind"):
         usfm_edge.create_model("usfm_vit_test", checkpoint=tmp_path / "noise.pth")

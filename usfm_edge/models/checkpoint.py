@@ -9,6 +9,7 @@ not match, raises ``CheckpointError`` naming the file and the keys. Pickles are 
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import re
@@ -127,15 +128,15 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
 def _sniff(path: Path) -> None:
     """Refuse a file that is neither a torch zip archive nor a pickle, saying what it looks like instead."""
     with open(path, "rb") as f:
-        head = f.read(512)
+        head = f.read(4096)
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip archive / a raw pickle
         return
-    if head.startswith(b"{") and b'"dtype"' in head[:4096]:
+    if head[8:9] == b"{" and b'"dtype"' in head:  # safetensors: u64 header length, then the JSON header
         kind = "a safetensors file without the .safetensors suffix"
         hint = "rename it to *.safetensors"
     else:
-        try:
-            head.decode("utf-8")
+        try:  # incremental: a multi-byte character cut at the end of the read is not an error
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
             kind = "a text file"
         except UnicodeDecodeError:
             kind = "a binary file of another kind"
