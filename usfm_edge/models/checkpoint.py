@@ -1,8 +1,9 @@
-"""Checkpoint loading: official USFM ``.pth``, SimMIM-style files and usfm-edge ``.safetensors``.
+"""Checkpoint loading: official USFM ``.pth``, SimMIM-style files, MAE-layout files and usfm-edge ``.safetensors``.
 
-Every foreign format passes through one pure function, ``checkpoint_filter_fn``, that detects the source by
-its keys, renames and drops what it must (reporting each key), and resizes the relative position table to
-the target grid. The result is then loaded strictly: a key left missing or unexpected, or a shape that does
+Every foreign format passes through one pure function of the model's family (``checkpoint_filter_fn`` here for
+``beit``/USFM, ``mae_vit.checkpoint_filter_fn`` for ``mae``; :func:`detect_family` tells them apart by their
+keys) that detects the source by its keys, renames and drops what it must (reporting each key), and resizes the
+position table (relative or absolute) to the target grid. The result is then loaded strictly: a key left missing or unexpected, or a shape that does
 not match, raises ``CheckpointError`` naming the file and the keys. Pickles are only ever read with
 ``torch.load(weights_only=True)``, which refuses objects that would run code.
 """
@@ -22,6 +23,8 @@ from usfm_edge.core.errors import CheckpointError
 
 META_KEY = "usfm_edge"  # safetensors metadata key holding our JSON config
 
+_FAMILY_NAMES = {"beit": "USFM layout: relative position bias", "mae": "MAE/timm layout: absolute pos_embed"}
+
 # keys recomputed at construction; present in USFM_latest.pth but never loaded
 _RECOMPUTED = ("relative_position_index", "attn.k_bias")
 
@@ -36,6 +39,8 @@ class LoadReport:
     renamed: dict[str, str] = field(default_factory=dict)  # old -> new
     resized: dict[str, tuple] = field(default_factory=dict)  # key -> (old shape, new shape)
     missing: list[str] = field(default_factory=list)  # model keys initialised fresh (allowed only)
+    family: str | None = None  # backbone family of the model loaded into ("beit" / "mae")
+    preset: str | None = None  # preset name, where the caller knows it (convert_weights)
 
     def summary(self, limit: int = 6) -> str:
         """One line; key lists longer than ``limit`` are grouped by module (``head.dec``: 24 tensors)."""
@@ -161,6 +166,42 @@ def unwrap_state_dict(sd: dict) -> tuple[dict, str]:
     return tensors, fmt
 
 
+def detect_family(keys) -> str | None:
+    """The backbone family of a state dict, from its key names alone (prefixes such as ``module.`` allowed).
+
+    ``beit`` (USFM): a relative position bias table or BEiT's separate ``q_bias``; ``mae`` (TinyUSFM, UltraFedFM,
+    timm ViTs): an absolute ``pos_embed`` and a fused ``qkv`` bias in the encoder blocks; None: neither.
+    """
+    keys = [k for k in keys if isinstance(k, str)]
+
+    def has(name: str) -> bool:
+        return any(k == name or k.endswith("." + name) for k in keys)
+
+    if any(k.endswith("relative_position_bias_table") for k in keys) or has("blocks.0.attn.q_bias"):
+        return "beit"
+    if has("pos_embed") and has("blocks.0.attn.qkv.bias"):
+        return "mae"
+    return None
+
+
+def state_dict_keys(obj: dict) -> list[str]:
+    """The tensor names of a checkpoint object, looking inside ``{"model" | "state_dict" | "module": {...}}``."""
+    for key in ("model", "state_dict", "module", "student"):
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    return [k for k, v in obj.items() if isinstance(v, torch.Tensor)]
+
+
+def filter_state_dict(state_dict: dict, model: torch.nn.Module, report: LoadReport | None = None) -> dict:
+    """The filter of ``model``'s family (``model.family``: ``beit`` by default) applied to ``state_dict``."""
+    if getattr(model, "family", "beit") == "mae":
+        from usfm_edge.models.mae_vit import checkpoint_filter_fn as mae_filter
+
+        return mae_filter(state_dict, model, report)
+    return checkpoint_filter_fn(state_dict, model, report)
+
+
 def checkpoint_filter_fn(state_dict: dict, model: torch.nn.Module, report: LoadReport | None = None) -> dict:
     """Map a foreign state dict onto ``model``'s keys (pure: does not modify its inputs).
 
@@ -214,7 +255,11 @@ def load_into(model: torch.nn.Module, checkpoint: str | Path | dict, allow_missi
     """Load a checkpoint file (or state dict) into ``model`` strictly; return the LoadReport.
 
     Args:
-        allow_missing: model key prefixes that may stay at their initialisation (e.g. a new task head).
+        allow_missing: model key prefixes that may stay at their initialisation (e.g. a new task head); the
+            model's ``optional_keys`` (``mae``: its ``mask_token``, which published files do not hold) are added.
+
+    Raises:
+        CheckpointError: a checkpoint of the other family, or keys/shapes that do not match after filtering.
     """
     path = None
     if isinstance(checkpoint, dict):
@@ -222,8 +267,15 @@ def load_into(model: torch.nn.Module, checkpoint: str | Path | dict, allow_missi
     else:
         path = Path(checkpoint)
         raw, config = read_checkpoint(path)
-    report = LoadReport("usfm_edge" if config is not None else "unknown")
-    sd = checkpoint_filter_fn(raw, model, report)
+    family = getattr(model, "family", "beit")
+    found = detect_family(state_dict_keys(raw))
+    if found is not None and found != family:
+        raise CheckpointError(f"this is a '{found}' checkpoint ({_FAMILY_NAMES[found]}) but the model is of the "
+                              f"'{family}' family", path=path,
+                              hint=f"choose a {found} preset (usfm-edge convert-weights detects it for you)")
+    allow_missing = tuple(allow_missing) + tuple(getattr(model, "optional_keys", ()))
+    report = LoadReport("usfm_edge" if config is not None else "unknown", family=family)
+    sd = filter_state_dict(raw, model, report)
     if config is not None and "backbone." in "".join(list(sd)[:5]) and not any(k.startswith("backbone.") for k in model.state_dict()):
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     own = model.state_dict()

@@ -1,4 +1,4 @@
-"""Task models: one USFM backbone + one task head as a single exportable ``nn.Module``.
+"""Task models: one backbone (either family: USFM ``beit`` or ``mae``) + one task head as a single exportable ``nn.Module``.
 
 ``build_task_model("seg", "usfm_vit_tiny_patch16_224", num_classes=2)`` returns a :class:`TaskModel` whose
 ``forward`` takes the *normalised* model input (B, 3, S, S) and returns one tensor:
@@ -45,8 +45,7 @@ from usfm_edge.models.heads import (
     ProgressiveUpsampleHead,
     UperNetHead,
 )
-from usfm_edge.models.registry import model_args
-from usfm_edge.models.vit import UsfmViT
+from usfm_edge.models.registry import build_backbone, model_args
 
 __all__ = ["TASKS", "HEADS", "TaskModel", "build_task_model", "save_task_checkpoint", "load_task_model",
            "default_head"]
@@ -91,7 +90,7 @@ class TaskModel(nn.Module):
     """A USFM backbone and a task head.
 
     Args:
-        backbone: the :class:`UsfmViT`.
+        backbone: a backbone of either family (:class:`UsfmViT`, :class:`MaeViT`).
         task: ``features``, ``seg``, ``cls`` or ``enhance``.
         labels: class names (seg: background first; cls: one per class; others: empty).
         head: a head name from ``HEADS[task]`` (already resolved, not ``auto``).
@@ -105,7 +104,7 @@ class TaskModel(nn.Module):
         aux_weight (seg/UperNet: weight of the auxiliary loss), load_report (set by ``build_task_model``).
     """
 
-    def __init__(self, backbone: UsfmViT, task: str, labels: list[str], head: str, head_args: dict | None = None,
+    def __init__(self, backbone: nn.Module, task: str, labels: list[str], head: str, head_args: dict | None = None,
                  preset: str = "custom", model_args: dict | None = None, preprocess: PreprocessSpec | None = None):
         super().__init__()
         if task not in HEADS:
@@ -218,8 +217,7 @@ class TaskModel(nn.Module):
         args = dict(cfg.get("model_args") or model_args(cfg["model"], img_size=cfg.get("img_size")))
         if cfg.get("img_size"):
             args["img_size"] = int(cfg["img_size"])
-        backbone = UsfmViT(**args)
-        backbone.preset = cfg["model"]
+        backbone = build_backbone(cfg["model"], args)
         pre = cfg.get("preprocess")
         pre = PreprocessSpec.from_dict(pre) if isinstance(pre, dict) else None
         return cls(backbone, cfg["task"], list(cfg.get("labels") or []), cfg["head"], cfg.get("head_args"),
@@ -287,8 +285,7 @@ def build_task_model(task: str, backbone: str = "usfm_vit_tiny_patch16_224", num
     if task not in HEADS:
         raise ConfigError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
     args = model_args(backbone, img_size=img_size, **backbone_kw)
-    net = UsfmViT(**args)
-    net.preset = backbone
+    net = build_backbone(backbone, args)
     resolved = default_head(task, net.embed_dim) if head == "auto" else head
     model = TaskModel(net, task, _resolve_labels(task, num_classes, labels), resolved, head_args, preset=backbone,
                       model_args=args, preprocess=preprocess or PreprocessSpec(img_size=img_size))

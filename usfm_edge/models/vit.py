@@ -60,6 +60,13 @@ def resize_rel_pos_table(table: torch.Tensor, old_grid: tuple[int, int], new_gri
     return torch.cat([plane, table[-3:]], dim=0)
 
 
+def dense_taps(depth: int) -> tuple[int, ...]:
+    """Blocks a dense head taps: [3, 5, 7, 11] of 12 (USFM's UperNet), the same fractions of other depths."""
+    if depth == 12:
+        return (3, 5, 7, 11)
+    return tuple(sorted({max(0, round(depth * f) - 1) for f in (4 / 12, 6 / 12, 8 / 12, 1.0)}))
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patches -> tokens with one strided convolution."""
 
@@ -184,6 +191,9 @@ class UsfmViT(nn.Module):
         global_pool: ``token`` (cls token after ``norm``) or ``avg`` (mean of patch tokens, ``fc_norm``).
     """
 
+    family = "beit"
+    optional_keys: tuple[str, ...] = ()  # every model key must come from the checkpoint
+
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, init_values: float | None = 0.1, drop_rate: float = 0.0,
@@ -247,9 +257,7 @@ class UsfmViT(nn.Module):
     @property
     def default_out_indices(self) -> tuple[int, ...]:
         """Blocks tapped by dense heads: USFM UperNet uses [3, 5, 7, 11] of 12; scaled for other depths."""
-        if self.depth == 12:
-            return (3, 5, 7, 11)
-        return tuple(sorted({max(0, round(self.depth * f) - 1) for f in (4 / 12, 6 / 12, 8 / 12, 1.0)}))
+        return dense_taps(self.depth)
 
     def _embed(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, tuple[int, int]]:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
