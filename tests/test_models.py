@@ -14,7 +14,10 @@ def test_list_models_has_presets():
     names = usfm_edge.list_models()
     for n in ("usfm_vit_base_patch16_224", "usfm_vit_small_patch16_224", "usfm_vit_tiny_patch16_224", "usfm_vit_test"):
         assert n in names
-    assert usfm_edge.list_models("*tiny*") == ["usfm_vit_tiny_patch16_224"]
+    assert usfm_edge.list_models("*tiny*") == ["mae_vit_tiny_patch16_224", "usfm_vit_tiny_patch16_224"]
+    from usfm_edge.models.registry import list_models
+
+    assert list_models("*tiny*", family="beit") == ["usfm_vit_tiny_patch16_224"]
     from usfm_edge.models.registry import sizes
 
     assert sizes() == {s: f"usfm_vit_{s}_patch16_224" for s in ("tiny", "small", "base")}

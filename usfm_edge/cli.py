@@ -53,13 +53,21 @@ def main():
 @main.command(context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
 def info(as_json):
-    """Versions of usfm-edge and its backends, and the devices each backend sees."""
+    """Versions of usfm-edge and its backends, the devices each backend sees, and the weight families it loads."""
     import json
 
     from usfm_edge.bench.sysinfo import environment, environment_text
+    from usfm_edge.models.registry import WEIGHTS
 
     env = environment()
-    click.echo(json.dumps(env, indent=2) if as_json else environment_text(env))
+    if as_json:
+        click.echo(json.dumps({**env, "weights": list(WEIGHTS)}, indent=2))
+        return
+    click.echo(environment_text(env))
+    click.echo("weight families (check each licence before you ship a model built on them):")
+    for w in WEIGHTS:
+        click.echo(f"  {w['name']:<11} family {w['family']:<5} preset {w['preset']:<25} {w['file']}")
+        click.echo(f"  {'':<11} licence: {w['licence']}  ({w['source']})")
 
 
 # --------------------------------------------------------------------------------- convert-weights
@@ -67,18 +75,23 @@ def info(as_json):
 @click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", "dst", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="destination .safetensors")
-@click.option("--model", default=None, help="preset name (inferred from the embedding width if omitted)")
+@click.option("--model", default=None,
+              help="preset name (default: the family detected from the keys, the preset from the embedding width)")
 @click.option("--half", is_flag=True, help="store fp16 weights")
 def convert_weights(src, dst, model, half):
-    """Convert USFM_latest.pth, a SimMIM checkpoint or ours to a usfm-edge .safetensors (strictly verified).
+    """Convert a USFM, TinyUSFM, UltraFedFM (MAE/timm ViT), SimMIM or usfm-edge checkpoint to a usfm-edge
+    .safetensors (strictly verified); prints the family and preset it detected.
 
     \b
-    Example:
+    Examples:
       usfm-edge convert-weights USFM_latest.pth -o usfm_base.safetensors
+      usfm-edge convert-weights TinyUSFM.pth -o tinyusfm.safetensors
+      usfm-edge convert-weights ultrafedfm_checkpoint.pth -o ultrafedfm.safetensors
     """
     from usfm_edge.models.registry import convert_weights as convert
 
     report = convert(src, dst, model_name=model, half=half)
+    click.echo(f"detected family '{report.family}', preset '{report.preset}' ({report.source_format})")
     click.echo(report.summary())
     click.echo(f"wrote {dst}")
 

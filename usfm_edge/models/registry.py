@@ -52,10 +52,11 @@ WEIGHTS: tuple[dict, ...] = (
     dict(name="USFM", family="beit", preset="usfm_vit_base_patch16_224", file="USFM_latest.pth",
          licence="CC-BY-NC 4.0 (non-commercial use only)", source="github.com/openmedlab/USFM"),
     dict(name="TinyUSFM", family="mae", preset="mae_vit_tiny_patch16_224", file="TinyUSFM checkpoint (.pth)",
-         licence="Apache-2.0 as stated in the repo's readme.md (no LICENSE file found)",
+         licence="Apache-2.0, stated in the repo's readme.md (no LICENSE file found in the repo)",
          source="github.com/MacDunno/TinyUSFM"),
     dict(name="UltraFedFM", family="mae", preset="mae_vit_base_patch16_224", file="UltraFedFM checkpoint (.pth)",
-         licence="Apache-2.0 code and weights per the project; no licence file found in the repo",
+         licence="unconfirmed: Apache-2.0 per issue 21, but no licence file or statement found in the repo, and "
+                 "its MAE-derived files carry Meta's header (upstream MAE is CC-BY-NC 4.0)",
          source="github.com/yuncheng97/UltraFedFM"),
 )
 
