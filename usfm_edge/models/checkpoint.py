@@ -10,6 +10,7 @@ not match, raises ``CheckpointError`` naming the file and the keys. Pickles are 
 
 from __future__ import annotations
 
+import argparse
 import codecs
 import json
 import math
@@ -119,7 +120,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
         return sd, config
     _sniff(path)
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        # MAE-style training files (UltraFedFM's, facebookresearch/mae's) store their argparse.Namespace under
+        # "args": a plain attribute bag, allowed; anything that could run code is still refused
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError (truncated zip), EOFError, ...
         msg, unsafe = describe_load_error(exc)
         hint = ("this pickle contains code and was refused (weights_only=True); re-save it as a plain state dict "

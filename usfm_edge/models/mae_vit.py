@@ -254,7 +254,7 @@ def _unwrap(state_dict: dict) -> tuple[dict, list[str], dict[str, str]]:
     while changed:
         changed = False
         for p in _PREFIXES:
-            if f"{p}patch_embed.proj.weight" in sd:
+            if sd and (f"{p}patch_embed.proj.weight" in sd or all(k.startswith(p) for k in sd)):
                 rest = {k: v for k, v in sd.items() if not k.startswith(p)}
                 for k in [k for k in rest if k.startswith("teacher.")]:
                     dropped[k] = "distillation teacher (not the student backbone)"
