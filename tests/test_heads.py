@@ -44,9 +44,10 @@ def _randomise(model: TaskModel) -> TaskModel:
     return model.eval()
 
 
-@pytest.mark.parametrize("task,head,kw", CASES)
-def test_shapes_test_preset(task, head, kw):
-    model = build_task_model(task, TEST, head=head, img_size=64, **kw).eval()
+@pytest.mark.parametrize("preset", [TEST, "mae_vit_test"])
+@pytest.mark.parametrize("task,head,kw", CASES + [("seg", "hybrid", {}), ("seg", "hires", {})])
+def test_shapes_test_preset(task, head, kw, preset):
+    model = build_task_model(task, preset, head=head, img_size=64, **kw).eval()
     with torch.no_grad():
         y = model(torch.randn(2, 3, 64, 64))
     assert tuple(y.shape) == _expected(task, 64, 64)
@@ -86,8 +87,9 @@ def test_area_pool_matches_adaptive_avg_pool():
         torch.testing.assert_close(AreaPool(s)(x), nn.AdaptiveAvgPool2d(s)(x), atol=1e-6, rtol=1e-5)
 
 
-def test_gradients_reach_backbone_and_heads():
-    model = build_task_model("seg", TEST, head="upernet", img_size=64).train()
+@pytest.mark.parametrize("preset", [TEST, "mae_vit_test"])
+def test_gradients_reach_backbone_and_heads(preset):
+    model = build_task_model("seg", preset, head="upernet", img_size=64).train()
     out = model.forward_train(torch.randn(2, 3, 64, 64))
     assert set(out) == {"out", "aux"} and out["aux"].shape == out["out"].shape
     target = torch.randint(0, 2, (2, 64, 64))
@@ -101,7 +103,7 @@ def test_gradients_reach_backbone_and_heads():
     assert sorted(frozen) == ["backbone.mask_token", "backbone.norm.bias", "backbone.norm.weight"]
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)  # DDP needs no unused params
     for task, kw in (("cls", {"num_classes": 3}), ("enhance", {})):
-        m = build_task_model(task, TEST, img_size=64, **kw).train()
+        m = build_task_model(task, preset, img_size=64, **kw).train()
         if task == "enhance":  # the zero-initialised last conv passes no gradient back until its first update
             nn.init.normal_(m.head.refine[-1].weight, std=0.1)
         m(torch.randn(2, 3, 64, 64)).float().mean().backward()

@@ -29,7 +29,8 @@ def test_unknown_model_suggests():
 
 
 @pytest.mark.parametrize("name,params_m", [("usfm_vit_base_patch16_224", 85.67), ("usfm_vit_small_patch16_224", 21.5),
-                                           ("usfm_vit_tiny_patch16_224", 5.4)])
+                                           ("usfm_vit_tiny_patch16_224", 5.4), ("mae_vit_tiny_patch16_224", 5.52),
+                                           ("mae_vit_base_patch16_224", 85.8)])
 def test_preset_sizes(name, params_m):
     with torch.device("meta"):
         m = usfm_edge.create_model(name)
@@ -37,8 +38,9 @@ def test_preset_sizes(name, params_m):
     assert abs(n - params_m) / params_m < 0.03
 
 
-def test_forward_shapes_and_intermediates():
-    m = usfm_edge.create_model("usfm_vit_test").eval()
+@pytest.mark.parametrize("preset", ["usfm_vit_test", "mae_vit_test"])
+def test_forward_shapes_and_intermediates(preset):
+    m = usfm_edge.create_model(preset).eval()
     x = torch.randn(2, 3, 64, 64)
     assert m.forward_features(x).shape == (2, 1 + 16, 64)
     maps = m.forward_intermediates(x)
@@ -123,8 +125,9 @@ def test_other_input_size_equals_model_built_for_it():
     torch.testing.assert_close(small.forward_features(x), big.forward_features(x), atol=1e-5, rtol=1e-5)
 
 
-def test_every_parameter_gets_a_gradient():
-    m = usfm_edge.create_model("usfm_vit_test", num_classes=3, global_pool="avg")
+@pytest.mark.parametrize("preset", ["usfm_vit_test", "mae_vit_test"])
+def test_every_parameter_gets_a_gradient(preset):
+    m = usfm_edge.create_model(preset, num_classes=3, global_pool="avg")
     x = torch.randn(2, 3, 64, 64)
     mask = torch.zeros(2, 16)
     mask[:, :5] = 1
@@ -135,8 +138,9 @@ def test_every_parameter_gets_a_gradient():
     assert no_grad == []
 
 
-def test_mask_token_replaces_masked_patches():
-    m = usfm_edge.create_model("usfm_vit_test").eval()
+@pytest.mark.parametrize("preset", ["usfm_vit_test", "mae_vit_test"])
+def test_mask_token_replaces_masked_patches(preset):
+    m = usfm_edge.create_model(preset).eval()
     x = torch.randn(1, 3, 64, 64)
     mask = torch.zeros(1, 16)
     mask[0, 3] = 1
@@ -148,8 +152,9 @@ def test_mask_token_replaces_masked_patches():
     torch.testing.assert_close(a, b)
 
 
-def test_no_weight_decay_names_exist():
-    m = usfm_edge.create_model("usfm_vit_test")
+@pytest.mark.parametrize("preset", ["usfm_vit_test", "mae_vit_test"])
+def test_no_weight_decay_names_exist(preset):
+    m = usfm_edge.create_model(preset)
     names = dict(m.named_parameters())
     assert m.no_weight_decay() <= set(names)
     assert m.group_matcher("blocks.2.attn.qkv.weight") == 3

@@ -198,12 +198,10 @@ def state_dict_keys(obj: dict) -> list[str]:
 
 
 def filter_state_dict(state_dict: dict, model: torch.nn.Module, report: LoadReport | None = None) -> dict:
-    """The filter of ``model``'s family (``model.family``: ``beit`` by default) applied to ``state_dict``."""
-    if getattr(model, "family", "beit") == "mae":
-        from usfm_edge.models.mae_vit import checkpoint_filter_fn as mae_filter
-
-        return mae_filter(state_dict, model, report)
-    return checkpoint_filter_fn(state_dict, model, report)
+    """The filter of ``model``'s family applied to ``state_dict``: the model's ``filter_checkpoint`` where its
+    family file defines one (``mae``), else :func:`checkpoint_filter_fn` (``beit``, USFM)."""
+    own = getattr(model, "filter_checkpoint", None)
+    return (own or checkpoint_filter_fn)(state_dict, model, report)
 
 
 def checkpoint_filter_fn(state_dict: dict, model: torch.nn.Module, report: LoadReport | None = None) -> dict:

@@ -161,6 +161,11 @@ class MaeViT(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    @staticmethod
+    def filter_checkpoint(state_dict: dict, model: nn.Module, report=None) -> dict:
+        """This family's pure checkpoint filter (:func:`checkpoint_filter_fn`), which ``load_into`` applies."""
+        return checkpoint_filter_fn(state_dict, model, report)
+
     # -- timm-style contract -------------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "mask_token", "pos_embed"}

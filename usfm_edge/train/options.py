@@ -34,7 +34,8 @@ class Option(NamedTuple):
 
 #: the flags of ``train.config.RunConfig``: what every training run has
 RUN_OPTIONS: list[Option] = [
-    Option("--model", "model", str, "backbone preset (usfm_vit_{base,small,tiny}_patch16_224)"),
+    Option("--model", "model", str,
+           "backbone preset (usfm_vit_{base,small,tiny}_patch16_224, mae_vit_{base,tiny}_patch16_224)"),
     Option("--img-size", "img_size", int, "model input side (training resolution) in pixels"),
     Option("--epochs", "epochs", int, "epochs (the lr schedule spans all of them)"),
     Option("--batch-size", "batch_size", int, "images per micro-batch per process"),
