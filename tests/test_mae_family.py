@@ -350,3 +350,20 @@ def test_finetune_hybrid_seg_export_bundles_int8_and_runtime(files, tmp_path, sa
     with Engine.open(int8) as engine:
         r = engine.predict(frame)
     assert r.mask.shape == frame.shape and np.isfinite(r.probs).all()
+
+
+def test_raw_published_file_exports_as_a_features_bundle(files, enc, frame, tmp_path):
+    """A TinyUSFM-layout .pth goes straight to a bundle (preset inferred); its runtime output is the reference's
+    cls token of the same frame (the graph does the resize and normalisation itself)."""
+    pytest.importorskip("onnxruntime")
+    from usfm_edge.export import export
+    from usfm_edge.runtime import Engine
+
+    path = export(files["tinyusfm_distilled"], "onnx", out=tmp_path / "feat")
+    meta = json.loads((path / "usfm.json").read_text())
+    assert meta["task"] == "features" and meta["parity"]["passed"]
+    with Engine.open(path) as engine:
+        got = engine.predict(frame).features
+    with torch.no_grad():
+        want = ref_forward(enc, model_input(frame, 64))[0][0, 0].numpy()
+    assert got.shape == (DIM,) and np.abs(got - want).max() < 1e-3
