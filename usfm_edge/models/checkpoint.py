@@ -1,10 +1,11 @@
 """Checkpoint loading: official USFM ``.pth``, SimMIM-style files, MAE-layout files and usfm-edge ``.safetensors``.
 
 Every foreign format passes through one pure function of the model's family (``checkpoint_filter_fn`` here for
-``beit``/USFM, ``mae_vit.checkpoint_filter_fn`` for ``mae``; :func:`detect_family` tells them apart by their
-keys) that detects the source by its keys, renames and drops what it must (reporting each key), and resizes the
-position table (relative or absolute) to the target grid. The result is then loaded strictly: a key left missing or unexpected, or a shape that does
-not match, raises ``CheckpointError`` naming the file and the keys. Pickles are only ever read with
+``beit``/USFM, ``mae_vit.checkpoint_filter_fn`` for ``mae``; :func:`detect_family` tells the families apart by
+their keys) that detects the source by its keys, renames and drops what it must (reporting each key), and
+resizes the position table (relative or absolute) to the target grid. The result is then loaded strictly: a key
+left missing or unexpected, or a shape that does not match, raises ``CheckpointError`` naming the file and the
+keys; a checkpoint of the other family is refused before that, saying which family it is. Pickles are only ever read with
 ``torch.load(weights_only=True)``, which refuses objects that would run code.
 """
 

@@ -1,4 +1,4 @@
-"""Task models: one backbone (either family: USFM ``beit`` or ``mae``) + one task head as a single exportable ``nn.Module``.
+"""Task models: one backbone (family ``beit``/USFM or ``mae``) + one task head as a single exportable ``nn.Module``.
 
 ``build_task_model("seg", "usfm_vit_tiny_patch16_224", num_classes=2)`` returns a :class:`TaskModel` whose
 ``forward`` takes the *normalised* model input (B, 3, S, S) and returns one tensor:
@@ -87,7 +87,7 @@ def _head_defaults(head: str, embed_dim: int) -> dict:
 
 
 class TaskModel(nn.Module):
-    """A USFM backbone and a task head.
+    """A backbone (either family) and a task head.
 
     Args:
         backbone: a backbone of either family (:class:`UsfmViT`, :class:`MaeViT`).
