@@ -273,6 +273,8 @@ def test_convert_weights_cli_prints_family_and_preset(files, enc, frame, tmp_pat
     r = CliRunner().invoke(main, ["convert-weights", str(files["mae_pretrain"]), "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert "detected family 'mae', preset 'mae_vit_test'" in r.output and "decoder_blocks.0.*" in r.output
+    r = CliRunner().invoke(main, ["convert-weights", str(files["globalpool_finetune"]), "-o", str(tmp_path / "g.safetensors")])
+    assert r.exit_code == 0 and "renamed: fc_norm.bias -> norm.bias, fc_norm.weight -> norm.weight" in r.output, r.output
     rep = convert_weights(files["tinyusfm_distilled"], tmp_path / "tiny.safetensors")
     assert (rep.family, rep.preset) == ("mae", "mae_vit_test")
     m = usfm_edge.create_model("mae_vit_test", checkpoint=out).eval()

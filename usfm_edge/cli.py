@@ -93,6 +93,10 @@ def convert_weights(src, dst, model, half):
     report = convert(src, dst, model_name=model, half=half)
     click.echo(f"detected family '{report.family}', preset '{report.preset}' ({report.source_format})")
     click.echo(report.summary())
+    renamed = sorted(set(report.renamed.items()))
+    if renamed:
+        shown = ", ".join(f"{a} -> {b}" for a, b in renamed[:4]) + (f" (+{len(renamed) - 4})" if len(renamed) > 4 else "")
+        click.echo(f"renamed: {shown}")
     click.echo(f"wrote {dst}")
 
 
