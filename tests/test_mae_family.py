@@ -369,3 +369,22 @@ def test_raw_published_file_exports_as_a_features_bundle(files, enc, frame, tmp_
     with torch.no_grad():
         want = ref_forward(enc, model_input(frame, 64))[0][0, 0].numpy()
     assert got.shape == (DIM,) and np.abs(got - want).max() < 1e-3
+
+
+def test_info_lists_weight_families_and_licences():
+    from click.testing import CliRunner
+
+    from usfm_edge.cli import main
+
+    r = CliRunner().invoke(main, ["info"])
+    assert r.exit_code == 0, r.output
+    text = r.output[r.output.index("weight families"):]
+    for name, family, preset, licence in [("USFM", "beit", "usfm_vit_base_patch16_224", "CC-BY-NC 4.0"),
+                                          ("TinyUSFM", "mae", "mae_vit_tiny_patch16_224", "Apache-2.0"),
+                                          ("UltraFedFM", "mae", "mae_vit_base_patch16_224", "unconfirmed")]:
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith(name + " "))
+        assert f"family {family}" in line and preset in line, line
+        assert licence in text.split(line, 1)[1].splitlines()[1]
+    weights = json.loads(CliRunner().invoke(main, ["info", "--json"]).output)["weights"]
+    assert [w["name"] for w in weights] == ["USFM", "TinyUSFM", "UltraFedFM"]
+    assert all(w["preset"] in usfm_edge.list_models() for w in weights)
