@@ -21,7 +21,8 @@ Two modes (``usfm_edge.train.distill`` picks one from the teacher checkpoint):
 
 * **Task distillation** (:class:`TaskDistiller`, seg teacher): the student task model (any preset and head)
   learns from ``alpha * T^2 * KL(softmax(t / T) || softmax(s / T))`` per pixel (Hinton's soft targets, at the
-  student's output size; the teacher's logits are resized bilinearly when its input size differs) plus
+  student's output size). The teacher sees the student's (augmented, unmasked) frame, resized bilinearly to its
+  own input size when that differs, and its logits are resized back. Plus
   ``(1 - alpha) *`` the usual supervised seg loss (cross-entropy + soft Dice, and the head's deep-supervision
   term) on the samples that carry labels (target ``-1`` = unlabelled: soft targets only), plus optionally
   ``feature_weight *`` the feature term on the backbones (student input unmasked in this mode).

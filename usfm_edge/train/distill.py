@@ -91,6 +91,9 @@ class DistillConfig(RunConfig):
         augment: task mode: training augmentation (as ``finetune``).
         eval_limit: task mode: at most this many validation frames.
         loss: the objective (:class:`usfm_edge.models.distill.DistillLossConfig`).
+
+    Schedule defaults are fine-tuning's (lr 2e-3 per 256 images, 30 epochs, 2 warm-up epochs): the student
+    usually starts from scratch or a small encoder, and matching a fixed teacher is a well-conditioned target.
     """
 
     teacher: str = ""
@@ -102,7 +105,7 @@ class DistillConfig(RunConfig):
     head_widths: list[int] | str | None = None
     epochs: int = 30
     batch_size: int = 16
-    lr: float = 5e-4
+    lr: float = 2e-3
     warmup_epochs: float = 2.0
     samples_per_epoch: int | None = None
     label_fraction: float = 1.0
