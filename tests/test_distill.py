@@ -85,6 +85,28 @@ def test_blocks_masks_and_projection_pieces():
         DistillLossConfig(feature_loss="l2")
 
 
+def test_config_flags_yaml_and_checks(tmp_path):
+    import argparse
+
+    from usfm_edge.train.distill import DistillConfig
+    from usfm_edge.train.options import add_argparse_options, distill_options, overrides_from
+
+    p = add_argparse_options(argparse.ArgumentParser(), distill_options)
+    args = p.parse_args(["--out", "x", "--teacher", "t.safetensors", "--student", PRESET, "--data", "a",
+                         "--mask-ratio", "0.3", "--head-widths", "4,8,16,32,64", "--alpha", "0.7"])
+    yml = tmp_path / "kd.yaml"
+    yml.write_text("batch_size: 8\nloss:\n  temperature: 4.0\n  mask_ratio: 0.5\n")
+    cfg = load_distill_config(yml, overrides_from(args, distill_options))
+    assert (cfg.model, cfg.data, cfg.batch_size, cfg.head_widths) == (PRESET, ["a"], 8, [4, 8, 16, 32, 64])
+    assert (cfg.loss.mask_ratio, cfg.loss.temperature, cfg.loss.alpha) == (0.3, 4.0, 0.7)
+    assert {o.field.split(".")[-1] for o in distill_options} <= set(DistillConfig.__dataclass_fields__) | set(
+        DistillLossConfig.__dataclass_fields__)
+    for bad in ({"mode": "both"}, {"loss": {"alpha": 2.0}}, {"loss": {"mask_ratio": 1.0}}, {"head_widths": "4,x"},
+                {"loss": {"temprature": 2.0}}):
+        with pytest.raises(ConfigError):
+            load_distill_config({"teacher": "t", **bad})
+
+
 # -- feature mode ---------------------------------------------------------------------------------------------
 def test_feature_distillation_learns_and_writes_a_strict_backbone(tmp_path, backbone_teacher):
     run = tmp_path / "kd"
