@@ -203,8 +203,9 @@ def _resolve(cfg: DistillConfig, mode: str, teacher, meta: dict) -> DistillConfi
     """Fill the fields left to the teacher (img_size, split); refuse task-mode fields in feature mode."""
     if mode == "features":
         if cfg.head != "auto" or cfg.head_widths:
-            raise ConfigError("--head/--head-widths are for task distillation; the teacher is a backbone",
-                              path=cfg.teacher, hint="drop them (the feature-mode student is a backbone)")
+            raise ConfigError("--head/--head-widths are for task distillation; this run distils backbone features",
+                              path=cfg.teacher, hint="drop them (the feature-mode student is a backbone), or pass a "
+                                                     "seg task checkpoint as the teacher")
         if cfg.img_size is None:
             from usfm_edge.models.registry import model_args
 

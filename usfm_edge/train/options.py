@@ -1,4 +1,4 @@
-"""The command-line flags of ``pretrain`` and ``finetune``, as plain rows (torch-free, so ``usfm-edge --help`` and
+"""The command-line flags of ``pretrain``, ``finetune`` and ``distill``, as plain rows (torch-free, so ``usfm-edge --help`` and
 the click CLI read them without loading torch); the argparse entry points (``python -m usfm_edge.train.pretrain``,
 ``... .finetune``, torchrun-friendly) and the click commands build the same options from them.
 
