@@ -14,7 +14,13 @@ import torch
 from usfm_edge.core.errors import CheckpointError, ConfigError
 from usfm_edge.data import sample_dir
 from usfm_edge.models.checkpoint import read_checkpoint, save_checkpoint
-from usfm_edge.models.distill import DistillLossConfig, FeatureProjector, evenly_spaced_blocks, mean_fill
+from usfm_edge.models.distill import (
+    DistillLossConfig,
+    FeatureProjector,
+    evenly_spaced_blocks,
+    mean_fill,
+    resize_map,
+)
 from usfm_edge.models.registry import create_model, model_args
 from usfm_edge.train.distill import fit_distill, load_distill_config, load_teacher, run_distill
 
@@ -76,6 +82,9 @@ def test_blocks_masks_and_projection_pieces():
     y = mean_fill(x, m, 16)
     assert torch.equal(y[1], x[1]) and torch.equal(y[0, :, 16:], x[0, :, 16:])
     assert torch.allclose(y[0, :, :16, :16], x[0].mean((1, 2))[:, None, None].expand(3, 16, 16))
+    grid = torch.randn(1, 4, 14, 14)
+    assert torch.allclose(resize_map(grid, (7, 7)), torch.nn.functional.avg_pool2d(grid, 2))  # area when shrinking
+    assert resize_map(grid, (16, 16)).shape[-2:] == (16, 16) and resize_map(grid, (14, 14)) is grid
     proj = FeatureProjector(8, 16, 2, "cosine")
     s = [torch.randn(2, 8, 4, 4) for _ in range(2)]
     t = [torch.randn(2, 16, 6, 6) for _ in range(2)]  # another grid: resized to 4x4
@@ -194,6 +203,10 @@ def test_wrong_teachers_raise_typed_errors_naming_the_file(tmp_path, backbone_te
     cls = save_task_checkpoint(build_task_model("cls", PRESET, num_classes=2, img_size=SIZE), tmp_path / "cls.safetensors")
     with pytest.raises(ConfigError, match="cls.safetensors.*'cls' teacher"):
         fit_distill(_feature_cfg(cls, max_steps=1), tmp_path / "run", progress=False)
+    foreign = tmp_path / "foreign.pth"  # a plain state dict (the official USFM layout): preset from its width
+    torch.save(create_model(PRESET).state_dict(), foreign)
+    mode, teacher, _ = load_teacher(foreign)
+    assert mode == "features" and teacher.preset == PRESET and not teacher.training
     mode, teacher, _ = load_teacher(cls, "features")  # its backbone, on request
     assert mode == "features" and teacher.embed_dim == 64
     with pytest.raises(ConfigError, match="teacher.safetensors.*backbone"):

@@ -8,7 +8,9 @@ Two modes (``usfm_edge.train.distill`` picks one from the teacher checkpoint):
   (:class:`FeatureProjector`; dropped after training, so the student keeps its own width); the target is the
   teacher map, layer-normalised over channels without affine weights (every block and every teacher then has
   unit scale, so no block dominates and ViT-B's large-norm late blocks need no weighting). A teacher map on
-  another grid (other patch size or input size) is resized bilinearly to the student's grid. Loss per block:
+  another grid (other patch size or input size) is resized to the student's grid (:func:`resize_map`: area
+  averaging when it shrinks, bilinear when it grows); the teacher sees the student's frame resized to its own
+  input size. Loss per block:
   smooth-L1 (``feature_loss="smooth_l1"``, beta 1) or ``1 - cosine`` over channels (``"cosine"``), averaged
   over **all** tokens and the blocks.
 
@@ -43,7 +45,7 @@ from torch import nn
 
 from usfm_edge.core.errors import ConfigError
 
-__all__ = ["DistillLossConfig", "FEATURE_LOSSES", "evenly_spaced_blocks", "mean_fill", "FeatureProjector",
+__all__ = ["DistillLossConfig", "FEATURE_LOSSES", "evenly_spaced_blocks", "mean_fill", "resize_map", "FeatureProjector",
            "FeatureDistiller", "TaskDistiller", "freeze_unused"]
 
 FEATURE_LOSSES = ("smooth_l1", "cosine")
@@ -108,6 +110,17 @@ def mean_fill(x: torch.Tensor, patch_mask: torch.Tensor, patch_size: int) -> tor
     return x * (1 - m) + x.mean(dim=(2, 3), keepdim=True) * m
 
 
+def resize_map(t: torch.Tensor, size) -> torch.Tensor:
+    """A teacher map (B, D, h, w) on the student's grid: area averaging where it shrinks (each student token
+    gets the mean of the teacher tokens it covers, no aliasing), bilinear where it grows."""
+    size = tuple(int(v) for v in size)
+    if tuple(t.shape[-2:]) == size:
+        return t
+    if t.shape[-2] >= size[0] and t.shape[-1] >= size[1]:
+        return F.adaptive_avg_pool2d(t, size)
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+
+
 class FeatureProjector(nn.Module):
     """One ``Linear(student_dim -> teacher_dim)`` per matched block, and the feature loss.
 
@@ -128,8 +141,7 @@ class FeatureProjector(nn.Module):
         total = 0.0
         for proj, s, t in zip(self.proj, student_maps, teacher_maps):
             t = t.detach().float()
-            if t.shape[-2:] != s.shape[-2:]:
-                t = F.interpolate(t, size=s.shape[-2:], mode="bilinear", align_corners=False)
+            t = resize_map(t, s.shape[-2:])
             t = F.layer_norm(t.flatten(2).transpose(1, 2), (self.teacher_dim,))  # (B, N, D), unit scale
             p = proj(s.flatten(2).transpose(1, 2)).float()
             if self.loss == "cosine":
