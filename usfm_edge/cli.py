@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from usfm_edge.train.options import finetune_options, overrides_from, pretrain_options
+from usfm_edge.train.options import distill_options, finetune_options, overrides_from, pretrain_options
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=110)
 
@@ -186,6 +186,25 @@ def finetune(out, config, resume, **kwargs):
     cfg = load_finetune_config(config, overrides_from(kwargs, finetune_options))
     res = fit_finetune(cfg, out, resume=(out if resume else None))
     click.echo(f"wrote {res.best}\nwrote {res.last}")
+
+
+@main.command(context_settings=CONTEXT)
+@_train_options(distill_options)
+def distill(out, config, resume, **kwargs):
+    """Distil a teacher into a small edge student: features of a backbone, or a fine-tuned seg model's logits.
+
+    \b
+    Examples (feature mode on unlabelled frames; task mode from a seg checkpoint into a thinner hybrid head):
+      usfm-edge distill --teacher usfm_base.safetensors --student usfm_vit_tiny_patch16_224 \\
+          --data folder:FRAMES@breast --out runs/kd_tiny --time-limit-min 60
+      usfm-edge distill --teacher busbra_seg_tiny.safetensors --student usfm_vit_test --head-widths 8,16,32,64,128 \\
+          --data busbra:PATH --out runs/kd_seg
+    """
+    from usfm_edge.train.distill import fit_distill, load_distill_config
+
+    cfg = load_distill_config(config, overrides_from(kwargs, distill_options))
+    res = fit_distill(cfg, out, resume=(out if resume else None))
+    click.echo(f"{res.mode} distillation, {res.steps} steps\nwrote {res.student}")
 
 
 @main.command(context_settings=CONTEXT)

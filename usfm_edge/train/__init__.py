@@ -1,4 +1,5 @@
-"""Training: typed configs, DDP via torchrun, optimiser and schedule, one engine, pretraining (dual MIM).
+"""Training: typed configs, DDP via torchrun, optimiser and schedule, one engine, pretraining (dual MIM),
+distillation into edge students.
 
 Public entry points are imported lazily, so ``import usfm_edge.train`` stays cheap and ``train.options`` (the
 command-line flags) can be read without torch.
@@ -11,6 +12,9 @@ _LAZY = {
     "pretrain_options": "usfm_edge.train.config",
     "load_pretrain_config": "usfm_edge.train.config",
     "run_pretrain": "usfm_edge.train.pretrain",
+    "DistillConfig": "usfm_edge.train.distill",
+    "fit_distill": "usfm_edge.train.distill",
+    "run_distill": "usfm_edge.train.distill",
     "train_one_epoch": "usfm_edge.train.engine",
     "run_epochs": "usfm_edge.train.engine",
     "init_distributed": "usfm_edge.train.dist",

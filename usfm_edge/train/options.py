@@ -1,4 +1,4 @@
-"""The command-line flags of ``pretrain`` and ``finetune``, as plain rows (torch-free, so ``usfm-edge --help`` and
+"""The command-line flags of ``pretrain``, ``finetune`` and ``distill``, as plain rows (torch-free, so ``usfm-edge --help`` and
 the click CLI read them without loading torch); the argparse entry points (``python -m usfm_edge.train.pretrain``,
 ``... .finetune``, torchrun-friendly) and the click commands build the same options from them.
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import NamedTuple
 
-__all__ = ["Option", "RUN_OPTIONS", "pretrain_options", "finetune_options", "add_argparse_options",
-           "overrides_from"]
+__all__ = ["Option", "RUN_OPTIONS", "pretrain_options", "finetune_options", "distill_options",
+           "add_argparse_options", "overrides_from"]
 
 
 class Option(NamedTuple):
@@ -89,6 +89,30 @@ finetune_options: list[Option] = [
     Option("--aux-weight", "aux_weight", float, "deep-supervision loss weight (0 = off)"),
     Option("--eval-every", "eval_every", int, "epochs between validations"),
     Option("--eval-limit", "eval_limit", int, "at most this many validation frames"),
+]
+
+distill_options: list[Option] = [
+    Option("--teacher", "teacher", str, "teacher checkpoint: a backbone (feature mode) or a seg task checkpoint"),
+    Option("--student", "model", str, "student backbone preset (e.g. usfm_vit_tiny_patch16_224)"),
+    Option("--data", "data", list, "frames: folder:PATH[@organ], busbra:PATH, hc18:PATH (task mode: with masks)"),
+    Option("--mode", "mode", str, "auto (from the teacher's task), features or task"),
+    Option("--student-init", "student_init", str, "start the student from these weights (backbone or task file)"),
+    Option("--head", "head", str, "task mode: student head (auto = the teacher's: hybrid, light, upernet, ...)"),
+    Option("--head-widths", "head_widths", str, "task mode: smaller head widths, comma-separated (hybrid: 8,16,32,64,128)"),
+    *[o for o in RUN_OPTIONS if o.flag != "--model"],
+    Option("--samples-per-epoch", "samples_per_epoch", int, "feature mode: samples per epoch (default: all frames)"),
+    Option("--label-fraction", "label_fraction", float, "task mode: fraction of training patients whose labels are used"),
+    Option("--val-fraction", "val_fraction", float, "task mode: held-out patients (default: the teacher's split)"),
+    Option("--split-seed", "split_seed", int, "task mode: seed of the patient split (default: the teacher's)"),
+    Option("--augment", "augment", str, "task mode: ultrasound, light, basic or none"),
+    Option("--eval-limit", "eval_limit", int, "task mode: at most this many validation frames"),
+    Option("--layers", "loss.layers", int, "evenly spaced blocks matched in each backbone"),
+    Option("--feature-loss", "loss.feature_loss", str, "smooth_l1 or cosine on layer-normalised teacher tokens"),
+    Option("--feature-weight", "loss.feature_weight", float, "weight of the feature term (task mode default 0)"),
+    Option("--mask-ratio", "loss.mask_ratio", float, "feature mode: fraction of blocks masked in the student input"),
+    Option("--mask-patch-size", "loss.mask_patch_size", int, "feature mode: mask block size in pixels"),
+    Option("--alpha", "loss.alpha", float, "task mode: weight of the soft-target KL (1 - alpha: the label loss)"),
+    Option("--temperature", "loss.temperature", float, "task mode: softmax temperature of the soft targets"),
 ]
 
 
