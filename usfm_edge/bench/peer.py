@@ -30,7 +30,7 @@ import numpy as np
 from usfm_edge.core.errors import ConfigError, require
 
 __all__ = ["PEER_NAMES", "OUR_BUNDLE", "PeerModel", "calibration_frames", "model_inputs", "build_peers", "open_peer",
-           "prepare_peers", "peer_row",
+           "prepare_peers", "peer_row", "bundle_calibration_frames", "bench_peer_rows",
            "time_peer_isolated", "peer_outputs", "peer_fidelity", "peer_markdown"]
 
 PEER_NAMES = {"openvino": "peer: by-hand OpenVINO+NNCF", "onnxruntime": "peer: by-hand ORT quantize_static"}
@@ -171,12 +171,14 @@ def peer_fidelity(model, peer: PeerModel, inputs: list[np.ndarray], threads: int
 
 
 def prepare_peers(model, specs: list[str], n_calib: int, eval_frames: list[np.ndarray], timing_frame: np.ndarray,
-                  workdir: str | Path, threads: int = 1) -> tuple[list[PeerModel], dict[str, dict], Path]:
-    """Build both peers from our quantiser's calibration frames, score them against fp32 PyTorch on the held-out
-    frames, and save the timing frame as model input: ``(peers, {name: fidelity}, input .npy)``."""
+                  workdir: str | Path, threads: int = 1,
+                  calib: list[np.ndarray] | None = None) -> tuple[list[PeerModel], dict[str, dict], Path]:
+    """Build both peers from our quantiser's calibration frames (or ``calib``), score them against fp32 PyTorch on
+    the held-out frames, and save the timing frame as model input: ``(peers, {name: fidelity}, input .npy)``."""
     workdir = Path(workdir)
     spec = model.preprocess
-    peers = build_peers(model, model_inputs(calibration_frames(specs, n_calib), spec), workdir)
+    calib = calib if calib is not None else calibration_frames(specs, n_calib)
+    peers = build_peers(model, model_inputs(calib, spec), workdir)
     evals = model_inputs(eval_frames, spec)
     fid = {p.name: peer_fidelity(model, p, evals, threads) for p in peers}
     x = workdir / "timing_input.npy"
@@ -199,6 +201,71 @@ def peer_row(peer: PeerModel, times: dict[int, list[float]], fid: dict, bundle_t
             "bundle": OUR_BUNDLE[peer.backend], "bundle_ms": round(bundle_ms, 2), "vs_bundle": round(med / bundle_ms, 3),
             "fps_largest_batch": {"batch": big, "peer": 1000.0 * big / float(np.median(times[big])),
                                   "bundle": 1000.0 * big / float(np.median(bundle_times[big]))}}
+
+
+def bundle_calibration_frames(bundle: str | Path) -> list[np.ndarray] | None:
+    """The exact frames an INT8 bundle was calibrated on (its ``usfm.json`` calibration manifest, every file's
+    SHA-256 checked), or None when the bundle records none."""
+    import tempfile
+
+    from usfm_edge.calibration.calibset import CalibrationSet
+
+    meta = json.loads((Path(bundle) / "usfm.json").read_text())
+    manifest = (((meta.get("calibration") or {}).get("report") or {}).get("manifest"))
+    if not manifest:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "calibration_manifest.json"
+        path.write_text(json.dumps(manifest))
+        return list(CalibrationSet.from_manifest(path).frames)
+
+
+def bench_peer_rows(torch_ckpt: str | Path, bundles, data: str, rows: list, batches=(1,), threads: int = 2,
+                    runs: int = 30, warmup: int = 3, rounds: int = 2, n_calib: int = 300, eval_frames: int = 8) -> list:
+    """``usfm-edge bench --peer``: both peers of the ``--torch`` checkpoint as ``bench.latency.BenchRow`` rows.
+
+    Calibration frames: those of the first INT8 bundle given (its manifest), else ``n_calib`` frames of ``data``
+    drawn as our quantiser draws them. Timing: the benchmark's first frame of ``data``, preprocessed, in
+    ``rounds`` fresh processes per peer. ``extra`` holds the fidelity against fp32 PyTorch on held-out frames of
+    ``data`` and ``vs_bundle`` (peer p50 / p50 of our INT8 bundle of the same backend and batch, when one is in
+    ``rows``; > 1 = our bundle faster).
+    """
+    import tempfile
+
+    from usfm_edge.bench.latency import BenchRow
+    from usfm_edge.evaluation import read_frame, select_records
+    from usfm_edge.models.tasks import load_task_model
+
+    if torch_ckpt is None:
+        raise ConfigError("--peer builds the by-hand models from the weights: give the checkpoint with --torch CKPT")
+    model = load_task_model(torch_ckpt).eval()
+    frames = next((f for f in (bundle_calibration_frames(b) for b in bundles
+                               if json.loads((Path(b) / "usfm.json").read_text()).get("precision") == "int8") if f), None)
+    frames = frames or calibration_frames([data], n_calib)
+    held = [read_frame(r) for r in select_records(data, split="val", limit=eval_frames)]
+    timing_frame = read_frame(select_records(data, split="all")[0])
+    torch_p50 = {r.batch: r.p50_ms for r in rows if r.name == "pytorch-fp32"}
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        peers, fid, x = prepare_peers(model, [data], 0, held, timing_frame, tmp, threads, calib=frames)
+        for p in peers:
+            times: dict[int, list[float]] = {int(b): [] for b in batches}
+            n_rounds = max(1, min(rounds, runs))
+            for r in range(n_rounds):
+                n = runs // n_rounds + (r < runs % n_rounds)
+                for b, t in time_peer_isolated(p, x, threads, batches, n, warmup).items():
+                    times[b] += t
+            for b, t in times.items():
+                arr = np.asarray(t)
+                p50 = float(np.median(arr))
+                ours = next((r for r in rows if r.backend == p.backend and r.precision == "int8" and r.batch == b), None)
+                extra = {**fid[p.name], "bundle": ours.name if ours else None,
+                         "vs_bundle": p50 / ours.p50_ms if ours else None, "build_seconds": round(p.build_seconds, 1)}
+                out.append(BenchRow(p.name, p.backend, "int8", "peer (by hand)", "cpu", b, p50,
+                                    float(np.percentile(arr, 90)), float(np.percentile(arr, 99)), 1000.0 * b / p50,
+                                    torch_p50[b] / p50 if b in torch_p50 else None, p.size_mb, float("nan"),
+                                    extra=extra, p10_ms=float(np.percentile(arr, 10))))
+    return out
 
 
 def time_peer_isolated(peer: PeerModel, input_file: str | Path, threads: int, batches=(1,), runs: int = 30,
