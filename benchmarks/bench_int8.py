@@ -12,8 +12,14 @@ Reported: median / p90 ms, ratio vs PyTorch fp32, raw and centred cosine of ``pr
 held-out real frames (patients not used for calibration), mask agreement, Dice vs ground truth (meaningful with
 ``--checkpoint`` only), model size, and OpenVINO's per-layer performance counters (PERF_COUNT) for the int8 IR.
 
+``--peer`` adds the by-hand rows (``usfm_edge.bench.peer``: the bare model through ``openvino.convert_model`` +
+``nncf.quantize(model_type=TRANSFORMER)`` and through ``torch.onnx.export`` + ORT ``quantize_static`` restricted to
+MatMul/Gemm, on the same calibration frames), timed in the same rotation, with their ratio to our INT8 bundle of the
+same backend. ``--batches 1 4`` also times batch 4 (frames/s). The report adds the preprocessing share (OpenVINO
+int8 counters by stage) and the fused-attention count of each runtime (``usfm_edge.bench.opcount``).
+
 Usage:
-    python benchmarks/bench_int8.py [--presets tiny] [--checkpoint seg.safetensors] [--runs 30]
+    python benchmarks/bench_int8.py [--presets tiny] [--checkpoint seg.safetensors] [--runs 30] [--peer]
 Writes benchmarks/results/int8.md and int8.json.
 """
 
@@ -299,10 +305,14 @@ def bench_preset(preset: str, args, specs: list[str], work: Path) -> dict:
             with Engine.open(bundles[name], device="cpu", threads=args.threads) as eng:
                 dice[name] = evaluate_predictor(eng, [r for r in records if r.mask is not None], "seg")["dice"]
     counters, stages = perf_counters(bundles["OpenVINO int8 (NNCF)"] / "model.xml", timing_frame, args.threads)
+    from usfm_edge.bench.opcount import bundle_op_counts
+
+    fused = {name: {k: v for k, v in bundle_op_counts(bundles[name]).items() if k != "op_types"}
+             for name in ("ORT fp32", "ORT int8 (Q/DQ)", "OpenVINO fp32 (f32 hint)", "OpenVINO int8 (NNCF)")}
     return {"preset": preset, "model": PRESETS[preset], "task": model.task, "output": main,
             "weights": args.checkpoint or "random (seed 0)", "timing_frame_hw": list(timing_frame.shape),
             "eval_frames": len(frames), "rows": rows + peer_rows, "peer_rows": peer_rows, "dice_vs_ground_truth": dice,
-            "openvino_int8_perf_counters": counters, "openvino_int8_stage_shares": stages}
+            "openvino_int8_perf_counters": counters, "openvino_int8_stage_shares": stages, "fused_attention": fused}
 
 
 def main() -> None:

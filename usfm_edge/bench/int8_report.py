@@ -51,6 +51,10 @@ def markdown(result: dict) -> str:
             lines += ["", "Preprocessing share (same counters by stage: `/pre/*` in-graph resize + normalisation, "
                       "`/model/*`, post-processing): " + ", ".join(f"{k} {v['ms']} ms ({v['share']:.1%})"
                                                                      for k, v in st.items())]
+        if p.get("fused_attention"):
+            lines += ["", "Fused attention nodes (bench.opcount: OpenVINO CPU runtime graph / IR SDPA ops; ORT optimised "
+                      "graph Attention ops): " + ", ".join(f"{k} {v['fused_attention']}" + (
+                          f" (IR SDPA {v['ir_sdpa']})" if "ir_sdpa" in v else "") for k, v in p["fused_attention"].items())]
         lines += peer_markdown(p.get("peer_rows", []))
         lines.append("")
     lines += [f"Notes: OpenVINO fp16 = fp16-compressed weights, computed as this CPU allows ({m.get('cpu_class', '?')}). "

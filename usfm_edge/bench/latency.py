@@ -225,7 +225,8 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
     if peer:
         from usfm_edge.bench.peer import bench_peer_rows
 
-        rows += bench_peer_rows(torch_ckpt, bundles, data, rows, batches, threads, runs, warmup, rounds)
+        rows += [BenchRow(**r) for r in bench_peer_rows(torch_ckpt, bundles, data, rows, batches, threads, runs,
+                                                         warmup, rounds)]
     paced = []
     if fps:
         b2b = {r.name: r.p50_ms for r in rows if r.batch == 1}

@@ -222,7 +222,8 @@ def bundle_calibration_frames(bundle: str | Path) -> list[np.ndarray] | None:
 
 def bench_peer_rows(torch_ckpt: str | Path, bundles, data: str, rows: list, batches=(1,), threads: int = 2,
                     runs: int = 30, warmup: int = 3, rounds: int = 2, n_calib: int = 300, eval_frames: int = 8) -> list:
-    """``usfm-edge bench --peer``: both peers of the ``--torch`` checkpoint as ``bench.latency.BenchRow`` rows.
+    """``usfm-edge bench --peer``: both peers of the ``--torch`` checkpoint as ``bench.latency.BenchRow`` fields
+    (keyword dicts; ``bench.latency`` builds the rows, so this module does not import it).
 
     Calibration frames: those of the first INT8 bundle given (its manifest), else ``n_calib`` frames of ``data``
     drawn as our quantiser draws them. Timing: the benchmark's first frame of ``data``, preprocessed, in
@@ -232,7 +233,6 @@ def bench_peer_rows(torch_ckpt: str | Path, bundles, data: str, rows: list, batc
     """
     import tempfile
 
-    from usfm_edge.bench.latency import BenchRow
     from usfm_edge.evaluation import read_frame, select_records
     from usfm_edge.models.tasks import load_task_model
 
@@ -261,10 +261,11 @@ def bench_peer_rows(torch_ckpt: str | Path, bundles, data: str, rows: list, batc
                 ours = next((r for r in rows if r.backend == p.backend and r.precision == "int8" and r.batch == b), None)
                 extra = {**fid[p.name], "bundle": ours.name if ours else None,
                          "vs_bundle": p50 / ours.p50_ms if ours else None, "build_seconds": round(p.build_seconds, 1)}
-                out.append(BenchRow(p.name, p.backend, "int8", "peer (by hand)", "cpu", b, p50,
-                                    float(np.percentile(arr, 90)), float(np.percentile(arr, 99)), 1000.0 * b / p50,
-                                    torch_p50[b] / p50 if b in torch_p50 else None, p.size_mb, float("nan"),
-                                    extra=extra, p10_ms=float(np.percentile(arr, 10))))
+                out.append(dict(name=p.name, backend=p.backend, precision="int8", target="peer (by hand)", device="cpu",
+                                batch=b, p50_ms=p50, p90_ms=float(np.percentile(arr, 90)),
+                                p99_ms=float(np.percentile(arr, 99)), fps=1000.0 * b / p50,
+                                ratio_vs_torch=torch_p50[b] / p50 if b in torch_p50 else None, size_mb=p.size_mb,
+                                rss_mb=float("nan"), extra=extra, p10_ms=float(np.percentile(arr, 10))))
     return out
 
 
