@@ -222,8 +222,8 @@ def time_variants(order: list[str], args, preset: str, bundles: dict, peers: dic
 
     times: dict[str, dict[int, list[float]]] = {name: {b: [] for b in args.batches} for name in order}
     if args.one_process:
-        fns = {name: run_variant_fn(name, bundles.get(name), build_model(preset, args.checkpoint, args.task),
-                                    args.threads) for name in order}
+        model = build_model(preset, args.checkpoint, args.task)
+        fns = {name: run_variant_fn(name, bundles.get(name), model, args.threads) for name in order}
         x = frame[None]
         for _ in range(args.warmup):
             for name in order:
