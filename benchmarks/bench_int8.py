@@ -12,8 +12,14 @@ Reported: median / p90 ms, ratio vs PyTorch fp32, raw and centred cosine of ``pr
 held-out real frames (patients not used for calibration), mask agreement, Dice vs ground truth (meaningful with
 ``--checkpoint`` only), model size, and OpenVINO's per-layer performance counters (PERF_COUNT) for the int8 IR.
 
+``--peer`` adds the by-hand rows (``usfm_edge.bench.peer``: the bare model through ``openvino.convert_model`` +
+``nncf.quantize(model_type=TRANSFORMER)`` and through ``torch.onnx.export`` + ORT ``quantize_static`` restricted to
+MatMul/Gemm, on the same calibration frames), timed in the same rotation, with their ratio to our INT8 bundle of the
+same backend. ``--batches 1 4`` also times batch 4 (frames/s). The report adds the preprocessing share (OpenVINO
+int8 counters by stage) and the fused-attention count of each runtime (``usfm_edge.bench.opcount``).
+
 Usage:
-    python benchmarks/bench_int8.py [--presets tiny] [--checkpoint seg.safetensors] [--runs 30]
+    python benchmarks/bench_int8.py [--presets tiny] [--checkpoint seg.safetensors] [--runs 30] [--peer]
 Writes benchmarks/results/int8.md and int8.json.
 """
 
@@ -33,7 +39,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from usfm_edge.bench.sysinfo import load_note  # noqa: E402
+from usfm_edge.bench.int8_report import markdown  # noqa: E402, F401 - the report of this script
 from usfm_edge.models.registry import sizes  # noqa: E402
 
 PRESETS = sizes()  # tiny / small / base -> preset name
@@ -158,26 +164,22 @@ def run_variant_fn(name: str, bundle: Path | None, model, threads: int):
     return eng.run_raw, eng.close
 
 
-def perf_counters(xml: Path, frame: np.ndarray, threads: int, runs: int = 20) -> list[dict]:
-    import openvino as ov
+def perf_counters(xml: Path, frame: np.ndarray, threads: int, runs: int = 20) -> tuple[list[dict], dict]:
+    """OpenVINO PERF_COUNT of an IR: the top op types (ms, share) and the pre-processing / model /
+    post-processing split (``bench.opcount.stage_shares``: the preprocessing share)."""
+    from usfm_edge.bench.opcount import perf_counters as node_counters
+    from usfm_edge.bench.opcount import stage_shares
 
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(xml)), "CPU", {"PERF_COUNT": True, "INFERENCE_NUM_THREADS":
-                                                                     threads, "PERFORMANCE_HINT": "LATENCY"})
-    req = compiled.create_infer_request()
+    nodes = node_counters(xml, frame, threads, runs, top=None)
     totals: dict[tuple[str, str], float] = {}
-    for _ in range(runs):
-        req.infer({0: frame[None]})
-        for p in req.get_profiling_info():
-            if "EXECUTED" in str(p.status) and "NOT" not in str(p.status):
-                key = (p.node_type, p.exec_type)
-                totals[key] = totals.get(key, 0.0) + p.real_time.total_seconds() * 1e3 / runs
+    for n in nodes:
+        totals[(n["op"], n["kernel"])] = totals.get((n["op"], n["kernel"]), 0.0) + n["ms"]
     total = sum(totals.values()) or 1.0
     rows = [{"op": k[0], "kernel": k[1], "ms": round(v, 3), "share": round(v / total, 3)} for k, v in totals.items()]
-    return sorted(rows, key=lambda r: -r["ms"])[:12]
+    return sorted(rows, key=lambda r: -r["ms"])[:12], stage_shares(nodes)
 
 
-def time_in_own_process(spec: dict) -> list[float]:
+def time_in_own_process(spec: dict) -> dict[str, list[float]]:
     """ms per call of one variant, timed in a fresh interpreter (``--time-worker``)."""
     proc = subprocess.run([sys.executable, __file__, "--time-worker", json.dumps(spec)], capture_output=True,
                           text=True, timeout=3600)
@@ -186,24 +188,68 @@ def time_in_own_process(spec: dict) -> list[float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def time_worker(spec: dict) -> list[float]:
-    model = build_model(spec["preset"], spec["checkpoint"], spec["task"]) if spec["bundle"] is None else None
-    bundle = Path(spec["bundle"]) if spec["bundle"] else None
-    fn, close = run_variant_fn(spec["name"], bundle, model, spec["threads"])
-    x = np.load(spec["frame"])[None]
-    for _ in range(spec["warmup"]):
-        fn(x)
-    times = []
-    for _ in range(spec["runs"]):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - t0) * 1e3)
+def time_worker(spec: dict) -> dict[str, list[float]]:
+    """``{batch: [ms, ...]}`` of one variant (a bundle, PyTorch, or a by-hand peer on its model input)."""
+    if spec.get("peer"):
+        from usfm_edge.bench.peer import open_peer
+
+        fn, close, x1 = open_peer(spec["bundle"], spec["peer"], spec["threads"]), (lambda: None), np.load(spec["input"])
+    else:
+        model = build_model(spec["preset"], spec["checkpoint"], spec["task"]) if spec["bundle"] is None else None
+        bundle = Path(spec["bundle"]) if spec["bundle"] else None
+        fn, close = run_variant_fn(spec["name"], bundle, model, spec["threads"])
+        x1 = np.load(spec["frame"])[None]
+    out = {}
+    for b in spec.get("batches", [1]):
+        x = np.ascontiguousarray(np.repeat(x1, b, axis=0))
+        for _ in range(spec["warmup"]):
+            fn(x)
+        times = []
+        for _ in range(spec["runs"]):
+            t0 = time.perf_counter()
+            fn(x)
+            times.append((time.perf_counter() - t0) * 1e3)
+        out[str(b)] = times
     close()
+    return out
+
+
+def time_variants(order: list[str], args, preset: str, bundles: dict, peers: dict, frame: np.ndarray,
+                  peer_input: Path | None, work: Path) -> dict[str, dict[int, list[float]]]:
+    """``{variant: {batch: [ms, ...]}}``: each variant in ``--rounds`` fresh processes, rotating order (or, with
+    ``--one-process``, call by call in this one, batch 1 only, no peers)."""
+    from usfm_edge.bench.latency import rotating_rounds
+
+    times: dict[str, dict[int, list[float]]] = {name: {b: [] for b in args.batches} for name in order}
+    if args.one_process:
+        model = build_model(preset, args.checkpoint, args.task)
+        fns = {name: run_variant_fn(name, bundles.get(name), model, args.threads) for name in order}
+        x = frame[None]
+        for _ in range(args.warmup):
+            for name in order:
+                fns[name][0](x)
+        for r in range(args.runs):
+            for name in order[r % len(order):] + order[: r % len(order)]:
+                t0 = time.perf_counter()
+                fns[name][0](x)
+                times[name][1].append((time.perf_counter() - t0) * 1e3)
+        for _fn, close in fns.values():
+            close()
+        return times
+    frame_file = work / preset / "timing_frame.npy"
+    np.save(frame_file, frame)
+    for n, name in rotating_rounds(order, args.runs, args.rounds):
+        peer = peers.get(name)
+        path = peer.path if peer else bundles.get(name)
+        spec = {"name": name, "bundle": str(path) if path else None, "preset": preset, "checkpoint": args.checkpoint,
+                "task": args.task, "threads": args.threads, "frame": str(frame_file), "runs": n, "warmup": args.warmup,
+                "batches": args.batches, "peer": peer.backend if peer else None, "input": str(peer_input)}
+        for b, t in time_in_own_process(spec).items():
+            times[name][int(b)] += t
     return times
 
 
 def bench_preset(preset: str, args, specs: list[str], work: Path) -> dict:
-    from usfm_edge.bench.latency import rotating_rounds
     from usfm_edge.data.readers import read_image
     from usfm_edge.evaluation.evaluate import evaluate_predictor
     from usfm_edge.runtime import Engine
@@ -217,97 +263,56 @@ def bench_preset(preset: str, args, specs: list[str], work: Path) -> dict:
     timing_frame = frames[0]
     fns = {name: run_variant_fn(name, bundles.get(name), model, args.threads) for name, _, _ in VARIANTS}
     outs = {name: [fn(f[None]) for f in frames] for name, (fn, _) in fns.items()}
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    order = list(fns)
-    x = timing_frame[None]
-    if args.one_process:
-        for _ in range(args.warmup):
-            for name in order:
-                fns[name][0](x)
-        for r in range(args.runs):
-            for name in order[r % len(order):] + order[: r % len(order)]:
-                t0 = time.perf_counter()
-                fns[name][0](x)
-                times[name].append((time.perf_counter() - t0) * 1e3)
     for _fn, close in fns.values():
         close()
-    if not args.one_process:
-        frame_file = work / preset / "timing_frame.npy"
-        np.save(frame_file, timing_frame)
-        for n, name in rotating_rounds(order, args.runs, args.rounds):
-            spec = {"name": name, "bundle": str(bundles[name]) if name in bundles else None, "preset": preset,
-                    "checkpoint": args.checkpoint, "task": args.task, "threads": args.threads,
-                    "frame": str(frame_file), "runs": n, "warmup": args.warmup}
-            times[name] += time_in_own_process(spec)
+    peers, peer_fid, peer_input = [], {}, None
+    if args.peer:
+        from usfm_edge.bench.peer import prepare_peers
+
+        print(f"[{preset}] building the by-hand peers ...", flush=True)
+        peers, peer_fid, peer_input = prepare_peers(model, specs, args.calib_frames, frames, timing_frame,
+                                                    work / preset / "peers", args.threads)
+    order = list(fns) + [p.name for p in peers]
+    times = time_variants(order, args, preset, bundles, {p.name: p for p in peers}, timing_frame, peer_input, work)
     ref = outs["PyTorch eager fp32"]
     grid = int(model.img_size)
-    base = float(np.median(times["PyTorch eager fp32"]))
+    base = float(np.median(times["PyTorch eager fp32"][1]))
     rows = []
     for name, _, _ in VARIANTS:
         raw, cc = centred([o[main][0] for o in ref], [o[main][0] for o in outs[name]], grid)
         agree = float(np.mean([np.mean(a["mask"] == b["mask"]) for a, b in zip(ref, outs[name])])) \
             if main == "probs" else float("nan")
-        med = float(np.median(times[name]))
+        med = float(np.median(times[name][1]))
         size = sum(f.stat().st_size for f in bundles[name].iterdir() if f.suffix in (".onnx", ".bin")) / 1e6 \
             if name in bundles else sum(p.numel() * 4 for p in model.parameters()) / 1e6
-        row = {"variant": name, "median_ms": round(med, 2), "p90_ms": round(float(np.percentile(times[name], 90)), 2),
+        row = {"variant": name, "median_ms": round(med, 2), "p90_ms": round(float(np.percentile(times[name][1], 90)), 2),
                "speedup_vs_torch": round(base / med, 2), "cos_raw": round(float(np.mean(raw)), 5),
                "cos_centred_mean": round(float(np.mean(cc)), 4), "cos_centred_min": round(float(np.min(cc)), 4),
-               "mask_pixel_agreement": round(agree, 4), "size_mb": round(size, 2)}
+               "mask_pixel_agreement": round(agree, 4), "size_mb": round(size, 2),
+               "fps": {b: round(1000.0 * b / float(np.median(t)), 2) for b, t in times[name].items()}}
         if name in bundles:
             meta = json.loads((bundles[name] / "usfm.json").read_text())
             gate = ((meta.get("calibration") or {}).get("report") or {}).get("gate")
             if gate:
                 row["gate"] = {k: gate.get(k) for k in ("passed", "metric", "fp32", "int8", "drop", "failures")}
         rows.append(row)
+    from usfm_edge.bench.peer import OUR_BUNDLE, peer_row
+
+    peer_rows = [peer_row(p, times[p.name], peer_fid[p.name], times[OUR_BUNDLE[p.backend]], base) for p in peers]
     dice = {}
     if args.checkpoint and model.task == "seg":
         for name in ("OpenVINO fp32 (f32 hint)", "ORT int8 (Q/DQ)", "OpenVINO int8 (NNCF)"):
             with Engine.open(bundles[name], device="cpu", threads=args.threads) as eng:
                 dice[name] = evaluate_predictor(eng, [r for r in records if r.mask is not None], "seg")["dice"]
-    counters = perf_counters(bundles["OpenVINO int8 (NNCF)"] / "model.xml", timing_frame, args.threads)
-    return {"preset": preset, "model": PRESETS[preset], "task": model.task, "output": main, "weights": args.checkpoint or "random (seed 0)",
-            "timing_frame_hw": list(timing_frame.shape), "eval_frames": len(frames), "rows": rows,
-            "dice_vs_ground_truth": dice, "openvino_int8_perf_counters": counters}
+    counters, stages = perf_counters(bundles["OpenVINO int8 (NNCF)"] / "model.xml", timing_frame, args.threads)
+    from usfm_edge.bench.opcount import bundle_op_counts
 
-
-def markdown(result: dict) -> str:
-    m = result["machine"]
-    lines = ["# INT8 benchmark (usfm-edge)", "", f"Command: `{result['command']}`", "",
-             f"Machine: {m.get('cpu')} x{m['cpus']} vCPU; ISA: {', '.join(m.get('isa', []))}; class (detected): "
-             f"{m.get('cpu_class', '?')}; "
-             f"load average at start {m['load_avg_start']}, end {m.get('load_avg_end')} "
-             f"({load_note([m['load_avg_start'], m.get('load_avg_end')], m['cpus'])}).",
-             f"Versions: torch {m['torch']}, onnxruntime {m['onnxruntime']}, openvino {m['openvino']}, nncf "
-             f"{m['nncf']}, onnx {m['onnx']}. Threads {result['threads']}, batch 1, {result['runs']} runs per variant ("
-             + (f"in {result['rounds']} fresh processes of its own per variant, rotating order"
-                if not result.get("one_process", True) else "all in one process, interleaved call by call")
-             + f"). Calibration/held-out data: {result['data']}.", ""]
-    for p in result["presets"]:
-        lines += [f"## {p['model']} {p.get('task', 'seg')} (weights: {p['weights']}), frame {p['timing_frame_hw'][0]}x"
-                  f"{p['timing_frame_hw'][1]}, fidelity on {p['eval_frames']} held-out real frames", "",
-                  "| variant | median ms | p90 ms | speed-up vs PyTorch fp32 | cos raw | cos centred mean / min | "
-                  "mask agreement | model MB | INT8 gate |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in p["rows"]:
-            g = r.get("gate")
-            gate = "" if not g else (f"{'pass' if g['passed'] else 'FAIL'}: {g['metric']} {g['fp32'].get(g['metric'])}"
-                                     f" -> {g['int8'].get(g['metric'])}" if g.get("metric") else
-                                     ("pass" if g["passed"] else "FAIL"))
-            lines.append(f"| {r['variant']} | {r['median_ms']} | {r['p90_ms']} | {r['speedup_vs_torch']}x | "
-                         f"{r['cos_raw']} | {r['cos_centred_mean']} / {r['cos_centred_min']} | "
-                         f"{r['mask_pixel_agreement']} | {r['size_mb']} | {gate} |")
-        if p["dice_vs_ground_truth"]:
-            lines += ["", "Dice vs ground truth: " + ", ".join(f"{k} {v:.4f}" for k, v in
-                                                               p["dice_vs_ground_truth"].items())]
-        lines += ["", "OpenVINO int8 per-layer counters (PERF_COUNT, mean ms per inference, top op types):", "",
-                  "| op | kernel | ms | share |", "|---|---|---|---|"]
-        lines += [f"| {c['op']} | {c['kernel']} | {c['ms']} | {c['share']:.1%} |" for c in
-                  p["openvino_int8_perf_counters"]]
-        lines.append("")
-    lines += [f"Notes: OpenVINO fp16 = fp16-compressed weights, computed as this CPU allows ({m.get('cpu_class', '?')}). "
-              "With random weights Dice is meaningless and centred cosine is harsh (perf-baseline.md §2); "
-              "use `--checkpoint` for accuracy.", ""]
-    return "\n".join(lines)
+    fused = {name: {k: v for k, v in bundle_op_counts(bundles[name]).items() if k != "op_types"}
+             for name in ("ORT fp32", "ORT int8 (Q/DQ)", "OpenVINO fp32 (f32 hint)", "OpenVINO int8 (NNCF)")}
+    return {"preset": preset, "model": PRESETS[preset], "task": model.task, "output": main,
+            "weights": args.checkpoint or "random (seed 0)", "timing_frame_hw": list(timing_frame.shape),
+            "eval_frames": len(frames), "rows": rows + peer_rows, "peer_rows": peer_rows, "dice_vs_ground_truth": dice,
+            "openvino_int8_perf_counters": counters, "openvino_int8_stage_shares": stages, "fused_attention": fused}
 
 
 def main() -> None:
@@ -329,6 +334,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="fresh timing processes per variant (runs split over them)")
     ap.add_argument("--one-process", action="store_true",
                     help="time all variants in this process, call by call (the older schedule: idle worker threads of the other variants compete)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1], help="batch sizes timed (e.g. 1 4: frames/s at 4)")
+    ap.add_argument("--peer", action="store_true", help="add the by-hand OpenVINO+NNCF and ORT quantize_static rows "
+                    "(usfm_edge.bench.peer: same weights and calibration frames, bare model)")
     ap.add_argument("--time-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.time_worker:
@@ -336,11 +344,14 @@ def main() -> None:
         print(json.dumps(time_worker(json.loads(args.time_worker))))
         return
     warnings.simplefilter("ignore")
+    args.batches = sorted({1, *args.batches})
+    if args.one_process and (args.peer or args.batches != [1]):
+        raise SystemExit("--one-process times batch 1 without peers; drop --peer/--batches or --one-process")
     specs, desc = data_specs()
     t0 = time.time()
     result = {"command": "python benchmarks/bench_int8.py " + " ".join(sys.argv[1:]), "machine": machine(),
               "threads": args.threads, "runs": args.runs, "data": desc, "presets": [],
-              "rounds": args.rounds, "one_process": args.one_process}
+              "rounds": args.rounds, "one_process": args.one_process, "batches": args.batches, "peer": args.peer}
     for preset in args.presets:
         result["presets"].append(bench_preset(preset, args, specs, Path(args.work)))
     result["machine"]["load_avg_end"] = os.getloadavg()

@@ -348,11 +348,13 @@ def _report_bundle(path: Path) -> None:
               help="time all variants in this process instead (faster; their idle worker threads compete)")
 @click.option("--no-spin", is_flag=True,
               help="ONNX Runtime bundles: worker threads do not spin-wait between calls (docs/embedding.md)")
+@click.option("--peer", is_flag=True, help="also time the by-hand INT8 paths on the --torch weights (OpenVINO "
+              "convert_model + NNCF, ORT quantize_static) and their ratio to the INT8 bundle of the same backend")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--md", "md_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "png_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def bench(bundles, torch_ckpt, data, batch, threads, runs, eval_frames, device, torch_bf16, no_memory, fps, rounds,
-          one_process, no_spin, json_out, md_out, png_out):
+          one_process, no_spin, peer, json_out, md_out, png_out):
     """Latency (p50/p90/p99), throughput, memory, size and task metric of bundles vs PyTorch fp32, side by side.
 
     Each variant is timed in processes of its own (one runtime per process, as in scanner software).
@@ -361,6 +363,7 @@ def bench(bundles, torch_ckpt, data, batch, threads, runs, eval_frames, device, 
     Example:
       usfm-edge bench out/seg-onnx-fp32.usfm out/seg-openvino-int8.usfm --torch seg.safetensors --batch 1,8
       usfm-edge bench out/seg-onnx-fp32.usfm --fps 20     # also at a 20 frames/s scanner's pace
+      usfm-edge bench out/seg-openvino-int8.usfm out/seg-onnx-int8.usfm --torch seg.safetensors --peer --batch 1,4
     """
     import shlex
 
@@ -376,7 +379,7 @@ def bench(bundles, torch_ckpt, data, batch, threads, runs, eval_frames, device, 
                                  param_hint="--plot")
     result = run_bench(list(bundles), torch_ckpt, data, batches, threads, runs, eval_frames=eval_frames,
                        device=device, torch_bf16=torch_bf16, progress=_progress, memory=not no_memory,
-                       fps=fps, isolate=not one_process, rounds=rounds, spin=not no_spin)
+                       fps=fps, isolate=not one_process, rounds=rounds, spin=not no_spin, peer=peer)
     command = "usfm-edge bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     click.echo(markdown(result, command))
     for p in write_all(result, json_out, md_out, png_out, command):
@@ -474,7 +477,8 @@ def demo(out, runs, no_int8):
               help="the bundle's source checkpoint (default: looked up by name + SHA-256 next to the bundle)")
 @click.option("-n", "--frames", "n", default=300, show_default=True, help="calibration frames")
 @click.option("--seed", default=0, show_default=True, help="sampling and split seed")
-@click.option("--recipe", type=click.Choice(["transformer", "transformer-accurate"]), default="transformer",
+@click.option("--recipe", type=click.Choice(["transformer", "transformer-accurate", "transformer-no-smoothquant"]),
+              default="transformer",
               show_default=True, help="quantisation recipe (usfm_edge.calibration.recipe)")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the calibration manifest (file list + SHA-256) here")

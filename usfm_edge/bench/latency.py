@@ -173,7 +173,7 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
               batches: tuple[int, ...] = (1,), threads: int = 2, runs: int = 30, warmup: int = 3,
               eval_frames: int = 16, device: str = "cpu", backend: str = "auto", torch_bf16: bool = False,
               progress=None, memory: bool = True, fps: float | None = None, isolate: bool = True, rounds: int = 2,
-              block: int = 5, spin: bool = True) -> dict:
+              block: int = 5, spin: bool = True, peer: bool = False) -> dict:
     """Benchmark bundles (and a PyTorch checkpoint) side by side; returns {"machine", "rows", "settings"}.
 
     Args:
@@ -197,6 +197,8 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
             of ``block`` timed calls after an untimed one (faster, but the variants' idle worker threads
             compete: see the module docstring).
         spin: ONNX Runtime bundles' worker threads spin-wait between calls (``Engine.open(spin=...)``).
+        peer: add the by-hand INT8 rows of ``torch_ckpt`` (``bench.peer.bench_peer_rows``: OpenVINO+NNCF and ORT
+            ``quantize_static`` on the bare model), timed in fresh processes after the bundles.
     """
     if rounds < 1 or block < 1:
         raise ConfigError(f"rounds and block must be >= 1, got {rounds} and {block}")
@@ -220,6 +222,11 @@ def run_bench(bundles: list[str | Path], torch_ckpt: str | Path | None = None, d
     if not variants:
         _nothing_ran(skipped)
     rows = _rows(variants, times, batches, loads)
+    if peer:
+        from usfm_edge.bench.peer import bench_peer_rows
+
+        rows += [BenchRow(**r) for r in bench_peer_rows(torch_ckpt, bundles, data, rows, batches, threads, runs,
+                                                         warmup, rounds)]
     paced = []
     if fps:
         b2b = {r.name: r.p50_ms for r in rows if r.batch == 1}

@@ -55,6 +55,16 @@ def markdown(result: dict, command: str | None = None) -> str:
             vs = f"{r['p50_vs_back_to_back']:.2f}x" if r.get("p50_vs_back_to_back") else "-"
             lines.append(f"| {r['name']} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {vs} | "
                          f"{r['over_budget']} of {r['runs']} |")
+    peers = [r for r in result["rows"] if (r.get("extra") or {}).get("vs_bundle") is not None]
+    if peers:
+        lines.append("\nBy-hand peers (bare model on normalised input, no pre/post-processing) against our INT8 bundle "
+                     "of the same backend (raw frame in): peer p50 / bundle p50 (> 1: our bundle is faster).\n")
+        lines.append("| peer | batch | our bundle | peer time / bundle time | cos centred vs fp32 |")
+        lines.append("|---|---|---|---|---|")
+        for r in peers:
+            e = r["extra"]
+            lines.append(f"| {r['name']} | {r['batch']} | {e['bundle']} | {e['vs_bundle']:.2f} | "
+                         f"{e.get('cos_centred_mean', float('nan')):.4f} |")
     for sk in result.get("skipped", []):
         lines.append(f"\nSkipped {sk['bundle']}: {sk['reason']}")
     return "\n".join(lines) + "\n"

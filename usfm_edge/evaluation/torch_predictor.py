@@ -69,7 +69,7 @@ class TorchPredictor(Engine):
         spec = spec or getattr(task_model, "preprocess", None) or PreprocessSpec(img_size=task_model.img_size)
         if isinstance(spec, dict):
             spec = PreprocessSpec.from_dict(spec)
-        graph = RawFrameModel(task_model, spec, None if bare else band_stop_mask, bare=bare)
+        graph = RawFrameModel(task_model, spec, None if bare else band_stop_mask, bare=bare, static_hw=static_hw)
         record = {"enabled": band_stop_mask is not None, "rings": None, "mask_sha256": None}
         meta = graph.contract(dynamic_hw=static_hw is None, static_hw=static_hw, band_stop=record)
         backend = TorchBackend(graph.to(device), device)

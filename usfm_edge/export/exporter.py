@@ -219,7 +219,8 @@ def _write_model_files(w: BundleWriter, model, spec: PreprocessSpec, mask, meta:
     scratch = w.path.parent / f"{w.path.name}-scratch"
     scratch.mkdir()
     try:
-        graph = RawFrameModel(_clone(model) if half else model, spec, mask, bare=cfg.bare, half=half)
+        graph = RawFrameModel(_clone(model) if half else model, spec, mask, bare=cfg.bare, half=half,
+                              static_hw=meta.input.static_hw)
         onnx_fp = torch2onnx(graph, scratch / "model.onnx", graph.example_input(1, meta.input.static_hw),
                              input_names=[graph.input_name], output_names=list(graph.output_names),
                              dynamic_axes=graph.dynamic_axes(tgt.dynamic_batch, tgt.dynamic_hw), opset=tgt.opset,

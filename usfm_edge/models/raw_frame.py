@@ -17,6 +17,16 @@ output size is computed from the input shape, so one graph serves 540x800 and 30
 same resampling as ``core.preprocess`` (tested). The uint8 input feeds a ``Cast`` first: TensorRT accepts
 UINT8 only as a network input/output.
 
+A graph with a **static frame size** (``static_hw``: jetson/tensorrt bundles) resizes with two MatMuls by
+precomputed interpolation matrices instead (``core.preprocess.resize_matrix``: the same bicubic a = -0.75,
+half-pixel, edge-clamped resampling as ``F.interpolate``, max abs difference ~1e-5 on real frames; tested):
+``R_h (S x H) @ frame @ R_w^T (W x S)``, and the logits go back to the frame size the same way (bilinear). Every
+backend runs a MatMul fast (TensorRT/DLA included) and no Resize op needs its cubic mode. A frame of the model
+size skips the resize (the bicubic matrix is then the identity). The output MatMuls keep their constant as the
+*first* input (``R @ x``, with transposes around the second one), so the quantisers' structural search for the
+model body (``calibration.backends.common.body_nodes``: weights are a constant *second* input) never mistakes
+them for the classifier.
+
 ``bare=True`` gives the plain model on normalised ``(B, 3, S, S)`` float input instead (for runtimes that
 preprocess themselves); the Python runtime then does the same pre/post-processing in numpy.
 
@@ -36,7 +46,7 @@ from usfm_edge.core.bundle_schema import BundleMeta, InputContract, TensorSpec
 from usfm_edge.core.errors import ExportError
 from usfm_edge.core.preprocess import PreprocessSpec
 
-__all__ = ["PreprocessGraph", "RawFrameModel", "output_names", "NO_BAND_STOP"]
+__all__ = ["PreprocessGraph", "RawFrameModel", "MatMulResize", "output_names", "NO_BAND_STOP"]
 
 #: the ``band_stop`` record of a graph without band-stop filtering
 NO_BAND_STOP = {"enabled": False, "rings": None, "mask_sha256": None}
@@ -61,6 +71,36 @@ def output_names(task: str, bare: bool = False) -> tuple[str, ...]:
         raise ExportError(f"unknown task {task!r}; expected features, seg, cls or enhance") from None
 
 
+class MatMulResize(nn.Module):
+    """Resize the last two axes from a fixed ``(H, W)`` to ``out_hw`` with two MatMuls (traceable, static size).
+
+    ``y = R_h @ x @ R_w^T`` with ``R = core.preprocess.resize_matrix`` (float32 buffers), computed as
+    ``R_h @ x`` then ``(R_w @ y^T)^T`` so each constant is the first MatMul input, in the cheaper order.
+    Exactly ``F.interpolate(mode, align_corners=False, antialias=False)`` up to float rounding.
+
+    Args:
+        in_hw: the input's ``(H, W)``.
+        out_hw: the output's ``(H, W)``.
+        mode: ``bicubic`` or ``bilinear``.
+    """
+
+    def __init__(self, in_hw: tuple[int, int], out_hw: tuple[int, int], mode: str = "bicubic"):
+        super().__init__()
+        from usfm_edge.core.preprocess import resize_matrix
+
+        (h, w), (oh, ow) = (int(v) for v in in_hw), (int(v) for v in out_hw)
+        self.in_hw, self.out_hw = (h, w), (oh, ow)
+        self.register_buffer("rh", torch.from_numpy(resize_matrix(h, oh, mode).astype(np.float32)))
+        self.register_buffer("rw", torch.from_numpy(resize_matrix(w, ow, mode).astype(np.float32)))
+        # rows first costs oh*h*w + oh*w*ow multiply-adds, columns first ow*w*h + oh*h*ow
+        self.rows_first = oh * h * w + oh * w * ow <= ow * w * h + oh * h * ow
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows_first:
+            return torch.matmul(self.rw, torch.matmul(self.rh, x).transpose(-1, -2)).transpose(-1, -2)
+        return torch.matmul(self.rh, torch.matmul(self.rw, x.transpose(-1, -2)).transpose(-1, -2))
+
+
 class PreprocessGraph(nn.Module):
     """uint8 frames ``(B, H, W)`` -> normalised model input ``(B, C, S, S)`` float32 (traceable).
 
@@ -68,9 +108,12 @@ class PreprocessGraph(nn.Module):
         spec: the preprocessing contract (size, interpolation, mean/std, channels).
         band_stop_mask: optional real ``(S, S)`` mask (unshifted layout) applied with
             ``kernels.dft_matmul.BandStopMatMul`` to the [0, 1] image before normalisation.
+        static_hw: the fixed frame ``(H, W)`` of a static-shape graph: the resize becomes ``MatMulResize``
+            (none at all when it is the model size); None: ``F.interpolate`` on any frame size.
     """
 
-    def __init__(self, spec: PreprocessSpec, band_stop_mask: np.ndarray | None = None):
+    def __init__(self, spec: PreprocessSpec, band_stop_mask: np.ndarray | None = None,
+                 static_hw: tuple[int, int] | None = None):
         super().__init__()
         if spec.antialias:
             raise ExportError("antialiased resizing cannot be expressed in the exported graph (ONNX opset 17 / "
@@ -78,6 +121,10 @@ class PreprocessGraph(nn.Module):
         self.spec = spec
         self.size = int(spec.img_size)
         self.mode = spec.interpolation
+        self.static_hw = tuple(int(v) for v in static_hw) if static_hw else None
+        self.resize = None
+        if self.static_hw is not None and self.static_hw != (self.size, self.size):
+            self.resize = MatMulResize(self.static_hw, (self.size, self.size), self.mode)
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("inv_std", 1.0 / torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1))
         self.band_stop = None
@@ -91,7 +138,14 @@ class PreprocessGraph(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         x = frames.to(torch.float32).unsqueeze(1)  # (B, 1, H, W); the Cast is the first node on the uint8 input
-        x = F.interpolate(x, size=(self.size, self.size), mode=self.mode, align_corners=False)
+        if self.static_hw is None:
+            x = F.interpolate(x, size=(self.size, self.size), mode=self.mode, align_corners=False)
+        else:
+            if tuple(x.shape[-2:]) != self.static_hw:
+                raise ExportError(f"this graph takes {self.static_hw[0]}x{self.static_hw[1]} frames, got "
+                                  f"{x.shape[-2]}x{x.shape[-1]}", hint="fit the frame (runtime.Engine does)")
+            if self.resize is not None:
+                x = self.resize(x)
         x = x * (1.0 / 255.0)
         if self.band_stop is not None:
             x = self.band_stop(x)
@@ -108,6 +162,7 @@ class RawFrameModel(nn.Module):
         band_stop_mask: optional ``(S, S)`` band-stop mask applied in the graph.
         bare: export the plain model on normalised input (no pre/post-processing).
         half: run the task model in float16 (pre/post-processing stay float32).
+        static_hw: the fixed frame ``(H, W)`` of a static-shape graph: resizes become MatMuls (module docstring).
 
     Shape:
         raw: input ``(B, H, W)`` uint8; outputs per ``output_names(task)``.
@@ -115,7 +170,7 @@ class RawFrameModel(nn.Module):
     """
 
     def __init__(self, task_model: nn.Module, spec: PreprocessSpec, band_stop_mask: np.ndarray | None = None,
-                 bare: bool = False, half: bool = False):
+                 bare: bool = False, half: bool = False, static_hw: tuple[int, int] | None = None):
         super().__init__()
         self.task = getattr(task_model, "task", None)
         output_names(self.task, bare)  # validates the task
@@ -129,7 +184,11 @@ class RawFrameModel(nn.Module):
         self.model = task_model.eval()
         if self.half:
             self.model = self.model.half()
-        self.pre = None if self.bare else PreprocessGraph(spec, band_stop_mask)
+        self.static_hw = None if self.bare or not static_hw else tuple(int(v) for v in static_hw)
+        self.pre = None if self.bare else PreprocessGraph(spec, band_stop_mask, self.static_hw)
+        s = int(spec.img_size)
+        self.post_resize = MatMulResize((s, s), self.static_hw, "bilinear") \
+            if self.static_hw is not None and self.static_hw != (s, s) and self.task in ("seg", "enhance") else None
         self.output_names = output_names(self.task, self.bare)
         self.eval()  # an nn.Module starts in training mode; exporters restore that mode on every child
 
@@ -158,14 +217,20 @@ class RawFrameModel(nn.Module):
             return torch.softmax(out, dim=-1)
         h, w = frames.shape[-2], frames.shape[-1]
         if self.task == "seg":
-            logits = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+            logits = self._to_frame(out, h, w)
             probs = torch.softmax(logits, dim=1)
             mask = torch.argmax(logits, dim=1).to(torch.uint8)
             return probs, mask
         # enhance: restored grey in [0, 1] at model size -> uint8 at frame size
-        img = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+        img = self._to_frame(out, h, w)
         img = torch.round(torch.clamp(img, 0.0, 1.0) * 255.0)
         return img[:, 0].to(torch.uint8)
+
+    def _to_frame(self, out: torch.Tensor, h, w) -> torch.Tensor:
+        """Model-size maps -> frame size, bilinear: MatMuls for a static frame size, else ``F.interpolate``."""
+        if self.static_hw is not None:
+            return out if self.post_resize is None else self.post_resize(out)
+        return F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
 
     # -- description of the graph's interface (usfm.json + dynamic axes) -------------------------------
     def example_input(self, batch: int = 1, hw: tuple[int, int] | None = None) -> torch.Tensor:

@@ -109,6 +109,7 @@ class Attention(nn.Module):
             raise ConfigError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         if qkv_bias:
             self.q_bias = nn.Parameter(torch.zeros(dim))
@@ -126,7 +127,10 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.qkv.weight, bias)
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # B, h, N, d
         drop = self.attn_drop if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=rel_pos_bias, dropout_p=drop)
+        # an explicit constant scale (= SDPA's default 1/sqrt(d), bit for bit): exported, the scale is a folded
+        # constant instead of a Shape->Sqrt->Div chain per block, so ONNX Runtime folds it into FusedMatMul and
+        # OpenVINO's CPU plugin fuses MatMul-Add(bias)-Softmax-MatMul into one MHA subgraph (bench.opcount)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=rel_pos_bias, dropout_p=drop, scale=self.scale)
         x = x.transpose(1, 2).contiguous().reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 

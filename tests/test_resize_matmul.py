@@ -1,0 +1,112 @@
+"""Resize as MatMul: ``core.preprocess.resize_matrix`` reproduces ``F.interpolate`` (bicubic a = -0.75 and bilinear,
+half-pixel, edge-clamped, no antialias) on real sample frames, up and down; static-shape graphs use it in place of
+the Resize op and keep bundle parity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+
+from usfm_edge.core.preprocess import PreprocessSpec, resize_matrix  # noqa: E402
+from usfm_edge.export.parity import default_frames  # noqa: E402
+from usfm_edge.models.raw_frame import MatMulResize, PreprocessGraph  # noqa: E402
+
+#: (frame, out_hw): downsampling (the usual case), upsampling, and mixed
+SIZES = [(224, 224), (64, 64), (97, 301), (600, 900), (1000, 333)]
+
+
+@pytest.fixture(scope="module")
+def frames() -> list[np.ndarray]:
+    return default_frames(2)  # one BUS-BRA frame, one HC18 540x800 frame
+
+
+def _torch_resize(img: np.ndarray, hw, mode: str) -> np.ndarray:
+    x = torch.from_numpy(img.astype(np.float32))[None, None]
+    return F.interpolate(x, size=tuple(hw), mode=mode, align_corners=False, antialias=False)[0, 0].numpy()
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+def test_resize_matrix_equals_interpolate_on_real_frames(frames, mode):
+    """Measured (torch 2.13 CPU): max abs difference 1.8e-4 grey levels bicubic, 1.5e-5 bilinear, on 0..255 frames
+    (7e-7 on the [0, 1] image the model sees): torch's own float32 coefficients and sums."""
+    for frame in frames:
+        for hw in SIZES:
+            rh = resize_matrix(frame.shape[0], hw[0], mode)
+            rw = resize_matrix(frame.shape[1], hw[1], mode)
+            ours = rh @ frame.astype(np.float64) @ rw.T
+            ref = _torch_resize(frame, hw, mode)
+            assert np.abs(ours - ref).max() / 255.0 <= 1e-4, (frame.shape, hw, mode)  # the [0, 1] image
+            assert np.abs(ours - ref).max() <= 5e-4, (frame.shape, hw, mode)  # grey levels
+
+
+@pytest.mark.parametrize("n_in,n_out", [(277, 301), (298, 224), (800, 301), (540, 97), (64, 224)])
+def test_resize_matrix_equals_torch_effective_weights(n_in, n_out):
+    """Interpolating the identity gives torch's weights: equal to ours up to float32 rounding of the coefficients
+    (the source coordinates are torch's float32 ones, fused multiply-add included)."""
+    eye = torch.eye(n_in, dtype=torch.float32)[None, None]
+    for mode in ("bicubic", "bilinear"):
+        weights = F.interpolate(eye, size=(n_out, n_in), mode=mode, align_corners=False)[0, 0].double().numpy()
+        assert np.abs(weights - resize_matrix(n_in, n_out, mode)).max() < 1e-6, mode
+
+
+def test_resize_matrix_rows_and_identity():
+    for n_in, n_out in [(540, 224), (7, 224), (224, 224), (1, 5)]:
+        m = resize_matrix(n_in, n_out, "bicubic")
+        assert m.shape == (n_out, n_in) and np.allclose(m.sum(1), 1.0)
+    assert np.array_equal(resize_matrix(224, 224, "bicubic"), np.eye(224))
+
+
+@pytest.mark.parametrize("in_hw,out_hw", [((540, 800), (224, 224)), ((224, 224), (300, 260)), ((64, 64), (96, 40))])
+def test_matmul_resize_module_equals_interpolate(frames, in_hw, out_hw):
+    from usfm_edge.core.preprocess import resize_gray
+
+    img = resize_gray(frames[1], in_hw)  # a real frame at the input size
+    x = torch.from_numpy(np.stack([img, img[::-1].copy()]))[:, None].repeat(1, 2, 1, 1)  # (2, 2, H, W)
+    for mode in ("bicubic", "bilinear"):
+        mod = MatMulResize(in_hw, out_hw, mode)
+        with torch.no_grad():
+            got = mod(x).numpy()
+        ref = F.interpolate(x, size=out_hw, mode=mode, align_corners=False).numpy()
+        assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-3 * max(1.0, np.abs(ref).max() / 255)
+
+
+def test_static_preprocess_graph_uses_matmuls(tmp_path, frames):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from usfm_edge.core.preprocess import fit_frame, preprocess
+    from usfm_edge.export.onnx_export import torch2onnx
+
+    spec, hw = PreprocessSpec(img_size=64), (540, 800)
+    module = PreprocessGraph(spec, static_hw=hw)
+    frame = fit_frame(frames[1], hw)
+    path = torch2onnx(module, tmp_path / "pre.onnx", torch.from_numpy(frame[None].copy()), input_names=["frame"],
+                      output_names=["x"], dynamic_axes={}, dynamic_batch=False, op_profile="tensorrt")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "Resize" not in ops and ops.count("MatMul") == 2
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"frame": frame[None]})[0][0]
+    assert np.abs(got - preprocess(frame, spec)).max() < 1e-4
+    same = PreprocessGraph(spec, static_hw=(64, 64))
+    assert same.resize is None  # a frame of the model size is not resized at all
+
+
+def test_static_seg_bundle_has_no_resize_and_passes_parity(tmp_path, frames):
+    pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from usfm_edge.export import export
+    from usfm_edge.models.tasks import build_task_model
+    from usfm_edge.runtime import Engine
+
+    torch.manual_seed(0)
+    model = build_task_model("seg", "usfm_vit_test", img_size=64)
+    path = export(model, "jetson", "fp16", out=tmp_path / "seg-jetson", frame_size=(120, 160), verify_frames=frames)
+    nodes = onnx.load(str(path / "model.onnx")).graph.node
+    resizes = [n.name for n in nodes if n.op_type == "Resize"]
+    assert resizes and all(n.startswith("/model/") for n in resizes), resizes  # only the head's own upsampling
+    assert sum(n.op_type == "MatMul" and n.name.startswith(("/pre/", "/post_resize/")) for n in nodes) == 4
+    with Engine.open(path) as eng:
+        assert eng.meta.parity["passed"]
+        r = eng.predict(frames[0])
+        assert r.mask.shape == frames[0].shape
