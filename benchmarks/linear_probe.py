@@ -17,7 +17,7 @@ singular values, after centring), a collapse check: an encoder that maps every p
 Encoders: ``random`` (the preset's initialisation, seed 0) and any checkpoint (``usfm-edge`` encoder,
 ``USFM_latest.pth``, SimMIM), all at the same input size.
 
-    python benchmarks/linear_probe.py --encoders random,checkpoints/pretrain_tiny_encoder_fp16.safetensors \\
+    python benchmarks/linear_probe.py --encoders random,checkpoints/pretrain_tiny256_encoder_fp16.safetensors \\
         --img-size 128 --out benchmarks/results/linear_probe.json
 """
 

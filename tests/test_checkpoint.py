@@ -203,3 +203,17 @@ def test_convert_weights(tmp_path):
     assert len(rep.mapped) == len(sd) - 1
     m = usfm_edge.create_model("usfm_vit_test", checkpoint=tmp_path / "out.safetensors")
     torch.testing.assert_close(m.blocks[3].gamma_2, sd["blocks.3.gamma_2"])
+
+
+def test_convert_weights_keeps_a_usfm_edge_encoders_input_size(tmp_path):
+    # a 96-px pretraining encoder (not the preset's default size) converts to fp16 without a lossy table resize
+    enc = usfm_edge.create_model("usfm_vit_test", img_size=96)
+    cfg = {"model": "usfm_vit_test", "model_args": {"img_size": 96}, "task": "backbone", "pretrain": {"step": 7}}
+    save_checkpoint(tmp_path / "encoder.safetensors", enc.state_dict(), cfg)
+    rep = convert_weights(tmp_path / "encoder.safetensors", tmp_path / "fp16.safetensors", half=True)
+    assert not rep.resized
+    from usfm_edge.models.checkpoint import load_checkpoint
+    sd, meta = load_checkpoint(tmp_path / "fp16.safetensors")
+    assert meta["model_args"]["img_size"] == 96 and meta["pretrain"] == {"step": 7}
+    table = "rel_pos_bias.relative_position_bias_table"
+    torch.testing.assert_close(sd[table].float(), enc.state_dict()[table].half().float())

@@ -146,7 +146,8 @@ def convert_weights(src: str | Path, dst: str | Path, model_name: str | None = N
     """Convert any supported checkpoint to a usfm-edge ``.safetensors`` file (verified by a strict load).
 
     The family is detected from the keys and the preset from the embedding width when ``model_name`` is not
-    given; the returned report names both (``report.family``, ``report.preset``).
+    given; the returned report names both (``report.family``, ``report.preset``). A usfm-edge file of the same
+    preset keeps its input size (and its pretraining record), so nothing is resized.
 
     Raises:
         ConfigError: ``dst`` does not end in ``.safetensors``.
@@ -170,10 +171,14 @@ def convert_weights(src: str | Path, dst: str | Path, model_name: str | None = N
         if model_name is None:
             raise CheckpointError(f"no {family} preset has embedding width {_patch_width(raw)}", path=src,
                                   hint="pass --model")
-    model = create_model(model_name)
+    # a usfm-edge file keeps the input size it was trained at (a 256-px encoder stays 256 px: no lossy resize)
+    img_size = ((config or {}).get("model_args") or {}).get("img_size") if config and config.get("model") == model_name else None
+    model = create_model(model_name, img_size=img_size)
     report = load_into(model, src)
     report.preset = model_name
-    save_checkpoint(dst, model.state_dict(), {"model": model_name, "model_args": model_args(model_name),
-                                              "family": report.family, "task": "backbone",
-                                              "source": Path(src).name}, half=half)
+    meta = {"model": model_name, "model_args": model_args(model_name, img_size=img_size), "family": report.family,
+            "task": "backbone", "source": Path(src).name}
+    if config and "pretrain" in config:
+        meta["pretrain"] = config["pretrain"]  # what the encoder learned from travels with it
+    save_checkpoint(dst, model.state_dict(), meta, half=half)
     return report
