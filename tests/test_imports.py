@@ -40,6 +40,8 @@ NO_TOP_LEVEL = {
     "calibration": {"torch", "nncf", "onnxruntime", "openvino", "tensorrt"},
     "evaluation": {"torch", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt"},
     "cli.py": {"torch", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt"},
+    "cli_deploy.py": {"torch", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt"},
+    "cli_common.py": {"torch", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt"},
 }
 NEVER = {"runtime": {"torch", "nncf"}, "core": {"torch"}}
 

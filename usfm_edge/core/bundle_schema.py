@@ -11,6 +11,9 @@ The same contract fields travel inside the model file as ``usfm_edge.<field>`` m
 (:meth:`BundleMeta.onnx_metadata`, read back by :meth:`BundleMeta.from_onnx_metadata`), so a bare ONNX/IR file
 carries what a runtime or the INT8 calibration needs; there is no second schema.
 
+Each field is validated with the typed checks of ``core.schema_checks`` (``check_int``, ``check_str`` and
+``MAX_SIDE_LIMIT`` are re-exported here).
+
 Versioning: ``SCHEMA_VERSION`` grows by one whenever a reader of the previous version would
 misinterpret a bundle. A reader refuses bundles with a *newer* version (``BundleError``: "written by a
 newer usfm-edge") and accepts older ones. Unknown top-level keys of the same version are kept in
@@ -25,6 +28,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from usfm_edge.core.errors import BundleError
+from usfm_edge.core.schema_checks import (
+    MAX_DIM,
+    MAX_SIDE_LIMIT,
+    check_int,
+    check_preprocessing,
+    check_str,
+    check_str_list,
+    check_type,
+    invalid_value,
+    show_value,
+)
 
 SCHEMA_VERSION = 1
 META_FILE = "usfm.json"
@@ -65,98 +79,6 @@ def default_thresholds(precision: str) -> dict[str, float | None]:
     return dict(table[precision])
 
 
-#: largest frame side, image size or tensor dimension a bundle may declare (also the runtime's hard ceiling)
-MAX_SIDE_LIMIT = 65536
-_MAX_DIM = 2**31 - 1
-
-
-# -- typed checks of usfm.json values: each failure is a BundleError naming the field ----------------------------
-def _show(value: Any) -> str:
-    """A value as it is spelled in ``usfm.json`` (``"4096"``, ``null``, ``Infinity``), shortened."""
-    try:
-        text = json.dumps(value, allow_nan=True, sort_keys=True)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _bad(where: str, expected: str, value: Any) -> BundleError:
-    return BundleError(f"{where} must be {expected}, got {_show(value)}")
-
-
-def check_int(value: Any, where: str, lo: int, hi: int) -> int:
-    """``value`` if it is an integer (not a bool) in ``[lo, hi]``, else BundleError naming ``where``."""
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise _bad(where, f"an integer in [{lo}, {hi}]", value)
-    return value
-
-
-def check_str(value: Any, where: str, choices: tuple[str, ...] | None = None) -> str:
-    """``value`` if it is a non-empty string (one of ``choices`` when given), else BundleError naming ``where``."""
-    if choices is not None:
-        if not isinstance(value, str) or value not in choices:
-            raise _bad(where, "one of " + ", ".join(choices), value)
-    elif not isinstance(value, str) or not value:
-        raise _bad(where, "a non-empty string", value)
-    return value
-
-
-def _check_type(value: Any, where: str, kind: type | tuple[type, ...], expected: str, optional: bool = False):
-    if (value is None and optional) or (isinstance(value, kind) and not isinstance(value, bool)) or \
-            (kind is bool and isinstance(value, bool)):
-        return value
-    raise _bad(where, expected + (" or null" if optional else ""), value)
-
-
-def _check_number(value: Any, where: str, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or \
-            value in (float("inf"), float("-inf")) or (positive and value <= 0):
-        raise _bad(where, "a positive finite number" if positive else "a finite number", value)
-    return float(value)
-
-
-def _check_str_list(value: Any, where: str, unique: bool = False) -> list[str]:
-    _check_type(value, where, (list, tuple), "a list of strings")
-    for i, item in enumerate(value):
-        check_str(item, f"{where}[{i}]")
-    if unique and len(set(value)) != len(value):
-        dup = next(x for i, x in enumerate(value) if x in value[:i])
-        raise BundleError(f"{where} must not repeat a name, {_show(dup)} appears twice")
-    return list(value)
-
-
-def _check_preprocessing(pre: Any) -> None:
-    """The ``PreprocessSpec`` fields of ``usfm.json`` (the runtime builds the spec from them with ``from_dict``)."""
-    where = "preprocessing"
-    _check_type(pre, where, dict, "a PreprocessSpec object")
-    if "img_size" not in pre:
-        raise BundleError(f"{where}.img_size is missing (preprocessing must be a PreprocessSpec object)")
-    known = ("img_size", "interpolation", "antialias", "mean", "std", "in_chans", "max_side", "extra")
-    unknown = sorted(set(pre) - set(known))
-    if unknown:
-        raise BundleError(f"{where} has unknown keys {unknown} (known: {', '.join(known)})")
-    check_int(pre["img_size"], f"{where}.img_size", 1, MAX_SIDE_LIMIT)
-    if "interpolation" in pre:
-        check_str(pre["interpolation"], f"{where}.interpolation", ("bicubic", "bilinear"))
-    if "antialias" in pre:
-        _check_type(pre["antialias"], f"{where}.antialias", bool, "true or false")
-    chans = check_int(pre.get("in_chans", 3), f"{where}.in_chans", 1, 4)
-    for key in ("mean", "std"):
-        if key not in pre:
-            if chans != 3:
-                raise BundleError(f"{where}.{key} is missing (the default has 3 values, in_chans is {chans})")
-            continue
-        values = _check_type(pre[key], f"{where}.{key}", (list, tuple), f"a list of {chans} numbers")
-        if len(values) != chans:
-            raise _bad(f"{where}.{key}", f"a list of {chans} numbers (one per input channel)", values)
-        for i, v in enumerate(values):
-            _check_number(v, f"{where}.{key}[{i}]", positive=key == "std")
-    if "max_side" in pre:
-        check_int(pre["max_side"], f"{where}.max_side", 8, MAX_SIDE_LIMIT)
-    if "extra" in pre:
-        _check_type(pre["extra"], f"{where}.extra", dict, "an object")
-
-
 @dataclass
 class TensorSpec:
     """One graph input or output.
@@ -177,15 +99,15 @@ class TensorSpec:
         """Check every field; ``where`` is the field path used in messages (``input.tensor``, ``outputs[0]``)."""
         check_str(self.name, f"{where}.name")
         check_str(self.dtype, f"{where}.dtype", DTYPES)
-        shape = _check_type(self.shape, f"{where}.shape", list, "a list of dimensions (integers or axis names)")
+        shape = check_type(self.shape, f"{where}.shape", list, "a list of dimensions (integers or axis names)")
         if not 1 <= len(shape) <= 8:
-            raise _bad(f"{where}.shape", "a list of 1 to 8 dimensions", shape)
+            raise invalid_value(f"{where}.shape", "a list of 1 to 8 dimensions", shape)
         for i, d in enumerate(shape):
             if isinstance(d, str):
                 check_str(d, f"{where}.shape[{i}]")
             else:
-                check_int(d, f"{where}.shape[{i}]", 0, _MAX_DIM)
-        _check_type(self.description, f"{where}.description", str, "a string")
+                check_int(d, f"{where}.shape[{i}]", 0, MAX_DIM)
+        check_type(self.description, f"{where}.description", str, "a string")
 
 
 @dataclass
@@ -218,21 +140,21 @@ class InputContract:
         """Check every field with its type and range; a failure names the field (``input.max_side``...)."""
         self.tensor.validate("input.tensor")
         check_str(self.layout, "input.layout", ("BHW", "BCHW"))
-        _check_type(self.raw_frame, "input.raw_frame", bool, "true or false")
+        check_type(self.raw_frame, "input.raw_frame", bool, "true or false")
         if self.raw_frame and self.tensor.dtype != "uint8":
-            raise BundleError(f"input.tensor.dtype must be \"uint8\" for a raw-frame input, got {_show(self.tensor.dtype)}")
+            raise BundleError(f"input.tensor.dtype must be \"uint8\" for a raw-frame input, got {show_value(self.tensor.dtype)}")
         rank = 3 if self.layout == "BHW" else 4
         if len(self.tensor.shape) != rank:
-            raise _bad("input.tensor.shape", f"{rank} dimensions for layout {self.layout}", self.tensor.shape)
-        _check_str_list(self.dynamic_axes, "input.dynamic_axes")
+            raise invalid_value("input.tensor.shape", f"{rank} dimensions for layout {self.layout}", self.tensor.shape)
+        check_str_list(self.dynamic_axes, "input.dynamic_axes")
         check_int(self.min_side, "input.min_side", 2, MAX_SIDE_LIMIT)
         check_int(self.max_side, "input.max_side", 8, MAX_SIDE_LIMIT)
         if self.min_side > self.max_side:
             raise BundleError(f"input.min_side ({self.min_side}) must not exceed input.max_side ({self.max_side})")
         if self.static_hw is not None:
-            hw = _check_type(self.static_hw, "input.static_hw", (list, tuple), "[H, W]", optional=True)
+            hw = check_type(self.static_hw, "input.static_hw", (list, tuple), "[H, W]", optional=True)
             if len(hw) != 2:
-                raise _bad("input.static_hw", "[H, W]", hw)
+                raise invalid_value("input.static_hw", "[H, W]", hw)
             for i, v in enumerate(hw):
                 check_int(v, f"input.static_hw[{i}]", 1, MAX_SIDE_LIMIT)
         if self.max_batch is not None:
@@ -241,7 +163,7 @@ class InputContract:
 
 def _build(cls, data: Any, where: str):
     if not isinstance(data, dict):
-        raise _bad(where, "a JSON object", data)
+        raise invalid_value(where, "a JSON object", data)
     fields = dataclasses.fields(cls)
     unknown = sorted(set(data) - {f.name for f in fields})
     if unknown:
@@ -309,22 +231,22 @@ class BundleMeta:
     def validate(self) -> BundleMeta:
         """Check every field's type and range; a failure is a BundleError naming the field. Returns self."""
         self.validate_contract()
-        files = _check_type(self.files, "files", dict, "an object mapping roles to file names")
+        files = check_type(self.files, "files", dict, "an object mapping roles to file names")
         if not files:
             raise BundleError("files must name at least one model file")
         for role, name in files.items():
             if not isinstance(name, str) or not name or name.startswith(".") or any(
                     c in name for c in '/\\:\0') or any(ord(c) < 32 for c in name) or len(name) > 255:
-                raise BundleError(f"files['{role}'] = {_show(name)} must be a plain file name inside the bundle")
+                raise BundleError(f"files['{role}'] = {show_value(name)} must be a plain file name inside the bundle")
         for key in ("model", "source", "thresholds", "tools", "extra"):
-            _check_type(getattr(self, key), key, dict, "an object")
-        _check_type(self.calibration, "calibration", dict, "an object", optional=True)
-        _check_type(self.parity, "parity", dict, "an object", optional=True)
+            check_type(getattr(self, key), key, dict, "an object")
+        check_type(self.calibration, "calibration", dict, "an object", optional=True)
+        check_type(self.parity, "parity", dict, "an object", optional=True)
         for key in ("created", "name", "device"):
-            _check_type(getattr(self, key), key, str, "a string")
-        _check_type(self.notes, "notes", list, "a list of strings")
+            check_type(getattr(self, key), key, str, "a string")
+        check_type(self.notes, "notes", list, "a list of strings")
         for i, note in enumerate(self.notes):
-            _check_type(note, f"notes[{i}]", str, "a string")
+            check_type(note, f"notes[{i}]", str, "a string")
         return self
 
     def validate_contract(self) -> BundleMeta:
@@ -339,32 +261,32 @@ class BundleMeta:
         check_str(self.precision, "precision", PRECISIONS)
         check_str(self.backend, "backend", BACKENDS)
         check_str(self.target, "target")
-        _check_str_list(self.labels, "labels", unique=True)
+        check_str_list(self.labels, "labels", unique=True)
         if self.task in ("seg", "cls") and not self.labels:
             raise BundleError(f"labels must name the classes of a {self.task} bundle, got []")
         if len(self.labels) > 256 and self.task == "seg":
             raise BundleError(f"labels: a seg bundle's mask is uint8, so at most 256 classes, got {len(self.labels)}")
         if not isinstance(self.input, InputContract):
-            raise _bad("input", "an object", self.input)
+            raise invalid_value("input", "an object", self.input)
         self.input.validate()
-        outputs = _check_type(self.outputs, "outputs", list, "a list of tensors")
+        outputs = check_type(self.outputs, "outputs", list, "a list of tensors")
         if not outputs:
             raise BundleError("outputs must list at least one tensor, got []")
         for i, out in enumerate(outputs):
             if not isinstance(out, TensorSpec):
-                raise _bad(f"outputs[{i}]", "an object", out)
+                raise invalid_value(f"outputs[{i}]", "an object", out)
             out.validate(f"outputs[{i}]")
         names = [o.name for o in outputs]
         dup = [n for i, n in enumerate(names) if n in names[:i]]
         if dup:
-            raise BundleError(f"outputs must not repeat a name, {_show(dup[0])} appears twice")
-        _check_preprocessing(self.preprocessing)
-        band = _check_type(self.band_stop, "band_stop", dict, "an object with 'enabled'")
+            raise BundleError(f"outputs must not repeat a name, {show_value(dup[0])} appears twice")
+        check_preprocessing(self.preprocessing)
+        band = check_type(self.band_stop, "band_stop", dict, "an object with 'enabled'")
         if "enabled" not in band:
             raise BundleError("band_stop.enabled is missing")
-        _check_type(band["enabled"], "band_stop.enabled", bool, "true or false")
-        _check_type(band.get("rings"), "band_stop.rings", list, "a list", optional=True)
-        _check_type(band.get("mask_sha256"), "band_stop.mask_sha256", str, "a hex string", optional=True)
+        check_type(band["enabled"], "band_stop.enabled", bool, "true or false")
+        check_type(band.get("rings"), "band_stop.rings", list, "a list", optional=True)
+        check_type(band.get("mask_sha256"), "band_stop.mask_sha256", str, "a hex string", optional=True)
         return self
 
     # -- (de)serialisation -----------------------------------------------------------------------
@@ -399,14 +321,14 @@ class BundleMeta:
                 raise BundleError(f"{META_FILE} lacks the required entry '{key}'")
         inp = known["input"]
         if not isinstance(inp, dict):
-            raise _bad("input", "a JSON object", inp)
+            raise invalid_value("input", "a JSON object", inp)
         inp = dict(inp)
         if "tensor" not in inp:
             raise BundleError("input.tensor is missing")
         inp["tensor"] = _build(TensorSpec, inp["tensor"], "input.tensor")
         known["input"] = _build(InputContract, inp, "input")
         if not isinstance(known["outputs"], list):
-            raise _bad("outputs", "a list of tensors", known["outputs"])
+            raise invalid_value("outputs", "a list of tensors", known["outputs"])
         known["outputs"] = [_build(TensorSpec, o, f"outputs[{i}]") for i, o in enumerate(known["outputs"])]
         return cls(**known, extra=extra)
 

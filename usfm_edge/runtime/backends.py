@@ -12,25 +12,29 @@ several threads at once:
 * ONNX Runtime: ``InferenceSession.run`` is thread-safe;
 * OpenVINO: one ``InferRequest`` per thread (``threading.local``) on a shared ``CompiledModel``;
 * TensorRT: one execution context and stream guarded by a lock.
+
+This module holds ``make_backend`` (the choice among a bundle's model files), ``available_backends`` and the
+TensorRT backend; ``Backend``/``Port`` live in ``runtime.backend_base`` and the ONNX Runtime and OpenVINO backends in
+``runtime.backend_onnxruntime`` and ``runtime.backend_openvino``, all re-exported here.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
 from usfm_edge.core.errors import BackendUnavailableError, BundleError, ConfigError, require
-from usfm_edge.runtime.bundle_io import BundleFiles, check_onnx_self_contained, read_bundle_file
+from usfm_edge.runtime.backend_base import BACKEND_EXTRAS, Backend, Port, check_output_names, model_bytes
+from usfm_edge.runtime.backend_onnxruntime import OnnxRuntimeBackend
+from usfm_edge.runtime.backend_openvino import OpenVINOBackend
+from usfm_edge.runtime.bundle_io import BundleFiles, read_bundle_file
 
 __all__ = ["Backend", "OnnxRuntimeBackend", "OpenVINOBackend", "TensorRTBackend", "BACKEND_EXTRAS", "available_backends",
            "make_backend", "Port"]
 
-BACKEND_EXTRAS = {"onnxruntime": "onnx", "openvino": "openvino", "tensorrt": "tensorrt"}
 _ORDER = ("tensorrt", "openvino", "onnxruntime")
 _FILE_ROLE = {"tensorrt": "tensorrt_engine", "openvino": "openvino_xml", "onnxruntime": "onnx"}
 log = logging.getLogger(__name__)
@@ -41,249 +45,6 @@ def available_backends() -> list[str]:
     import importlib.util
 
     return [b for b in _ORDER if importlib.util.find_spec(b) is not None]
-
-
-class Port(NamedTuple):
-    """One graph input or output as the backend sees it.
-
-    Attributes:
-        names: its names (OpenVINO ports may have several).
-        dtype: numpy dtype name (``float32``, ``uint8``...) or None when the backend does not say.
-        shape: dims, None for a dynamic one; None when even the rank is dynamic.
-    """
-
-    names: frozenset[str]
-    dtype: str | None
-    shape: tuple[int | None, ...] | None
-
-
-class Backend:
-    """Interface: ``run(x) -> {output name: array}`` for one input array, ``io()`` and ``close()``."""
-
-    name = "base"
-    device = "cpu"
-    version = ""
-
-    def io(self) -> tuple[list[Port], list[Port]] | None:
-        """``(inputs, outputs)`` of the loaded graph, or None when the backend cannot tell (no static check)."""
-        return None
-
-    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Release the session / compiled model."""
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(device={self.device!r}, version={self.version!r})"
-
-
-def _model_bytes(model: bytes | bytearray | str | Path, writable: bool = False) -> bytes | bytearray:
-    """A model given as bytes is used as is; a path is read once (links and special files refused)."""
-    if isinstance(model, (bytes, bytearray)):
-        return model
-    path = Path(model)
-    return read_bundle_file(path.parent, path.name, writable=writable)
-
-
-def _check_output_names(names: list[str], graph: list[Port], source) -> None:
-    have = {n for p in graph for n in p.names}
-    for i, name in enumerate(names):
-        if name not in have:
-            listed = ", ".join(sorted(n for p in graph for n in p.names)) or "none"
-            raise BundleError(f"usfm.json outputs[{i}].name {name!r} is not an output of the model (its outputs: "
-                              f"{listed})", path=source, hint="fix usfm.json or export the bundle again")
-
-
-_ORT_TYPES = {"float": "float32", "float16": "float16", "double": "float64", "uint8": "uint8", "int8": "int8",
-              "int32": "int32", "int64": "int64", "bool": "bool", "uint16": "uint16", "int16": "int16"}
-
-
-def _ort_port(arg) -> Port:
-    t = str(arg.type)
-    dtype = _ORT_TYPES.get(t[len("tensor("):-1]) if t.startswith("tensor(") else None
-    shape = None if arg.shape is None else tuple(d if isinstance(d, int) else None for d in arg.shape)
-    return Port(frozenset([arg.name]), dtype, shape)
-
-
-class OnnxRuntimeBackend(Backend):
-    """ONNX Runtime session on CPU, CUDA or the TensorRT execution provider.
-
-    Args:
-        model: the ``.onnx`` model's bytes (as verified by ``BundleFiles.read``), or its path (read once). A model
-            with external data is refused: its weights would come from outside these bytes.
-        output_names: outputs to fetch, in order.
-        device: ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda``/``gpu``, or ``tensorrt`` (ORT's
-            TensorRT EP; engine cache under ``$USFM_EDGE_CACHE`` or ``~/.cache/usfm-edge``).
-        threads: intra-op threads (None = ORT default: all physical cores).
-        fp16: let the TensorRT EP use fp16 kernels.
-        spin: let the intra-op worker threads spin-wait after a call (ORT's default). Fastest when the
-            process runs nothing else; False hands the cores back at once, for hosts that run other
-            compute between frames (see docs/embedding.md: measured both ways).
-        source: the file the bytes came from (named in errors).
-    """
-
-    name = "onnxruntime"
-
-    def __init__(self, model: bytes | str | Path, output_names: list[str], device: str = "auto",
-                 threads: int | None = None, fp16: bool = False, spin: bool = True, *, source: str | Path | None = None):
-        ort = require("onnxruntime", BACKEND_EXTRAS[self.name])
-        source = source if source is not None or isinstance(model, (bytes, bytearray)) else model
-        data = _model_bytes(model)
-        check_onnx_self_contained(data, source or "model.onnx")
-        self.version = ort.__version__
-        available = ort.get_available_providers()
-        dev = (device or "auto").lower()
-        if dev in ("auto",):
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        elif dev == "cpu":
-            providers = ["CPUExecutionProvider"]
-        elif dev in ("cuda", "gpu") or dev.startswith("cuda:"):
-            if "CUDAExecutionProvider" not in available:
-                raise BackendUnavailableError(f"ONNX Runtime has no CUDA provider (available: {', '.join(available)})",
-                                              hint="pip install onnxruntime-gpu")
-            index = int(dev.split(":")[1]) if ":" in dev else 0
-            providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-        elif dev == "tensorrt":
-            if "TensorrtExecutionProvider" not in available:
-                raise BackendUnavailableError("ONNX Runtime has no TensorRT provider",
-                                              hint="pip install onnxruntime-gpu and TensorRT")
-            from usfm_edge.core.io import cache_dir
-
-            cache = cache_dir() / "ort-trt"
-            cache.mkdir(parents=True, exist_ok=True)
-            providers = [("TensorrtExecutionProvider", {"trt_fp16_enable": bool(fp16), "trt_engine_cache_enable": True,
-                                                        "trt_engine_cache_path": str(cache),
-                                                        "trt_timing_cache_enable": True}),
-                         "CUDAExecutionProvider", "CPUExecutionProvider"]
-        else:
-            raise ConfigError(f"unknown ONNX Runtime device {device!r}; use auto, cpu, cuda, cuda:N or tensorrt")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        try:
-            with tempfile.TemporaryDirectory(prefix="usfm-noext-") as empty:
-                # second line of defence: external data of a model loaded from bytes resolves in this empty folder
-                opts.add_session_config_entry("session.model_external_initializers_file_folder_path", empty)
-                self.session = ort.InferenceSession(bytes(data), opts, providers=providers)
-        except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph types
-            raise BundleError(f"ONNX Runtime cannot load the model: {exc}", path=source) from exc
-        del data
-        self._io = ([_ort_port(a) for a in self.session.get_inputs()], [_ort_port(a) for a in self.session.get_outputs()])
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_names = list(output_names)
-        _check_output_names(self.output_names, self._io[1], source)
-        self.device = self.session.get_providers()[0]
-
-    def io(self) -> tuple[list[Port], list[Port]]:
-        return self._io
-
-    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        outs = self.session.run(self.output_names, {self.input_name: x})
-        return dict(zip(self.output_names, outs))
-
-    def close(self) -> None:
-        self.session = None
-
-
-class OpenVINOBackend(Backend):
-    """OpenVINO compiled model with one infer request per calling thread.
-
-    Args:
-        xml: the IR ``.xml`` bytes (as verified by ``BundleFiles.read``), or its path (read once); or an ONNX
-            model's bytes / path (then without ``weights``).
-        output_names: outputs to fetch.
-        device: ``auto``/``cpu`` -> ``CPU``, ``gpu`` -> ``GPU``, ``npu`` -> ``NPU``, or any OpenVINO device string.
-        precision: the bundle's precision; ``fp32`` compiles with ``INFERENCE_PRECISION_HINT=f32`` (OpenVINO
-            would otherwise compute in bf16 on CPUs with AVX512-BF16/AMX).
-        threads: ``INFERENCE_NUM_THREADS`` on CPU (None = OpenVINO default).
-        weights: the ``.bin`` bytes of an IR (a ``bytearray`` is shared with OpenVINO without a copy and kept alive
-            by the backend); None reads the ``.bin`` beside ``xml`` when ``xml`` is the path of an ``.xml``, and
-            means an ONNX model (run by OpenVINO, ``Engine.from_file``) otherwise.
-        source: the file the bytes came from (named in errors).
-    """
-
-    name = "openvino"
-
-    def __init__(self, xml: bytes | str | Path, output_names: list[str], device: str = "auto", precision: str = "fp32",
-                 threads: int | None = None, *, weights: bytes | bytearray | None = None,
-                 source: str | Path | None = None):
-        ov = require("openvino", BACKEND_EXTRAS[self.name])
-        if not isinstance(xml, (bytes, bytearray)):
-            source = source or xml
-            if weights is None and Path(xml).suffix.lower() == ".xml":
-                weights = _model_bytes(Path(xml).with_suffix(".bin"), writable=True)
-        data = _model_bytes(xml)
-        self.version = ov.get_version()
-        core = ov.Core()
-        dev = {"auto": "CPU", "cpu": "CPU", "gpu": "GPU", "npu": "NPU"}.get((device or "auto").lower(), device)
-        base = dev.split(".")[0].split(":")[0]
-        if base not in ("AUTO", "MULTI", "HETERO") and base not in {d.split(".")[0] for d in core.available_devices}:
-            raise BackendUnavailableError(f"OpenVINO device '{dev}' is not available "
-                                          f"(available: {', '.join(core.available_devices)})",
-                                          hint="install the device's OpenVINO driver or use device='cpu'")
-        config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY"}
-        if precision == "fp32":
-            config["INFERENCE_PRECISION_HINT"] = "f32"
-        if threads and base == "CPU":
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-        self._weights = None
-        if weights is not None:  # an IR: the XML text and a weights tensor made from the verified buffer. It is
-            # copied into OpenVINO's own memory (shared_memory=False): a compiled model can outlive this backend
-            # (an async queue of a stream still draining when the engine closes), and shared weights freed with the
-            # backend would then be read after free.
-            try:
-                text = bytes(data).decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise BundleError(f"the OpenVINO IR is not UTF-8 XML (byte offset {exc.start})", path=source) from None
-            self._weights = np.frombuffer(weights if isinstance(weights, bytearray) else bytearray(weights), np.uint8)
-        else:  # an ONNX model run by OpenVINO (Engine.from_file): its weights must be inside these bytes
-            check_onnx_self_contained(data, source or "model.onnx")
-        try:
-            model = core.read_model(text, ov.Tensor(self._weights, shared_memory=False)) if self._weights is not None \
-                else core.read_model(bytes(data))
-            self.compiled = core.compile_model(model, dev, config)
-            del model
-            self._weights = None  # OpenVINO holds its own copy
-        except Exception as exc:  # noqa: BLE001
-            raise BundleError(f"OpenVINO cannot compile the model on {dev}: {exc}", path=source) from exc
-        self.device = dev
-        self.output_names = list(output_names)
-        self._io = ([self._port(p) for p in self.compiled.inputs], [self._port(p) for p in self.compiled.outputs])
-        _check_output_names(self.output_names, self._io[1], source)
-        by_name = {n: p for p in self.compiled.outputs for n in p.get_names()}
-        self._ports = [by_name[n] for n in self.output_names]
-        self._local = threading.local()
-
-    @staticmethod
-    def _port(p) -> Port:
-        try:
-            dtype = np.dtype(p.get_element_type().to_dtype()).name
-        except Exception:  # noqa: BLE001 - dynamic or exotic element types
-            dtype = None
-        ps = p.get_partial_shape()
-        shape = None if ps.rank.is_dynamic else tuple(d.get_length() if d.is_static else None for d in ps)
-        return Port(frozenset(p.get_names()), dtype, shape)
-
-    def io(self) -> tuple[list[Port], list[Port]]:
-        return self._io
-
-    def _request(self):
-        req = getattr(self._local, "request", None)
-        if req is None:
-            req = self._local.request = self.compiled.create_infer_request()
-        return req
-
-    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        res = self._request().infer({0: x})
-        return {n: np.array(res[p], copy=True) for n, p in zip(self.output_names, self._ports)}
-
-    def close(self) -> None:
-        self.compiled = None
-        self._local = threading.local()
 
 
 def _cudart():
@@ -345,7 +106,7 @@ class TensorRTBackend(Backend):
         self.device = f"cuda:{index}"
         source = source if source is not None or isinstance(engine, (bytes, bytearray)) else engine
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self._runtime.deserialize_cuda_engine(bytes(_model_bytes(engine)))
+        self.engine = self._runtime.deserialize_cuda_engine(bytes(model_bytes(engine)))
         if self.engine is None:
             raise BundleError("TensorRT could not load the engine: it was built for another GPU or TensorRT version",
                               path=source, hint="rebuild it on this device with the bundle's build_engine.sh")
@@ -358,7 +119,7 @@ class TensorRTBackend(Backend):
         ports = {n: Port(frozenset([n]), self.dtypes[n].name,
                          tuple(d if d >= 0 else None for d in self.engine.get_tensor_shape(n))) for n in names}
         self._io = ([ports[n] for n in self.inputs], [p for n, p in ports.items() if n not in self.inputs])
-        _check_output_names(self.output_names, self._io[1], source)
+        check_output_names(self.output_names, self._io[1], source)
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
         self._lock = threading.Lock()
 

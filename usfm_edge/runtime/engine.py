@@ -45,24 +45,9 @@ from usfm_edge.core.preprocess import PreprocessSpec, check_frame, fit_frame, pr
 from usfm_edge.runtime.backends import Backend, available_backends, make_backend
 from usfm_edge.runtime.bundle_io import BundleFiles, read_bundle_file
 from usfm_edge.runtime.contract import check_graph, check_outputs
-from usfm_edge.runtime.results import (
-    ClsResult,
-    EnhanceResult,
-    FeaturesResult,
-    Result,
-    SegResult,
-    class_areas,
-    outputs_at_size,
-    pixel_spacing,
-    resize_maps,
-)
+from usfm_edge.runtime.results import Result, bare_outputs_at_size, make_result, outputs_at_size, pixel_spacing
 
 __all__ = ["Engine", "available_backends", "graph_input"]
-
-
-def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
 
 
 def graph_input(meta: BundleMeta, grays: Sequence[np.ndarray], spec: PreprocessSpec | None = None,
@@ -399,31 +384,11 @@ class Engine:
         outputs of a static-shape graph mapped back to the frame)."""
         if self.raw:
             return outputs_at_size(outs, self.task, hw)
-        if self.task == "seg":
-            logits = resize_maps(outs["logits"], hw)
-            return {"probs": _softmax(logits, 1).astype(np.float32), "mask": logits.argmax(1).astype(np.uint8)}
-        if self.task == "cls":
-            return {"probs": _softmax(outs["logits"].astype(np.float32), -1)}
-        if self.task == "enhance":
-            img = resize_maps(outs["restored"][:, 0], hw)
-            return {"restored": np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)}
-        return outs
+        return bare_outputs_at_size(outs, self.task, hw)
 
     def _infer(self, grays: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         """Frames of one size -> final per-frame outputs at frame size."""
         return self._finish(self.run_raw(self.prepare(grays)), grays[0].shape)
 
     def _result(self, out: dict[str, np.ndarray], spacing, ms: float) -> Result:
-        if self.task == "seg":
-            mask = np.ascontiguousarray(out["mask"])
-            px, mm2 = class_areas(mask, self.labels, spacing)
-            return SegResult(mask=mask, probs=np.ascontiguousarray(out["probs"], dtype=np.float32), labels=self.labels,
-                             areas_px=px, areas_mm2=mm2, pixel_spacing_mm=spacing, timing_ms=ms)
-        if self.task == "cls":
-            probs = np.asarray(out["probs"], dtype=np.float32)
-            k = int(probs.argmax())
-            name = self.labels[k] if k < len(self.labels) else str(k)
-            return ClsResult(probs=probs, label=k, label_name=name, labels=self.labels, timing_ms=ms)
-        if self.task == "enhance":
-            return EnhanceResult(image=np.ascontiguousarray(out["restored"]), timing_ms=ms)
-        return FeaturesResult(features=np.asarray(out["features"], dtype=np.float32), timing_ms=ms)
+        return make_result(self.task, self.labels, out, spacing, ms)

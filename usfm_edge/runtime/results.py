@@ -1,4 +1,6 @@
-"""Typed results of ``Engine.predict`` (numpy only)."""
+"""Typed results of ``Engine.predict`` and the numpy post-processing that makes them from graph outputs (numpy
+only): outputs mapped back to the frame's size (:func:`outputs_at_size` for raw-frame graphs,
+:func:`bare_outputs_at_size` for bare ones) and one frame's outputs -> its result (:func:`make_result`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import numpy as np
 from usfm_edge.core.errors import ConfigError
 
 __all__ = ["SegResult", "ClsResult", "EnhanceResult", "FeaturesResult", "Result", "class_areas", "resize_maps",
-           "outputs_at_size", "pixel_spacing"]
+           "outputs_at_size", "bare_outputs_at_size", "make_result", "pixel_spacing"]
 
 
 @dataclass
@@ -150,3 +152,41 @@ def outputs_at_size(outs: dict[str, np.ndarray], task: str, hw: tuple[int, int])
         img = np.clip(np.round(resize_maps(outs["restored"], hw)), 0, 255).astype(np.uint8)
         return {**outs, "restored": img}
     return outs
+
+
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def bare_outputs_at_size(outs: dict[str, np.ndarray], task: str, hw: tuple[int, int]) -> dict[str, np.ndarray]:
+    """A bare graph's outputs for a batch -> final outputs at frame size ``hw``: segmentation logits resized
+    bilinearly, then softmax and argmax; classification logits -> softmax; a restored image in [0, 1] resized and
+    scaled to uint8; features unchanged."""
+    if task == "seg":
+        logits = resize_maps(outs["logits"], hw)
+        return {"probs": _softmax(logits, 1).astype(np.float32), "mask": logits.argmax(1).astype(np.uint8)}
+    if task == "cls":
+        return {"probs": _softmax(outs["logits"].astype(np.float32), -1)}
+    if task == "enhance":
+        img = resize_maps(outs["restored"][:, 0], hw)
+        return {"restored": np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)}
+    return outs
+
+
+def make_result(task: str, labels: list[str], out: dict[str, np.ndarray], spacing: tuple[float, float] | None,
+                ms: float) -> Result:
+    """One frame's final outputs -> its typed result (seg areas from ``spacing`` when known)."""
+    if task == "seg":
+        mask = np.ascontiguousarray(out["mask"])
+        px, mm2 = class_areas(mask, labels, spacing)
+        return SegResult(mask=mask, probs=np.ascontiguousarray(out["probs"], dtype=np.float32), labels=labels,
+                         areas_px=px, areas_mm2=mm2, pixel_spacing_mm=spacing, timing_ms=ms)
+    if task == "cls":
+        probs = np.asarray(out["probs"], dtype=np.float32)
+        k = int(probs.argmax())
+        name = labels[k] if k < len(labels) else str(k)
+        return ClsResult(probs=probs, label=k, label_name=name, labels=labels, timing_ms=ms)
+    if task == "enhance":
+        return EnhanceResult(image=np.ascontiguousarray(out["restored"]), timing_ms=ms)
+    return FeaturesResult(features=np.asarray(out["features"], dtype=np.float32), timing_ms=ms)

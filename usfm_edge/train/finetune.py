@@ -9,8 +9,8 @@ Shares the pretraining engine (``train.engine``: progress bar, JSONL log, atomic
 * model: ``models.tasks.build_task_model`` from ``--init`` (USFM_latest.pth, a pretraining encoder, a
   task checkpoint) or ``none`` (from scratch); layer-wise lr decay (USFM: 0.65) through
   ``train.optim.param_groups``;
-* losses: seg = cross-entropy + soft Dice (+ 0.4 x the same on UperNet's auxiliary head); cls =
-  cross-entropy with label smoothing (USFM: 0.1); enhance = L1 to the clean frame;
+* losses (``train.losses``): seg = cross-entropy + soft Dice (+ 0.4 x the same on UperNet's auxiliary head);
+  cls = cross-entropy with label smoothing (USFM: 0.1); enhance = L1 to the clean frame;
 * model selection: the held-out patients are evaluated every ``eval_every`` epochs through the export graph
   (``evaluation.TorchPredictor``: frames at their own size, exactly what a bundle computes); the best
   checkpoint by Dice / AUC / PSNR is kept as ``best.safetensors``, the last as ``last.safetensors``. Each
@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from usfm_edge.core.config import to_dict
@@ -53,6 +52,7 @@ from usfm_edge.train.engine import (
     schedule,
     write_run_config,
 )
+from usfm_edge.train.losses import TaskLoss, soft_dice_loss  # noqa: F401 - soft_dice_loss: re-exported
 from usfm_edge.train.optim import budget_cosine_lr, param_groups
 from usfm_edge.train.options import add_argparse_options, finetune_options, overrides_from
 
@@ -126,47 +126,6 @@ class FinetuneConfig(RunConfig):
 def load_finetune_config(config=None, overrides: dict[str, Any] | None = None) -> FinetuneConfig:
     """Defaults < YAML (path or dict) < flag overrides (None / empty lists ignored): ``train.config.load_config``."""
     return load_config(FinetuneConfig, config, overrides)
-
-
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - mean soft Dice over the foreground classes (background excluded), computed over the batch."""
-    probs = logits.float().softmax(1)
-    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()
-    dims = (0, 2, 3)
-    inter = (probs * onehot).sum(dims)
-    denom = probs.sum(dims) + onehot.sum(dims)
-    return 1 - ((2 * inter + eps) / (denom + eps))[1:].mean()
-
-
-class TaskLoss(nn.Module):
-    """Wraps a TaskModel so that ``forward(x, y) -> (loss, output, parts)`` (the engine's contract)."""
-
-    def __init__(self, model: nn.Module, task: str, label_smoothing: float = 0.1, dice_weight: float = 1.0):
-        super().__init__()
-        self.model, self.task = model, task
-        self.label_smoothing, self.dice_weight = label_smoothing, dice_weight
-
-    def _seg(self, logits, y):
-        ce = F.cross_entropy(logits.float(), y)
-        dice = soft_dice_loss(logits, y)
-        return ce + self.dice_weight * dice, ce, dice
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor):
-        if self.task == "seg":
-            outs = self.model.forward_train(x, aux=self.model.aux_weight > 0)
-            loss, ce, dice = self._seg(outs["out"], y)
-            parts = {"ce": ce.detach(), "dice": dice.detach()}
-            if "aux" in outs:
-                aux, _, _ = self._seg(outs["aux"], y)
-                loss = loss + self.model.aux_weight * aux
-                parts["aux"] = aux.detach()
-            return loss, outs["out"], parts
-        out = self.model(x)
-        if self.task == "cls":
-            loss = F.cross_entropy(out.float(), y, label_smoothing=self.label_smoothing)
-            return loss, out, {"ce": loss.detach()}
-        loss = F.l1_loss(out.float(), y)
-        return loss, out, {"l1": loss.detach()}
 
 
 @dataclass
