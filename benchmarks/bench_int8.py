@@ -20,7 +20,7 @@ int8 counters by stage) and the fused-attention count of each runtime (``usfm_ed
 
 Usage:
     python benchmarks/bench_int8.py [--presets tiny] [--checkpoint seg.safetensors] [--runs 30] [--peer]
-Writes benchmarks/results/int8.md and int8.json.
+Writes OUT/int8.md and OUT/int8.json (--out, default benchmarks/results).
 """
 
 from __future__ import annotations
