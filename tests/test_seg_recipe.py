@@ -216,3 +216,28 @@ def test_finetune_with_ema_saves_and_resumes(tmp_path, sample_dir):
     raw_w = state["model"]["head.cls_seg.weight"]
     assert torch.allclose(saved["head.cls_seg.weight"].float(), ema_w.float())
     assert not torch.allclose(ema_w, raw_w)
+
+
+def test_matmul_only_recipe_leaves_every_conv_float(tmp_path, sample_dir):
+    # the ORT-CPU recipe measured in RESULTS.md §4.1: Q/DQ feeds MatMul/Gemm only, never a convolution
+    import onnx
+    import torch
+
+    from usfm_edge.calibration.quantize import quantize_bundle
+    from usfm_edge.calibration.recipe import get_recipe
+    from usfm_edge.export.exporter import export
+    from usfm_edge.export.parity import default_frames
+    from usfm_edge.models.tasks import build_task_model
+
+    assert get_recipe("transformer-matmul").ort_options()["op_types_to_quantize"] == ["MatMul", "Gemm"]
+    torch.manual_seed(0)
+    seg = build_task_model("seg", "usfm_vit_test", img_size=64, head="hybrid")
+    fp32 = export(seg, "onnx", out=tmp_path / "seg-onnx", verify_frames=default_frames(1))
+    int8 = quantize_bundle(fp32, [f"busbra:{sample_dir / 'busbra'}"], out=tmp_path / "seg-int8.usfm",
+                           force=True, recipe="transformer-matmul", n=8)
+    graph = onnx.load(str(int8 / "model.onnx")).graph
+    made_by = {o: n.op_type for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert convs and not any(made_by.get(i) == "DequantizeLinear" for n in convs for i in n.input)
+    assert any(made_by.get(i) == "DequantizeLinear" for n in matmuls for i in n.input)

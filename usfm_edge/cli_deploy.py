@@ -246,7 +246,8 @@ def demo(out, runs, no_int8):
               help="the bundle's source checkpoint (default: looked up by name + SHA-256 next to the bundle)")
 @click.option("-n", "--frames", "n", default=300, show_default=True, help="calibration frames")
 @click.option("--seed", default=0, show_default=True, help="sampling and split seed")
-@click.option("--recipe", type=click.Choice(["transformer", "transformer-accurate", "transformer-no-smoothquant"]),
+@click.option("--recipe", type=click.Choice(["transformer", "transformer-accurate", "transformer-no-smoothquant",
+                                              "transformer-matmul"]),
               default="transformer",
               show_default=True, help="quantisation recipe (usfm_edge.calibration.recipe)")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -225,6 +225,10 @@ RECIPES: dict[str, QuantRecipe] = {
     # SmoothQuant off (NNCF; ORT never uses it): on the 4-block test model (random weights, 16 real calibration
     # frames) held-out centred cosine 0.9930 off vs 0.9935 on: a switch to compare on trained weights, not tuned
     "transformer-no-smoothquant": QuantRecipe(name="transformer-no-smoothquant", smooth_quant=False),
+    # MatMul/Gemm only, every convolution float (what ORT quantize_static does when restricted to MatMul/Gemm): on
+    # ONNX Runtime's CPU kernels the Q/DQ pairs around the hybrid head's convs cost more than int8 convs save
+    # (RESULTS.md §4.1)
+    "transformer-matmul": QuantRecipe(name="transformer-matmul", quantize_op_types=("MatMul", "Gemm")),
 }
 
 
