@@ -16,16 +16,13 @@ dropped decoder and heads, pos-embed resize), then load strictly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from functools import partial
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from usfm_edge.core.errors import CheckpointError, ConfigError
-from usfm_edge.models.vit import Mlp, PatchEmbed, dense_taps, drop_path
+from usfm_edge.models.vit import Mlp, VitBackbone, drop_path
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
@@ -77,10 +74,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias,
+                                           dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
 
@@ -95,12 +93,12 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.drop_path = drop_path
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + drop_path(self.attn(self.norm1(x), attn_bias), self.drop_path, self.training)
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
-class MaeViT(nn.Module):
+class MaeViT(VitBackbone):
     """Plain ViT backbone with a learned absolute position embedding (MAE / timm key layout).
 
     Args:
@@ -115,35 +113,21 @@ class MaeViT(nn.Module):
     family = "mae"
     #: model keys a published checkpoint never holds; a load leaves them at init and lists them as missing
     optional_keys = ("mask_token",)
+    embedding_params = ("cls_token", "mask_token", "pos_embed", "patch_embed")
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, num_classes: int = 0, global_pool: str = "token"):
         super().__init__()
-        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        if img_size[0] % patch_size or img_size[1] % patch_size:
-            raise ConfigError(f"img_size {img_size} is not a multiple of the patch size {patch_size}")
-        if global_pool not in ("token", "avg"):
-            raise ConfigError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
-        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
-        self.embed_dim = self.num_features = embed_dim
-        self.depth, self.num_heads = depth, num_heads
-        self.grid = (img_size[0] // patch_size, img_size[1] // patch_size)
-        self.global_pool = global_pool
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self._init_embedding(img_size, patch_size, in_chans, embed_dim, depth, num_heads, global_pool)
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i]) for i in range(depth)
         )
-        norm = partial(nn.LayerNorm, eps=1e-6)
-        self.norm = norm(embed_dim)
-        self.fc_norm = norm(embed_dim) if (global_pool == "avg" and num_classes > 0) else None
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_norms_and_head(embed_dim, num_classes)
         self._init_weights()
 
     def _init_weights(self):
@@ -152,93 +136,22 @@ class MaeViT(nn.Module):
                 self.pos_embed.copy_(sincos_pos_embed(self.embed_dim, self.grid))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self._init_linear_and_norm()
 
     @staticmethod
     def filter_checkpoint(state_dict: dict, model: nn.Module, report=None) -> dict:
         """This family's pure checkpoint filter (:func:`checkpoint_filter_fn`), which ``load_into`` applies."""
         return checkpoint_filter_fn(state_dict, model, report)
 
-    # -- timm-style contract -------------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "mask_token", "pos_embed"}
-
-    def group_matcher(self, name: str) -> int:
-        """Layer id for layer-wise lr decay: 0 = embeddings, i+1 = block i, depth+1 = norm/head."""
-        if name.startswith(("cls_token", "mask_token", "pos_embed", "patch_embed")):
-            return 0
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        return self.depth + 1
-
-    @property
-    def default_out_indices(self) -> tuple[int, ...]:
-        """Blocks tapped by dense heads: [3, 5, 7, 11] of 12 (TinyUSFM's seg backbone too); scaled for others."""
-        return dense_taps(self.depth)
 
     def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
         """The (1, 1 + h*w, D) position embedding for a patch grid (resampled when it is not the model's)."""
         return resize_pos_embed(self.pos_embed, self.grid, grid)
 
-    def _embed(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, tuple[int, int]]:
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ConfigError(f"expected input (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
-        H, W = x.shape[-2:]
-        if H % self.patch_size or W % self.patch_size:
-            raise ConfigError(f"input {H}x{W} is not a multiple of the patch size {self.patch_size}")
-        grid = (H // self.patch_size, W // self.patch_size)
-        x = self.patch_embed(x)
-        if mask is not None:  # SimMIM: masked patches become the learned mask token (mask: B, N; 1 = masked)
-            w = mask.flatten(1).unsqueeze(-1).to(x.dtype)
-            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        x = x + self.position_embedding(grid).to(x.dtype)
-        return self.pos_drop(x), grid
-
-    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, H, W) -> (B, 1 + N, D) tokens after the final norm. ``mask`` (B, N), 1 = masked patch."""
-        x, _ = self._embed(x, mask)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
-
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] | None = None,
-                              norm: bool = False) -> list[torch.Tensor]:
-        """Block outputs as NCHW maps (B, D, H/16, W/16), cls token removed, for dense heads.
-
-        Args:
-            indices: 0-based block indices (default ``default_out_indices``); negatives count from the end.
-            norm: apply the final norm to each map.
-        """
-        indices = self.default_out_indices if indices is None else indices
-        want = sorted({i % self.depth for i in indices})
-        x, grid = self._embed(x, None)
-        out = {}
-        for i, blk in enumerate(self.blocks[: want[-1] + 1]):
-            x = blk(x)
-            if i in want:
-                t = self.norm(x) if norm else x
-                out[i] = t[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, *grid)
-        return [out[i % self.depth] for i in indices]
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x[:, 1:].mean(1)
-            if self.fc_norm is not None:
-                x = self.fc_norm(x)
-        else:
-            x = x[:, 0]
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _add_position(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return x + self.position_embedding(grid).to(x.dtype)
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------

@@ -181,29 +181,20 @@ class Block(nn.Module):
         return x + drop_path(self.gamma_2 * self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
-class UsfmViT(nn.Module):
-    """USFM vision transformer backbone (BEiT-style, shared relative position bias).
-
-    Args:
-        img_size: input side the relative position table is built for (other multiples of the patch size
-            work; the table is resized on the fly).
-        patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio: architecture.
-        qkv_bias: BEiT q/v bias.
-        init_values: layer-scale init (USFM: 0.1); None disables layer scale.
-        drop_rate, attn_drop_rate, drop_path_rate: regularisation (drop path grows linearly with depth).
-        num_classes: size of a linear head on the pooled feature (0 = no head, features only).
-        global_pool: ``token`` (cls token after ``norm``) or ``avg`` (mean of patch tokens, ``fc_norm``).
+class VitBackbone(nn.Module):
+    """What both backbone families share (:class:`UsfmViT` here, ``mae_vit.MaeViT``): the input checks, patch +
+    cls embedding with the SimMIM mask token, the block loop, NCHW intermediates, the pooled head, the generic
+    weight init and the lr-decay groups (timm's method names). A family adds its position information through
+    two hooks: :meth:`_add_position` (tokens with the cls token in front) and :meth:`_block_bias` (the bias
+    every block's attention adds, or None).
     """
 
-    family = "beit"
-    optional_keys: tuple[str, ...] = ()  # every model key must come from the checkpoint
+    #: parameter-name prefixes of lr-decay group 0 (the embeddings)
+    embedding_params: tuple[str, ...] = ("cls_token", "mask_token", "patch_embed")
 
-    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
-                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, init_values: float | None = 0.1, drop_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, num_classes: int = 0,
-                 global_pool: str = "token"):
-        super().__init__()
+    def _init_embedding(self, img_size, patch_size: int, in_chans: int, embed_dim: int, depth: int,
+                        num_heads: int, global_pool: str) -> None:
+        """Check the shape arguments, set the shape attributes and build patch embedding, cls and mask tokens."""
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if img_size[0] % patch_size or img_size[1] % patch_size:
             raise ConfigError(f"img_size {img_size} is not a multiple of the patch size {patch_size}")
@@ -217,23 +208,15 @@ class UsfmViT(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_drop = nn.Dropout(drop_rate)
-        self.rel_pos_bias = RelativePositionBias(self.grid, num_heads)
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i], init_values)
-            for i in range(depth)
-        )
+
+    def _init_norms_and_head(self, embed_dim: int, num_classes: int) -> None:
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.norm = norm(embed_dim)
-        self.fc_norm = norm(embed_dim) if (global_pool == "avg" and num_classes > 0) else None
+        self.fc_norm = norm(embed_dim) if (self.global_pool == "avg" and num_classes > 0) else None
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self._init_weights()
 
-    def _init_weights(self):
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
-        nn.init.trunc_normal_(self.rel_pos_bias.relative_position_bias_table, std=0.02)
+    def _init_linear_and_norm(self) -> None:
+        """Truncated-normal Linear weights with zero bias, unit LayerNorms (after the family's own inits)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -242,17 +225,11 @@ class UsfmViT(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        for i, blk in enumerate(self.blocks):  # BEiT: rescale residual projections by depth
-            blk.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
-            blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * (i + 1)))
 
     # -- timm-style contract -------------------------------------------------------------------------
-    def no_weight_decay(self) -> set[str]:
-        return {"cls_token", "mask_token", "rel_pos_bias.relative_position_bias_table"}
-
     def group_matcher(self, name: str) -> int:
         """Layer id for layer-wise lr decay: 0 = embeddings, i+1 = block i, depth+1 = norm/head."""
-        if name.startswith(("cls_token", "mask_token", "patch_embed", "rel_pos_bias")):
+        if name.startswith(self.embedding_params):
             return 0
         if name.startswith("blocks."):
             return int(name.split(".")[1]) + 1
@@ -260,8 +237,15 @@ class UsfmViT(nn.Module):
 
     @property
     def default_out_indices(self) -> tuple[int, ...]:
-        """Blocks tapped by dense heads: USFM UperNet uses [3, 5, 7, 11] of 12; scaled for other depths."""
+        """Blocks tapped by dense heads: [3, 5, 7, 11] of 12 (USFM's UperNet, TinyUSFM's seg backbone); scaled
+        for other depths."""
         return dense_taps(self.depth)
+
+    def _add_position(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return x
+
+    def _block_bias(self, grid: tuple[int, int], dtype) -> torch.Tensor | None:
+        return None
 
     def _embed(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, tuple[int, int]]:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
@@ -275,15 +259,12 @@ class UsfmViT(nn.Module):
             w = mask.flatten(1).unsqueeze(-1).to(x.dtype)
             x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        return self.pos_drop(x), grid
-
-    def _bias(self, grid, dtype):
-        return self.rel_pos_bias(grid).to(dtype)
+        return self.pos_drop(self._add_position(x, grid)), grid
 
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) -> (B, 1 + N, D) tokens after the final norm. ``mask`` (B, N), 1 = masked patch."""
         x, grid = self._embed(x, mask)
-        bias = self._bias(grid, x.dtype)
+        bias = self._block_bias(grid, x.dtype)
         for blk in self.blocks:
             x = blk(x, bias)
         return self.norm(x)
@@ -299,7 +280,7 @@ class UsfmViT(nn.Module):
         indices = self.default_out_indices if indices is None else indices
         want = sorted({i % self.depth for i in indices})
         x, grid = self._embed(x, None)
-        bias = self._bias(grid, x.dtype)
+        bias = self._block_bias(grid, x.dtype)
         out = {}
         for i, blk in enumerate(self.blocks[: want[-1] + 1]):
             x = blk(x, bias)
@@ -319,6 +300,57 @@ class UsfmViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+class UsfmViT(VitBackbone):
+    """USFM vision transformer backbone (BEiT-style, shared relative position bias).
+
+    Args:
+        img_size: input side the relative position table is built for (other multiples of the patch size
+            work; the table is resized on the fly).
+        patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio: architecture.
+        qkv_bias: BEiT q/v bias.
+        init_values: layer-scale init (USFM: 0.1); None disables layer scale.
+        drop_rate, attn_drop_rate, drop_path_rate: regularisation (drop path grows linearly with depth).
+        num_classes: size of a linear head on the pooled feature (0 = no head, features only).
+        global_pool: ``token`` (cls token after ``norm``) or ``avg`` (mean of patch tokens, ``fc_norm``).
+    """
+
+    family = "beit"
+    optional_keys: tuple[str, ...] = ()  # every model key must come from the checkpoint
+    embedding_params = ("cls_token", "mask_token", "patch_embed", "rel_pos_bias")
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, init_values: float | None = 0.1, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, num_classes: int = 0,
+                 global_pool: str = "token"):
+        super().__init__()
+        self._init_embedding(img_size, patch_size, in_chans, embed_dim, depth, num_heads, global_pool)
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.rel_pos_bias = RelativePositionBias(self.grid, num_heads)
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i], init_values)
+            for i in range(depth)
+        )
+        self._init_norms_and_head(embed_dim, num_classes)
+        self._init_weights()
+
+    def _init_weights(self):
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        nn.init.trunc_normal_(self.rel_pos_bias.relative_position_bias_table, std=0.02)
+        self._init_linear_and_norm()
+        for i, blk in enumerate(self.blocks):  # BEiT: rescale residual projections by depth
+            blk.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+            blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "mask_token", "rel_pos_bias.relative_position_bias_table"}
+
+    def _block_bias(self, grid, dtype):
+        return self.rel_pos_bias(grid).to(dtype)
 
 
 # -- presets: plain hyper-parameter dicts --------------------------------------------------------------
