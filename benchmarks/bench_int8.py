@@ -190,26 +190,16 @@ def time_in_own_process(spec: dict) -> dict[str, list[float]]:
 
 def time_worker(spec: dict) -> dict[str, list[float]]:
     """``{batch: [ms, ...]}`` of one variant (a bundle, PyTorch, or a by-hand peer on its model input)."""
-    if spec.get("peer"):
-        from usfm_edge.bench.peer import open_peer
+    from usfm_edge.bench.peer import open_peer, time_batches
 
+    if spec.get("peer"):
         fn, close, x1 = open_peer(spec["bundle"], spec["peer"], spec["threads"]), (lambda: None), np.load(spec["input"])
     else:
         model = build_model(spec["preset"], spec["checkpoint"], spec["task"]) if spec["bundle"] is None else None
         bundle = Path(spec["bundle"]) if spec["bundle"] else None
         fn, close = run_variant_fn(spec["name"], bundle, model, spec["threads"])
         x1 = np.load(spec["frame"])[None]
-    out = {}
-    for b in spec.get("batches", [1]):
-        x = np.ascontiguousarray(np.repeat(x1, b, axis=0))
-        for _ in range(spec["warmup"]):
-            fn(x)
-        times = []
-        for _ in range(spec["runs"]):
-            t0 = time.perf_counter()
-            fn(x)
-            times.append((time.perf_counter() - t0) * 1e3)
-        out[str(b)] = times
+    out = time_batches(fn, x1, spec.get("batches", [1]), spec["warmup"], spec["runs"])
     close()
     return out
 

@@ -282,21 +282,25 @@ def time_peer_isolated(peer: PeerModel, input_file: str | Path, threads: int, ba
     return {int(b): t for b, t in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
 
 
-def _time_worker(spec: dict) -> dict[str, list[float]]:
-    fn = open_peer(spec["path"], spec["backend"], spec["threads"])
-    x1 = np.load(spec["input"])
+def time_batches(fn, x1: np.ndarray, batches, warmup: int, runs: int) -> dict[str, list[float]]:
+    """``{str(batch): [ms per call]}``: ``fn`` on ``x1`` repeated to each batch size, after ``warmup`` calls."""
     out = {}
-    for b in spec["batches"]:
+    for b in batches:
         x = np.ascontiguousarray(np.repeat(x1, b, axis=0))
-        for _ in range(spec["warmup"]):
+        for _ in range(warmup):
             fn(x)
         times = []
-        for _ in range(spec["runs"]):
+        for _ in range(runs):
             t0 = time.perf_counter()
             fn(x)
             times.append((time.perf_counter() - t0) * 1e3)
         out[str(b)] = times
     return out
+
+
+def _time_worker(spec: dict) -> dict[str, list[float]]:
+    fn = open_peer(spec["path"], spec["backend"], spec["threads"])
+    return time_batches(fn, np.load(spec["input"]), spec["batches"], spec["warmup"], spec["runs"])
 
 
 def peer_markdown(rows: list[dict]) -> list[str]:
