@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from usfm_edge.train.distill_data import distill_records, evaluate_student, feat
 from usfm_edge.train.distill_teacher import load_teacher
 from usfm_edge.train.engine import (
     JsonlLogger,
+    TimeBudget,
     TrainState,
     autocast_dtype,
     distributed,
@@ -60,7 +60,7 @@ from usfm_edge.train.engine import (
     schedule,
     write_run_config,
 )
-from usfm_edge.train.optim import budget_cosine_lr, build_optimizer
+from usfm_edge.train.optim import build_optimizer
 from usfm_edge.train.options import add_argparse_options, distill_options, overrides_from
 
 __all__ = ["DistillConfig", "DistillResult", "load_distill_config", "load_teacher", "fit_distill", "run_distill",
@@ -269,25 +269,16 @@ def _fit(cfg: DistillConfig, out: Path, resume, progress: bool, info: DistInfo) 
     amp = autocast_dtype(cfg.amp, info.device)
     config_dict = to_dict(cfg)
     logger = JsonlLogger(out / "log.jsonl", enabled=info.is_main)
-    if payload is not None and info.is_main and logger.path.is_file():  # drop lines logged after the checkpoint
-        kept = [ln for ln in logger.path.read_text().splitlines() if ln.strip() and _step_of(ln) <= state.step]
-        logger.path.write_text("".join(ln + "\n" for ln in kept))
+    if payload is not None:
+        logger.truncate_after(state.step)
     if info.is_main:
         write_run_config(out, config_dict)
         print(f"[distill] {mode} distillation: {Path(cfg.teacher).name} -> {cfg.model} at {cfg.img_size} px; "
               f"{samples} samples/epoch/process, {sched.steps_per_epoch} steps/epoch x {cfg.epochs}, batch "
               f"{sched.total_batch}, peak lr {sched.peak_lr:.3g}, {info.world_size} process(es) on {info.device}, "
               f"amp={amp or 'fp32'}" + (f"; resuming at step {state.step}" if payload else ""), file=sys.stderr)
-    spent_before = float((payload or {}).get("extra", {}).get("train_seconds", 0.0))
-    since = time.time()
-    budget_s = 60.0 * cfg.time_limit_min if cfg.time_limit_min else None
-
-    def spent() -> float:
-        return spent_before + time.time() - since
-
-    if budget_s is not None and spent() >= budget_s:
-        raise ConfigError(f"--resume: the run already used its {cfg.time_limit_min} min budget", path=resume,
-                          hint="raise --time-limit-min to train longer")
+    budget = TimeBudget(cfg.time_limit_min, payload)
+    budget.check_not_spent(resume)
     metrics: dict = {}
     saved_at = [-1]
     extra_meta = {"split": data["split"]} if mode == "task" else {}
@@ -296,7 +287,7 @@ def _fit(cfg: DistillConfig, out: Path, resume, progress: bool, info: DistInfo) 
         if info.is_main and saved_at[0] != st.step:
             saved_at[0] = st.step
             save_training_state(out / CHECKPOINT, model=net, optimizer=optimizer, state=st, config=config_dict,
-                                extra={"world_size": info.world_size, "train_seconds": spent(), "mode": mode})
+                                extra={"world_size": info.world_size, "train_seconds": budget.spent(), "mode": mode})
             save_student(net, mode, cfg, out / STUDENT, st, {**extra_meta, "metrics": metrics})
 
     def end_of_epoch(st: TrainState, done: bool, bar) -> None:
@@ -304,14 +295,10 @@ def _fit(cfg: DistillConfig, out: Path, resume, progress: bool, info: DistInfo) 
             metrics.update(evaluate_student(net.student, data["val"], cfg.eval_limit, info.device))
             logger.log(event="eval", epoch=st.epoch, step=st.step, **metrics)
 
-    def lr_at(step: int) -> float:
-        frac = spent() / budget_s if budget_s else 0.0
-        return budget_cosine_lr(step, sched.total_steps, sched.warmup_steps, sched.peak_lr, cfg.min_lr, frac)
-
     run_epochs(wrapped, loader, optimizer, sampler, state=state, epochs=cfg.epochs, batch_size=cfg.batch_size,
                last_step=min(sched.total_steps, cfg.max_steps or sched.total_steps),
-               time_limit_min=None if budget_s is None else (budget_s - spent()) / 60.0,
-               progress=progress and info.is_main, on_epoch_end=end_of_epoch, device=info.device, lr_at=lr_at,
+               time_limit_min=budget.remaining_min(), progress=progress and info.is_main,
+               on_epoch_end=end_of_epoch, device=info.device, lr_at=budget.lr_fn(sched, cfg.min_lr),
                steps_in_epoch=sched.steps_per_epoch, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad,
                amp_dtype=amp, dist_info=info, images_per_step=sched.total_batch, log_every=cfg.log_every,
                logger=logger, save_every=cfg.save_every, checkpoint_fn=checkpoint)
@@ -323,13 +310,6 @@ def _fit(cfg: DistillConfig, out: Path, resume, progress: bool, info: DistInfo) 
     if info.distributed:
         torch.distributed.barrier()
     return DistillResult(out / STUDENT, out / CHECKPOINT, mode, state.step, metrics, net)
-
-
-def _step_of(line: str) -> int:
-    try:
-        return int(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):
-        return 0
 
 
 def run_distill(teacher: str | Path, student: str, data: list[str] | str, out_dir: str | Path,

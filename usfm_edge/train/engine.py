@@ -28,6 +28,7 @@ from usfm_edge.train.dist import DistInfo, all_reduce_mean
 from usfm_edge.train.optim import set_lr
 from usfm_edge.train.state import (
     Schedule,
+    TimeBudget,
     TrainState,
     distributed,
     load_training_state,
@@ -43,7 +44,7 @@ from usfm_edge.train.state import (
 
 __all__ = ["NonFiniteLossError", "TrainState", "JsonlLogger", "cpu_supports_bf16", "autocast_dtype",
            "train_one_epoch", "run_epochs", "rng_state", "set_rng_state", "save_training_state", "load_training_state",
-           "resume_payload", "remove_stale_checkpoint_temps", "Schedule", "schedule", "restore_training_state", "distributed", "write_run_config"]
+           "resume_payload", "remove_stale_checkpoint_temps", "Schedule", "schedule", "restore_training_state", "distributed", "write_run_config", "TimeBudget"]
 
 
 class NonFiniteLossError(UsfmEdgeError):
@@ -60,6 +61,19 @@ class JsonlLogger:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the lines logged after ``step`` (a resumed run logs those steps again)."""
+        if self.enabled and self.path.is_file():
+            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and _step_of(ln) <= step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 0
 
 
 def cpu_supports_bf16() -> bool:

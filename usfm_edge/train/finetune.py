@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from usfm_edge.train.config import RunConfig, load_config
 from usfm_edge.train.dist import cleanup, init_distributed
 from usfm_edge.train.engine import (
     JsonlLogger,
+    TimeBudget,
     TrainState,
     autocast_dtype,
     distributed,
@@ -53,7 +53,7 @@ from usfm_edge.train.engine import (
     write_run_config,
 )
 from usfm_edge.train.losses import TaskLoss, soft_dice_loss  # noqa: F401 - soft_dice_loss: re-exported
-from usfm_edge.train.optim import budget_cosine_lr, param_groups
+from usfm_edge.train.optim import param_groups
 from usfm_edge.train.options import add_argparse_options, finetune_options, overrides_from
 
 CHECKPOINT, BEST, LAST = "checkpoint.pt", "best.safetensors", "last.safetensors"
@@ -197,16 +197,12 @@ class _Validations:
         extra = payload["extra"] if payload is not None else {}
         self.history: list = json.loads(extra.get("history", "[]"))
         self.best_score = float(extra.get("best_score", -float("inf")))
-        self.spent_before, self.since = float(extra.get("train_seconds", 0.0)), time.time()
+        self.budget = TimeBudget(cfg.time_limit_min, payload)
         self.metrics: dict = {}
-
-    def spent(self) -> float:
-        """Seconds of training so far, earlier runs of a resumed run included."""
-        return self.spent_before + time.time() - self.since
 
     def checkpoint(self, st: TrainState) -> None:
         if self.info.is_main:
-            extra = {"history": json.dumps(self.history), "best_score": self.best_score, "train_seconds": self.spent()}
+            extra = {"history": json.dumps(self.history), "best_score": self.best_score, "train_seconds": self.budget.spent()}
             if self.ema is not None:
                 extra["ema"] = self.ema.state_dict()
             save_training_state(self.out / CHECKPOINT, model=self.model, optimizer=self.optimizer, state=st,
@@ -323,20 +319,12 @@ def fit_finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: str | Path | 
                   file=sys.stderr)
             if model.load_report is not None:
                 print(f"[finetune] init: {model.load_report.summary()}", file=sys.stderr)
-        budget_s = 60.0 * cfg.time_limit_min if cfg.time_limit_min else None
-        if budget_s is not None and runs.spent() >= budget_s:
-            raise ConfigError(f"--resume: the run already used its {cfg.time_limit_min} min budget",
-                              path=resume, hint="raise --time-limit-min to train longer")
-
-        def lr_at(step: int) -> float:
-            frac = runs.spent() / budget_s if budget_s else 0.0
-            return budget_cosine_lr(step, sched.total_steps, sched.warmup_steps, sched.peak_lr, cfg.min_lr, frac)
-
+        runs.budget.check_not_spent(resume)
         run_epochs(net, loader, optimizer, sampler, state=state, epochs=cfg.epochs, batch_size=cfg.batch_size,
                    last_step=min(sched.total_steps, cfg.max_steps or sched.total_steps),
-                   time_limit_min=None if budget_s is None else (budget_s - runs.spent()) / 60.0,
+                   time_limit_min=runs.budget.remaining_min(),
                    progress=progress and info.is_main, on_epoch_end=runs.end_of_epoch, device=info.device,
-                   lr_at=lr_at, after_step=(lambda st: ema.update_parameters(model)) if ema is not None else None,
+                   lr_at=runs.budget.lr_fn(sched, cfg.min_lr), after_step=(lambda st: ema.update_parameters(model)) if ema is not None else None,
                    steps_in_epoch=sched.steps_per_epoch, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad,
                    amp_dtype=amp, dist_info=info, images_per_step=sched.total_batch, log_every=cfg.log_every,
                    logger=logger, save_every=cfg.save_every, checkpoint_fn=runs.checkpoint)

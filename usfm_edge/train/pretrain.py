@@ -17,10 +17,8 @@ A run folder holds ``config.yaml`` (resolved config), ``log.jsonl`` (one line pe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +35,7 @@ from usfm_edge.train.config import PretrainConfig, load_pretrain_config
 from usfm_edge.train.dist import DistInfo, cleanup, init_distributed
 from usfm_edge.train.engine import (
     JsonlLogger,
+    TimeBudget,
     TrainState,
     autocast_dtype,
     distributed,
@@ -48,7 +47,7 @@ from usfm_edge.train.engine import (
     schedule,
     write_run_config,
 )
-from usfm_edge.train.optim import budget_cosine_lr, build_optimizer
+from usfm_edge.train.optim import build_optimizer
 from usfm_edge.train.options import add_argparse_options, overrides_from, pretrain_options
 
 __all__ = ["PretrainResult", "fit_pretrain", "run_pretrain", "export_encoder", "main"]
@@ -91,13 +90,6 @@ def export_encoder(model: UsfmMim, cfg: PretrainConfig, path: str | Path, state:
                      "config": to_dict(cfg)},
     }
     return save_checkpoint(path, model.encoder.state_dict(), config)
-
-
-def _step_of(line: str) -> int:
-    try:
-        return int(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):
-        return 0
 
 
 def _check_resume(saved: dict, cfg: PretrainConfig, path: Path) -> None:
@@ -165,43 +157,28 @@ def _fit(cfg: PretrainConfig, out: Path, resume, progress: bool, info: DistInfo)
     amp = autocast_dtype(cfg.amp, info.device)
     config_dict = to_dict(cfg)
     logger = JsonlLogger(out / "log.jsonl", enabled=info.is_main)
-    if payload is not None and info.is_main and logger.path.is_file():  # drop lines logged after the checkpoint
-        kept = [ln for ln in logger.path.read_text().splitlines() if ln.strip() and _step_of(ln) <= state.step]
-        logger.path.write_text("".join(ln + "\n" for ln in kept))
+    if payload is not None:
+        logger.truncate_after(state.step)
     if info.is_main:
         write_run_config(out, config_dict)
         _announce(cfg, records, sampler, info, amp, sched, state if payload else None)
     saved_at = [-1]
-    # the time budget spans resumes (like fine-tuning): the cosine follows the larger of the step fraction and the
-    # budget fraction, so a --time-limit-min run ends at min_lr instead of being cut off at a high rate
-    spent_before = float((payload or {}).get("extra", {}).get("train_seconds", 0.0))
-    since = time.time()
-    budget_s = 60.0 * cfg.time_limit_min if cfg.time_limit_min else None
-
-    def spent() -> float:
-        return spent_before + time.time() - since
-
-    if budget_s is not None and spent() >= budget_s:
-        raise ConfigError(f"--resume: the run already used its {cfg.time_limit_min} min budget", path=resume,
-                          hint="raise --time-limit-min to train longer")
+    budget = TimeBudget(cfg.time_limit_min, payload)  # spans resumes, like fine-tuning's
+    budget.check_not_spent(resume)
 
     def checkpoint(st: TrainState) -> None:
         if info.is_main and saved_at[0] != st.step:
             saved_at[0] = st.step
             save_training_state(out / CHECKPOINT, model=model, optimizer=optimizer, state=st, config=config_dict,
                                 extra={"organs": sampler.base.names, "world_size": info.world_size,
-                                       "train_seconds": spent()})
+                                       "train_seconds": budget.spent()})
             export_encoder(model, cfg, out / ENCODER, st)
-
-    def lr_at(step: int) -> float:
-        frac = spent() / budget_s if budget_s else 0.0
-        return budget_cosine_lr(step, sched.total_steps, sched.warmup_steps, sched.peak_lr, cfg.min_lr, frac)
 
     run_epochs(net, loader, optimizer, sampler, state=state, epochs=cfg.epochs, batch_size=cfg.batch_size,
                last_step=min(sched.total_steps, cfg.max_steps or sched.total_steps),
-               time_limit_min=None if budget_s is None else (budget_s - spent()) / 60.0,
+               time_limit_min=budget.remaining_min(),
                progress=progress and info.is_main, device=info.device,
-               lr_at=lr_at,
+               lr_at=budget.lr_fn(sched, cfg.min_lr),
                steps_in_epoch=sched.steps_per_epoch, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad,
                amp_dtype=amp, dist_info=info, images_per_step=sched.total_batch, log_every=cfg.log_every,
                logger=logger, save_every=cfg.save_every, checkpoint_fn=checkpoint)

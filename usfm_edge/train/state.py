@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,11 @@ from torch import nn
 
 from usfm_edge.core.errors import CheckpointError, ConfigError
 from usfm_edge.train.dist import DistInfo
-from usfm_edge.train.optim import scaled_lr
+from usfm_edge.train.optim import budget_cosine_lr, scaled_lr
 
 __all__ = ["TrainState", "rng_state", "set_rng_state", "save_training_state", "load_training_state", "resume_payload",
-           "remove_stale_checkpoint_temps", "Schedule", "schedule", "restore_training_state", "distributed",
-           "write_run_config"]
+           "remove_stale_checkpoint_temps", "Schedule", "schedule", "TimeBudget", "restore_training_state",
+           "distributed", "write_run_config"]
 
 
 @dataclass
@@ -167,6 +168,42 @@ def schedule(cfg, samples_per_rank: int, world_size: int, hint: str = "lower --b
     total = cfg.epochs * steps
     batch = cfg.batch_size * cfg.accum_steps * world_size
     return Schedule(steps, total, min(int(round(cfg.warmup_epochs * steps)), total), batch, scaled_lr(cfg.lr, batch))
+
+
+class TimeBudget:
+    """A run's ``--time-limit-min`` budget, spanning resumes (``train_seconds`` in the checkpoint's ``extra``).
+
+    The cosine schedule follows the larger of the step fraction and the budget fraction (:meth:`lr_fn`), so a
+    time-limited run ends at ``min_lr`` instead of being cut off at a high rate.
+    """
+
+    def __init__(self, time_limit_min: float | None, payload: dict | None):
+        self.limit_min = time_limit_min
+        self.seconds = 60.0 * time_limit_min if time_limit_min else None
+        self.spent_before = float((payload or {}).get("extra", {}).get("train_seconds", 0.0))
+        self.since = time.time()
+
+    def spent(self) -> float:
+        """Seconds of training so far, earlier runs of a resumed run included."""
+        return self.spent_before + time.time() - self.since
+
+    def check_not_spent(self, resume) -> None:
+        """Raise when a resumed run has no budget left (``resume``: the checkpoint, named in the error)."""
+        if self.seconds is not None and self.spent() >= self.seconds:
+            raise ConfigError(f"--resume: the run already used its {self.limit_min} min budget", path=resume,
+                              hint="raise --time-limit-min to train longer")
+
+    def remaining_min(self) -> float | None:
+        """Minutes left (the loop's time limit), or None without a budget."""
+        return None if self.seconds is None else (self.seconds - self.spent()) / 60.0
+
+    def lr_fn(self, sched: Schedule, min_lr: float):
+        """``lr_at(step)``: the budget-following cosine of ``sched``."""
+        def lr_at(step: int) -> float:
+            frac = self.spent() / self.seconds if self.seconds else 0.0
+            return budget_cosine_lr(step, sched.total_steps, sched.warmup_steps, sched.peak_lr, min_lr, frac)
+
+        return lr_at
 
 
 def restore_training_state(payload: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
