@@ -34,7 +34,7 @@ from usfm_edge.train.engine import cpu_supports_bf16
 from usfm_edge.train.masking import MimTransform
 from usfm_edge.train.optim import build_optimizer
 
-PRESETS = list(sizes().values())  # tiny, small, base
+PRESETS = [n for k, n in sizes().items() if k in ("tiny", "small", "base")]  # the pretraining sizes
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -71,9 +71,9 @@ def list_models(pattern: str = "*", family: str | None = None) -> list[str]:
 
 
 def sizes() -> dict[str, str]:
-    """The USFM ViT-B/16-family presets by size: ``{"tiny": "usfm_vit_tiny_patch16_224", "small": ..., "base": ...}``."""
+    """The USFM ViT-B/16-family presets by size: ``{"nano": ..., "micro": ..., "tiny": "usfm_vit_tiny_patch16_224", "small": ..., "base": ...}``."""
     names = list_models("usfm_vit_*_patch16_224")
-    order = {"tiny": 0, "small": 1, "base": 2}
+    order = {"nano": -2, "micro": -1, "tiny": 0, "small": 1, "base": 2}
     return {n.split("_")[2]: n for n in sorted(names, key=lambda n: order.get(n.split("_")[2], 9))}
 
 

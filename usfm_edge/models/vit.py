@@ -360,6 +360,9 @@ PRESETS: dict[str, dict] = {
     # the same architecture at DeiT-S / DeiT-Ti widths, for devices and CPU training
     "usfm_vit_small_patch16_224": dict(embed_dim=384, depth=12, num_heads=6),
     "usfm_vit_tiny_patch16_224": dict(embed_dim=192, depth=12, num_heads=3),
+    # edge students for distillation (usfm-edge distill): a sixth of tiny's encoder cost and less
+    "usfm_vit_micro_patch16_224": dict(embed_dim=128, depth=6, num_heads=2),
+    "usfm_vit_nano_patch16_224": dict(embed_dim=96, depth=4, num_heads=2),
     # unit tests only: 4 blocks of width 64 at 64 px
     "usfm_vit_test": dict(embed_dim=64, depth=4, num_heads=2, img_size=64),
 }

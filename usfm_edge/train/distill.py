@@ -52,6 +52,7 @@ from usfm_edge.train.engine import (
     TrainState,
     autocast_dtype,
     distributed,
+    ema_model,
     remove_stale_checkpoint_temps,
     restore_training_state,
     resume_payload,
@@ -91,6 +92,8 @@ class DistillConfig(RunConfig):
         val_fraction, split_seed: task mode: patient split; None = the teacher's recorded split (else 0.2, 0).
         augment: task mode: training augmentation (as ``finetune``).
         eval_limit: task mode: at most this many validation frames.
+        ema: decay of the exponential moving average of the student's weights (0 = off; as ``finetune``). With
+            EMA the evaluated and saved student is the averaged one; the training checkpoint keeps both.
         loss: the objective (:class:`usfm_edge.models.distill.DistillLossConfig`).
 
     Schedule defaults are fine-tuning's (lr 2e-3 per 256 images, 30 epochs, 2 warm-up epochs): the student
@@ -114,6 +117,7 @@ class DistillConfig(RunConfig):
     split_seed: int | None = None
     augment: str = "ultrasound"
     eval_limit: int | None = None
+    ema: float = 0.999
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
 
     def __post_init__(self):
@@ -131,6 +135,8 @@ class DistillConfig(RunConfig):
             raise ConfigError("no teacher given", hint="pass --teacher CHECKPOINT (a backbone or a seg task checkpoint)")
         if not 0 < self.label_fraction <= 1:
             raise ConfigError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"ema must be in [0, 1) (0 = off), got {self.ema}")
 
 
 def load_distill_config(config=None, overrides: dict[str, Any] | None = None) -> DistillConfig:
@@ -205,21 +211,24 @@ def _model(cfg: DistillConfig, mode: str, teacher, resumed: bool):
     return TaskDistiller(student, teacher, cfg.loss), spec
 
 
-def save_student(net, mode: str, cfg: DistillConfig, path: Path, state: TrainState, extra: dict) -> Path:
-    """Write the student alone: a ``task: backbone`` file (feature mode) or a task checkpoint (task mode)."""
+def save_student(net, mode: str, cfg: DistillConfig, path: Path, state: TrainState, extra: dict,
+                 student: torch.nn.Module | None = None) -> Path:
+    """Write the student alone (``student``: the EMA copy; default ``net.student``): a ``task: backbone`` file
+    (feature mode) or a task checkpoint (task mode)."""
+    student = net.student if student is None else student
     record = {"teacher": Path(cfg.teacher).name, "mode": mode, "step": state.step, "epoch": state.epoch,
               "config": to_dict(cfg)}
     if mode == "task":
         from usfm_edge.models.tasks import save_task_checkpoint
 
-        return save_task_checkpoint(net.student, path, extra={"preprocess": net.student.preprocess.to_dict(),
+        return save_task_checkpoint(student, path, extra={"preprocess": student.preprocess.to_dict(),
                                                               "distill": record, **extra})
     from usfm_edge.models.checkpoint import save_checkpoint
     from usfm_edge.models.registry import model_args
 
     config = {"model": cfg.model, "model_args": model_args(cfg.model, img_size=cfg.img_size), "task": "backbone",
               "preprocess": PreprocessSpec(img_size=cfg.img_size).to_dict(), "distill": record}
-    return save_checkpoint(path, net.student.state_dict(), config)
+    return save_checkpoint(path, student.state_dict(), config)
 
 
 # -- the run --------------------------------------------------------------------------------------------------
@@ -260,8 +269,13 @@ def _fit(cfg: DistillConfig, out: Path, resume, progress: bool, info: DistInfo) 
     sched = schedule(cfg, samples, info.world_size, hint="lower --batch-size/--accum-steps")
     optimizer = build_optimizer(net, sched.peak_lr, cfg.weight_decay)
     state = TrainState()
+    ema = ema_model(net.student, cfg.ema)
     if payload is not None:
         state = restore_training_state(payload, net, optimizer, sched.steps_per_epoch * cfg.accum_steps)
+        if ema is not None:
+            if "ema" not in payload["extra"]:
+                raise ConfigError("--resume: the checkpoint has no EMA weights", path=resume, hint="pass --ema 0")
+            ema.load_state_dict(payload["extra"]["ema"])
     else:
         torch.manual_seed(cfg.seed + info.rank)
         np.random.seed(cfg.seed + info.rank)
@@ -280,19 +294,23 @@ def _fit(cfg: DistillConfig, out: Path, resume, progress: bool, info: DistInfo) 
     budget = TimeBudget(cfg.time_limit_min, payload)
     budget.check_not_spent(resume)
     metrics: dict = {}
+    scored = net.student if ema is None else ema.module  # what is evaluated and saved
     saved_at = [-1]
     extra_meta = {"split": data["split"]} if mode == "task" else {}
 
     def checkpoint(st: TrainState) -> None:
         if info.is_main and saved_at[0] != st.step:
             saved_at[0] = st.step
+            extra = {"world_size": info.world_size, "train_seconds": budget.spent(), "mode": mode}
+            if ema is not None:
+                extra["ema"] = ema.state_dict()
             save_training_state(out / CHECKPOINT, model=net, optimizer=optimizer, state=st, config=config_dict,
-                                extra={"world_size": info.world_size, "train_seconds": budget.spent(), "mode": mode})
-            save_student(net, mode, cfg, out / STUDENT, st, {**extra_meta, "metrics": metrics})
+                                extra=extra)
+            save_student(net, mode, cfg, out / STUDENT, st, {**extra_meta, "metrics": metrics}, scored)
 
     def end_of_epoch(st: TrainState, done: bool, bar) -> None:
         if mode == "task" and done and info.is_main:
-            metrics.update(evaluate_student(net.student, data["val"], cfg.eval_limit, info.device))
+            metrics.update(evaluate_student(scored, data["val"], cfg.eval_limit, info.device))
             logger.log(event="eval", epoch=st.epoch, step=st.step, **metrics)
 
     run_epochs(wrapped, loader, optimizer, sampler, state=state, epochs=cfg.epochs, batch_size=cfg.batch_size,
@@ -301,7 +319,8 @@ def _fit(cfg: DistillConfig, out: Path, resume, progress: bool, info: DistInfo) 
                on_epoch_end=end_of_epoch, device=info.device, lr_at=budget.lr_fn(sched, cfg.min_lr),
                steps_in_epoch=sched.steps_per_epoch, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad,
                amp_dtype=amp, dist_info=info, images_per_step=sched.total_batch, log_every=cfg.log_every,
-               logger=logger, save_every=cfg.save_every, checkpoint_fn=checkpoint)
+               logger=logger, save_every=cfg.save_every, checkpoint_fn=checkpoint,
+               after_step=(lambda st: ema.update_parameters(net.student)) if ema is not None else None)
     saved_at[0] = -1  # the last save also carries the final metrics
     checkpoint(state)
     if mode == "task" and info.is_main:

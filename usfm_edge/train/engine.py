@@ -31,6 +31,7 @@ from usfm_edge.train.state import (
     TimeBudget,
     TrainState,
     distributed,
+    ema_model,
     load_training_state,
     remove_stale_checkpoint_temps,
     restore_training_state,
@@ -44,7 +45,8 @@ from usfm_edge.train.state import (
 
 __all__ = ["NonFiniteLossError", "TrainState", "JsonlLogger", "cpu_supports_bf16", "autocast_dtype",
            "train_one_epoch", "run_epochs", "rng_state", "set_rng_state", "save_training_state", "load_training_state",
-           "resume_payload", "remove_stale_checkpoint_temps", "Schedule", "schedule", "restore_training_state", "distributed", "write_run_config", "TimeBudget"]
+           "resume_payload", "remove_stale_checkpoint_temps", "Schedule", "schedule", "restore_training_state", "distributed", "write_run_config", "TimeBudget",
+           "ema_model"]
 
 
 class NonFiniteLossError(UsfmEdgeError):

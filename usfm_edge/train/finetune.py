@@ -44,6 +44,7 @@ from usfm_edge.train.engine import (
     TrainState,
     autocast_dtype,
     distributed,
+    ema_model,
     remove_stale_checkpoint_temps,
     restore_training_state,
     resume_payload,
@@ -166,25 +167,6 @@ def _evaluate(model, val, task: str, limit: int | None, device) -> dict:
         model.train(was)
 
 
-def _ema_model(model: nn.Module, decay: float):
-    """An ``AveragedModel`` keeping an EMA of the weights and BatchNorm statistics (None when ``decay`` is 0).
-
-    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so early, poor weights fade
-    quickly.
-    """
-    if decay <= 0:
-        return None
-    from torch.optim.swa_utils import AveragedModel
-
-    def avg(avg_p: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
-        return avg_p * d + p * (1.0 - d)
-
-    ema = AveragedModel(model, avg_fn=avg, use_buffers=True)
-    ema.module.eval()
-    return ema
-
-
 class _Validations:
     """What a fine-tuning run keeps between epochs: validation history, best score, last metrics and training time
     (earlier runs included); validates the scored (EMA) model, saves ``best``/``last`` and the training state."""
@@ -291,7 +273,7 @@ def fit_finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: str | Path | 
         model = _model(cfg, _labels(cfg, records), payload, info, build_model)
         spec = PreprocessSpec(img_size=cfg.img_size)
         loader, sampler, samples = _loader(cfg, train, spec, info)
-        ema = _ema_model(model, cfg.ema)
+        ema = ema_model(model, cfg.ema)
         sched = schedule(cfg, samples, info.world_size)
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=sched.peak_lr,
                                       betas=(0.9, 0.999))

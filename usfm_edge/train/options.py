@@ -106,6 +106,7 @@ distill_options: list[Option] = [
     Option("--split-seed", "split_seed", int, "task mode: seed of the patient split (default: the teacher's)"),
     Option("--augment", "augment", str, "task mode: ultrasound, light, basic or none"),
     Option("--eval-limit", "eval_limit", int, "task mode: at most this many validation frames"),
+    Option("--ema", "ema", float, "EMA decay of the student's weights (0 = off)"),
     Option("--layers", "loss.layers", int, "evenly spaced blocks matched in each backbone"),
     Option("--feature-loss", "loss.feature_loss", str, "smooth_l1 or cosine on layer-normalised teacher tokens"),
     Option("--feature-weight", "loss.feature_weight", float, "weight of the feature term (task mode default 0)"),

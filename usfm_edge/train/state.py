@@ -26,7 +26,7 @@ from usfm_edge.train.optim import budget_cosine_lr, scaled_lr
 
 __all__ = ["TrainState", "rng_state", "set_rng_state", "save_training_state", "load_training_state", "resume_payload",
            "remove_stale_checkpoint_temps", "Schedule", "schedule", "TimeBudget", "restore_training_state",
-           "distributed", "write_run_config"]
+           "distributed", "write_run_config", "ema_model"]
 
 
 @dataclass
@@ -234,3 +234,22 @@ def write_run_config(out: Path, config: dict[str, Any]) -> Path:
     path = Path(out) / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def ema_model(model: torch.nn.Module, decay: float):
+    """An ``AveragedModel`` keeping an EMA of the weights and BatchNorm statistics (None when ``decay`` is 0).
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so early, poor weights fade
+    quickly.
+    """
+    if decay <= 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel
+
+    def avg(avg_p: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        return avg_p * d + p * (1.0 - d)
+
+    ema = AveragedModel(model, avg_fn=avg, use_buffers=True)
+    ema.module.eval()
+    return ema
