@@ -1,7 +1,8 @@
 """Turn fine-tuning runs into the bundled demo checkpoints (fp16 safetensors, <= 20 MB each).
 
     python benchmarks/make_demo_checkpoints.py --busbra runs/busbra_hybrid/last.safetensors \
-        --hc18 runs/hc18_hybrid/last.safetensors
+        --hc18 runs/hc18_hybrid_pt/last.safetensors \
+        --busbra-student runs/kd_busbra_nano160/student.safetensors --hc18-student runs/kd_hc18_nano224/student.safetensors
 
 (the two ``usfm-edge finetune`` runs and their held-out figures are in ``benchmarks/RESULTS.md`` §1). The last (EMA) weights are shipped, not the best validation checkpoint: the held-out
 patients then stay untouched by model selection.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from usfm_edge.bench.demo import DEMO_CHECKPOINTS, checkpoints_dir
+from usfm_edge.bench.demo import DEMO_CHECKPOINTS, DEMO_STUDENTS, checkpoints_dir
 from usfm_edge.models.tasks import load_task_model, save_task_checkpoint
 
 
@@ -23,6 +24,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--busbra", required=True)
     p.add_argument("--hc18", required=True)
+    p.add_argument("--busbra-student", required=True, help="usfm-edge distill run's student.safetensors")
+    p.add_argument("--hc18-student", required=True)
     args = p.parse_args()
     out = checkpoints_dir()
     out.mkdir(parents=True, exist_ok=True)
@@ -36,15 +39,21 @@ def main() -> None:
              "`benchmarks/RESULTS.md` §1), stored as fp16 (the EMA weights of the run).",
              "They are research models, not medical devices. Training data licences: BUS-BRA (MIT-style), HC18",
              "(CC BY 4.0); see `../sample/README.md`.", ""]
-    for key, src in (("busbra", args.busbra), ("hc18", args.hc18)):
+    jobs = [(DEMO_CHECKPOINTS["busbra"], args.busbra), (DEMO_CHECKPOINTS["hc18"], args.hc18),
+            (DEMO_STUDENTS["busbra"], args.busbra_student), (DEMO_STUDENTS["hc18"], args.hc18_student)]
+    for i, (name, src) in enumerate(jobs):
+        if i == 2:
+            lines += ["", "Edge students distilled from the two models above by `usfm-edge distill` (task mode: the teacher's",
+                      "soft masks + the labels, same patients and recipe; `usfm_vit_nano_patch16_224` backbone, 4 blocks of",
+                      "width 96, with a thin `hybrid` head; commands and figures in `benchmarks/RESULTS.md` §9):", ""]
         model = load_task_model(src)
         extra = dict(getattr(model, "checkpoint_config", {}).get("extra", {}) or {})
         extra["demo_source"] = str(src)
-        dst = save_task_checkpoint(model, out / DEMO_CHECKPOINTS[key], extra=extra, half=True)
+        dst = save_task_checkpoint(model, out / name, extra=extra, half=True)
         size = dst.stat().st_size / 1e6
         metrics = extra.get("metrics", {})
-        lines.append(f"- `{dst.name}` ({size:.1f} MB): task {model.task}, head {model.head_name}, labels {model.labels}, "
-                     f"input {model.img_size} px, "
+        lines.append(f"- `{dst.name}` ({size:.1f} MB): {model.preset}, task {model.task}, head {model.head_name} "
+                     f"{model.head_args.get('widths', '')}, labels {model.labels}, input {model.img_size} px, "
                      f"from `{src}`; held-out metrics: " + json.dumps({k: round(v, 4) for k, v in metrics.items()
                                                                        if isinstance(v, float)}))
         print(f"wrote {dst} ({size:.1f} MB)")

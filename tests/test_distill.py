@@ -145,6 +145,15 @@ def test_resume_continues_from_the_checkpoint_step(tmp_path, backbone_teacher):
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=k)
+    # the saved student is the EMA of the student's weights (default --ema 0.999), restored exactly on resume
+    ema_a, _ = read_checkpoint(straight.student)
+    ema_b, _ = read_checkpoint(resumed.student)
+    raw = straight.model.student.state_dict()
+    for k in ema_a:
+        torch.testing.assert_close(ema_a[k], ema_b[k], msg=k)
+    assert any(not torch.equal(ema_a[k], raw[k]) for k in ema_a if k.endswith("weight"))
+    with pytest.raises(ConfigError, match="ema"):
+        load_distill_config(None, {"teacher": str(backbone_teacher), "model": PRESET, "ema": 1.0})
     with pytest.raises(ConfigError, match="loss.mask_ratio"):
         fit_distill(_feature_cfg(backbone_teacher, max_steps=6, loss={"mask_ratio": 0.2}), tmp_path / "b",
                     resume=tmp_path / "b", progress=False)

@@ -4,7 +4,8 @@
    fp16 safetensors in ``usfm_edge/assets/checkpoints``; the README says how they were made);
 2. export the BUS-BRA model to ONNX Runtime and OpenVINO (fp32), to the Jetson target (TensorRT-ready ONNX
    and its ``build_engine.sh``), and to INT8 (OpenVINO + NNCF, ONNX Runtime Q/DQ) calibrated on the bundled
-   real frames behind the accuracy gate; the HC18 model to OpenVINO INT8;
+   real frames behind the accuracy gate; the HC18 model to OpenVINO INT8; the BUS-BRA edge student (distilled
+   from the BUS-BRA model) to OpenVINO INT8;
 3. predict the sample frames with the bundles (overlay PNGs, results.json/csv, head circumference in mm);
 4. benchmark every bundle against PyTorch fp32 (each in processes of its own) and print the table.
 
@@ -18,6 +19,8 @@ import time
 from pathlib import Path
 
 DEMO_CHECKPOINTS = {"busbra": "busbra_seg_tiny.safetensors", "hc18": "hc18_seg_tiny.safetensors"}
+# the edge students distilled from them (``usfm-edge distill``; benchmarks/RESULTS.md §9)
+DEMO_STUDENTS = {"busbra": "busbra_seg_nano.safetensors", "hc18": "hc18_seg_nano.safetensors"}
 
 
 def checkpoints_dir() -> Path:
@@ -77,6 +80,7 @@ def run_demo(out: str | Path = "demo_out", runs: int = 20, int8: bool = True) ->
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ck = {k: checkpoints_dir() / v for k, v in DEMO_CHECKPOINTS.items()}
+    ck["busbra-student"] = checkpoints_dir() / DEMO_STUDENTS["busbra"]
     missing = [str(p) for p in ck.values() if not p.is_file()]
     if missing:
         raise ConfigError(f"demo checkpoints missing: {', '.join(missing)}")
@@ -92,7 +96,8 @@ def run_demo(out: str | Path = "demo_out", runs: int = 20, int8: bool = True) ->
     if int8:
         jobs += [("busbra-openvino-int8", ck["busbra"], "openvino", "int8", busbra),
                  ("busbra-onnx-int8", ck["busbra"], "onnx", "int8", busbra),
-                 ("hc18-openvino-int8", ck["hc18"], "openvino", "int8", hc18)]
+                 ("hc18-openvino-int8", ck["hc18"], "openvino", "int8", hc18),
+                 ("busbra-student-openvino-int8", ck["busbra-student"], "openvino", "int8", busbra)]
     for i, (name, ckpt, target, precision, calib) in enumerate(jobs, 1):
         _say(f"export {i}/{len(jobs)}: {name} ...")
         kw = {"frame_size": frame_size[name]} if name in frame_size else {}
