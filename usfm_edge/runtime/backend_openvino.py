@@ -104,7 +104,9 @@ class OpenVINOBackend(Backend):
         return req
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        res = self._request().infer({0: x})
+        # the input is read in place and the outputs are views of the request's own tensors, copied once here
+        # (the default infer copies both ways, and the outputs were then copied a second time)
+        res = self._request().infer({0: np.ascontiguousarray(x)}, share_inputs=True, share_outputs=True)
         return {n: np.array(res[p], copy=True) for n, p in zip(self.output_names, self._ports)}
 
     def close(self) -> None:
