@@ -110,6 +110,11 @@ def test_recipe_translations():
     assert not r.in_float_scope("/model/blocks.0/attn/MatMul") and r.to_dict()["float_scopes"] == list(r.float_scopes)
     with pytest.raises(ConfigError, match="destroys"):
         QuantRecipe(quantize_op_types=("MatMul", "Add"))
+    # a features bundle has no classifier: its last MatMul is quantised like the others; task heads keep theirs
+    assert not r.for_head("cls_token", "features").keep_last_layer_float
+    assert r.for_head("upernet", "seg").keep_last_layer_float and r.for_head("linear", "cls").keep_last_layer_float
+    hybrid = r.for_head("hybrid", "seg")
+    assert hybrid.keep_last_layer_float and not hybrid.in_float_scope("/model/head/enc.0/Conv")
 
 
 def test_missing_backend_names_the_extra(monkeypatch):

@@ -134,16 +134,21 @@ class QuantRecipe:
             raise ConfigError(f"only MatMul, Gemm and Conv may be quantised in a ViT, not {sorted(bad)} "
                               "(quantising Add/Softmax/LayerNorm destroys it: perf-baseline §5)")
 
-    def for_head(self, head: str | None) -> QuantRecipe:
-        """The recipe adapted to the model's head (``BundleMeta.model["head"]``).
+    def for_head(self, head: str | None, task: str | None = None) -> QuantRecipe:
+        """The recipe adapted to the model's head (``BundleMeta.model["head"]``) and task.
+
+        A ``features`` bundle has no classifier: its last MatMul is the last block's MLP projection, as
+        robust as the other eleven, so ``keep_last_layer_float`` does not apply (kept float it cost 2.1 ms of
+        a 42.9 ms ViT-B INT8 bundle, RESULTS.md §4.3).
 
         The ``hires`` head is a convolutional U-Net decoder with a conv stem at strides 2-8 and the ``hybrid``
         head a full conv U-Net, most of the model's time at high resolution: its convolutions are quantised too (the classifier stays float through
         ``keep_last_layer_float``); the accuracy gate judges the result. Other heads keep the default scopes.
         """
-        if head in ("hires", "hybrid") and self.float_scopes == QuantRecipe.float_scopes:
-            return self.replace(float_scopes=("/model/aux_head/", "/model/head/cls_aux"))
-        return self
+        recipe = self.replace(keep_last_layer_float=False) if task == "features" else self
+        if head in ("hires", "hybrid") and recipe.float_scopes == QuantRecipe.float_scopes:
+            return recipe.replace(float_scopes=("/model/aux_head/", "/model/head/cls_aux"))
+        return recipe
 
     def in_float_scope(self, name: str) -> bool:
         """True when a node (ONNX node / OpenVINO friendly name) lies under one of ``float_scopes``."""
