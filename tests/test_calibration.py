@@ -18,6 +18,7 @@ from PIL import Image
 
 from usfm_edge.calibration import CalibrationSet, QuantRecipe, build_calibration_set, make_quantizer
 from usfm_edge.calibration.backends import check_qdq, read_contract
+from usfm_edge.calibration.recipe import get_recipe
 from usfm_edge.core.errors import BackendUnavailableError, ConfigError, DataError, ValidationError
 from usfm_edge.core.io import owner_tag
 from usfm_edge.data.readers import read_image
@@ -115,6 +116,11 @@ def test_recipe_translations():
     assert r.for_head("upernet", "seg").keep_last_layer_float and r.for_head("linear", "cls").keep_last_layer_float
     hybrid = r.for_head("hybrid", "seg")
     assert hybrid.keep_last_layer_float and not hybrid.in_float_scope("/model/head/enc.0/Conv")
+    # ONNX Runtime's CPU target: MatMul/Gemm only unless ort_cpu_convs; TensorRT and OpenVINO keep the convs
+    assert r.for_backend("onnxruntime").quantize_op_types == ("MatMul", "Gemm")
+    assert r.for_backend("tensorrt").quantize_op_types == r.for_backend("openvino").quantize_op_types == (
+        "MatMul", "Gemm", "Conv")
+    assert get_recipe("transformer-ort-convs").for_backend("onnxruntime").quantize_op_types == ("MatMul", "Gemm", "Conv")
 
 
 def test_missing_backend_names_the_extra(monkeypatch):
@@ -239,7 +245,8 @@ def test_upernet_qdq_bundles(upernet_ckpt, target, tmp_path):
     gate = meta["calibration"]["report"]["gate"]
     assert gate["passed"] and abs(gate["drop"]) <= 0.02 and gate["fidelity"]["probs"]["centred_cosine_mean"] > 0.95
     summary = _qdq_rules(out / "model.onnx", tensorrt=target == "jetson")
-    assert summary["weight_axes"] == {"Conv": [0], "MatMul": [1]}
+    # the patch embedding is the body's one Conv: INT8 for TensorRT, float on ONNX Runtime's CPU target
+    assert summary["weight_axes"] == ({"Conv": [0], "MatMul": [1]} if target == "jetson" else {"MatMul": [1]})
     model = onnx.load(str(out / "model.onnx"))
     dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     head = [n for n in model.graph.node if n.name.startswith("/model/head/")]
@@ -305,7 +312,7 @@ def test_gate_fails_broken_calibration_with_sensitivity(fp32_bundle, tmp_path):
 
     onnx_fp32 = fp32_bundle / "model.onnx"
     crushed = _crushed_folder(tmp_path)
-    recipe = QuantRecipe(accuracy_control="never", gate_frames=10)
+    recipe = QuantRecipe(accuracy_control="never", gate_frames=10, ort_cpu_convs=True)  # patch embedding conv in INT8
     quantizer = make_quantizer([crushed], val_specs=[BUSBRA], recipe=recipe)
     with pytest.raises(ValidationError, match="accuracy gate failed") as err:
         quantizer(onnx_fp32, get_target("onnx"), tmp_path / "w1")

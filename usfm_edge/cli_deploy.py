@@ -247,7 +247,7 @@ def demo(out, runs, no_int8):
 @click.option("-n", "--frames", "n", default=300, show_default=True, help="calibration frames")
 @click.option("--seed", default=0, show_default=True, help="sampling and split seed")
 @click.option("--recipe", type=click.Choice(["transformer", "transformer-accurate", "transformer-no-smoothquant",
-                                              "transformer-matmul"]),
+                                              "transformer-matmul", "transformer-ort-convs"]),
               default="transformer",
               show_default=True, help="quantisation recipe (usfm_edge.calibration.recipe)")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,

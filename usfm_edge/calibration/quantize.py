@@ -88,7 +88,7 @@ def _quantize(model_path: Path, meta: BundleMeta, backend: str, workdir: Path, *
               val_specs: Sequence[str] | None, organs: Sequence[str] | None, min_frames: int | None,
               manifest_out: str | Path | None) -> dict:
     t0 = time.perf_counter()
-    recipe = recipe.for_head((meta.model or {}).get("head"), meta.task)
+    recipe = recipe.for_head((meta.model or {}).get("head"), meta.task).for_backend(backend)
     specs = list(calib_specs)
     if not specs:
         raise ConfigError("INT8 needs a real ultrasound calibration set: give at least one data source",

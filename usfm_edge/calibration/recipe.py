@@ -92,6 +92,9 @@ class QuantRecipe:
         min_centred_cosine: smallest allowed mean centred cosine (int8 vs fp32) of the main output.
         max_hc_increase_mm: for fetal-head models scored on records with a reference head circumference (HC18):
             largest allowed increase of the mean absolute HC error, in mm (None = report only).
+        ort_cpu_convs: also quantise convolutions for the ONNX Runtime CPU target (off: on ORT's CPU kernels the
+            Q/DQ pairs around a conv head cost more than the int8 convolutions save, RESULTS.md §4.1; TensorRT and
+            OpenVINO keep them).
         accuracy_control: NNCF accuracy control: ``auto`` (retry with it when the gate fails and held-out
             frames with labels exist), ``always`` or ``never``.
         gate_frames: most held-out frames the gate evaluates.
@@ -118,6 +121,7 @@ class QuantRecipe:
     max_drop: float | None = None
     min_centred_cosine: float = 0.80
     max_hc_increase_mm: float | None = None
+    ort_cpu_convs: bool = False
     accuracy_control: str = "auto"
     gate_frames: int = 48
     sensitivity_top_k: int = 5
@@ -149,6 +153,13 @@ class QuantRecipe:
         if head in ("hires", "hybrid") and recipe.float_scopes == QuantRecipe.float_scopes:
             return recipe.replace(float_scopes=("/model/aux_head/", "/model/head/cls_aux"))
         return recipe
+
+    def for_backend(self, backend: str) -> QuantRecipe:
+        """The recipe for one backend: on ONNX Runtime's CPU target the convolutions stay float unless
+        ``ort_cpu_convs`` (MatMul/Gemm only, as a by-hand ``quantize_static`` restricted to them)."""
+        if backend == "onnxruntime" and not self.ort_cpu_convs and "Conv" in self.quantize_op_types:
+            return self.replace(quantize_op_types=tuple(t for t in self.quantize_op_types if t != "Conv"))
+        return self
 
     def in_float_scope(self, name: str) -> bool:
         """True when a node (ONNX node / OpenVINO friendly name) lies under one of ``float_scopes``."""
@@ -230,10 +241,11 @@ RECIPES: dict[str, QuantRecipe] = {
     # SmoothQuant off (NNCF; ORT never uses it): on the 4-block test model (random weights, 16 real calibration
     # frames) held-out centred cosine 0.9930 off vs 0.9935 on: a switch to compare on trained weights, not tuned
     "transformer-no-smoothquant": QuantRecipe(name="transformer-no-smoothquant", smooth_quant=False),
-    # MatMul/Gemm only, every convolution float (what ORT quantize_static does when restricted to MatMul/Gemm): on
-    # ONNX Runtime's CPU kernels the Q/DQ pairs around the hybrid head's convs cost more than int8 convs save
-    # (RESULTS.md §4.1)
+    # MatMul/Gemm only, every convolution float on every backend (the ONNX Runtime CPU target does this by
+    # default: there the Q/DQ pairs around the hybrid head's convs cost more than int8 convs save, RESULTS.md §4.1)
     "transformer-matmul": QuantRecipe(name="transformer-matmul", quantize_op_types=("MatMul", "Gemm")),
+    # the convolutions quantised on the ONNX Runtime CPU target too (the default before 2026-12-06)
+    "transformer-ort-convs": QuantRecipe(name="transformer-ort-convs", ort_cpu_convs=True),
 }
 
 
