@@ -40,6 +40,25 @@ def test_demo_checkpoints_are_small_task_models():
     assert hc["hc_mae_mm"] < 3.5
 
 
+def test_demo_students_are_distilled_from_the_demo_models_on_their_split():
+    """The shipped edge students: nano backbone + thin hybrid head, distilled (task mode) from the shipped
+    models, scored on the teachers' held-out patients (RESULTS.md §9)."""
+    from usfm_edge.bench.demo import DEMO_CHECKPOINTS, DEMO_STUDENTS, checkpoints_dir
+    from usfm_edge.models.tasks import load_task_model
+
+    for key, name in DEMO_STUDENTS.items():
+        path = checkpoints_dir() / name
+        assert path.stat().st_size < 4e6
+        student = load_task_model(path)
+        teacher = load_task_model(checkpoints_dir() / DEMO_CHECKPOINTS[key])
+        assert student.preset == "usfm_vit_nano_patch16_224" and student.head_name == "hybrid"
+        assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters()) / 5
+        s_extra, t_extra = student.checkpoint_config["extra"], teacher.checkpoint_config["extra"]
+        assert s_extra["distill"]["mode"] == "task" and s_extra["distill"]["teacher"] == DEMO_CHECKPOINTS[key]
+        assert s_extra["split"]["val_images"] == t_extra["split"]["val_images"]
+        assert student.labels == teacher.labels and s_extra["metrics"]["dice"] > 0.9 * t_extra["metrics"]["dice"]
+
+
 def test_demo_bundle_runs_on_real_frames_of_any_size(demo_bundle, sample_frames):
     from usfm_edge.runtime import Engine
 

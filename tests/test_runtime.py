@@ -173,6 +173,21 @@ def test_plain_onnxruntime_and_openvino_match_engine(bundles, frames):
             assert np.abs(ov_probs - probs).max() < 1e-4  # the two backends agree too
 
 
+def test_openvino_compiles_for_batch_one_and_any_batch_on_demand(bundles, frames):
+    """Single frames run on a batch-1 specialisation (a dynamic batch makes OpenVINO's CPU plugin run the whole
+    graph dynamically); a larger batch compiles the any-batch graph on first use; the contract stays any-batch."""
+    with Engine.open(bundles["openvino"], backend="openvino") as e:
+        be = e.backend
+        assert be.io()[0][0].shape == (None, None, None)  # the bundle's contract: any batch, any frame size
+        assert be.compiled.inputs[0].get_partial_shape()[0].get_length() == 1
+        single = [e.predict(f) for f in frames[1:4]]
+        assert be._batched is None  # not compiled until a batch needs it
+        batch = e.predict_batch([frames[2], frames[3], frames[2]])  # a batch of 2 and one of 1
+        assert be._batched is not None and be._batched[0].inputs[0].get_partial_shape()[0].is_dynamic
+        for r, b in zip([single[1], single[2], single[1]], batch):
+            assert np.array_equal(r.mask, b.mask) and np.allclose(r.probs, b.probs, atol=1e-5)
+
+
 def test_onnxruntime_spin_wait_option(bundles, frames):
     """``spin=False`` turns ONNX Runtime's spin-waiting workers off; the results do not change."""
     with Engine.open(bundles["onnx"], backend="onnxruntime", threads=2) as e_spin, \

@@ -1,5 +1,12 @@
 """The OpenVINO backend: a compiled model with one infer request per calling thread, created from the verified
 bytes of an IR (XML text + weights tensor) or of an ONNX model (``openvino`` is imported in the constructor).
+
+Batch-1 specialisation: a bundle's graph takes any batch size, and OpenVINO's CPU plugin runs a graph whose
+batch is dynamic as a dynamic-shape graph from end to end (shape inference and memory planning on every call),
+even where the in-graph resize has made every other dimension static. Single frames (``predict``, ``stream``)
+are the common call, so the graph is compiled with its batch fixed at 1; the any-batch graph is compiled on
+the first call with a larger batch (the model is kept for it). On the shipped BUS-BRA model this took the
+OpenVINO INT8 bundle from 72 to 52 ms per frame under load (benchmarks/RESULTS.md §4.1 has the quiet figures).
 """
 
 from __future__ import annotations
@@ -71,17 +78,23 @@ class OpenVINOBackend(Backend):
         try:
             model = core.read_model(text, ov.Tensor(self._weights, shared_memory=False)) if self._weights is not None \
                 else core.read_model(bytes(data))
-            self.compiled = core.compile_model(model, dev, config)
-            del model
             self._weights = None  # OpenVINO holds its own copy
+            # the contract (any batch) is the model's as stored, whatever the compiled specialisation
+            self._io = ([self._port(p) for p in model.inputs], [self._port(p) for p in model.outputs])
+            any_batch = _any_batch_shape(model)
+            if any_batch is not None:  # compile for batch 1; keep the model for a larger batch (module docstring)
+                model.reshape({model.inputs[0]: ov.PartialShape([1, *any_batch[1:]])})
+            self.compiled = core.compile_model(model, dev, config)
         except Exception as exc:  # noqa: BLE001
             raise BundleError(f"OpenVINO cannot compile the model on {dev}: {exc}", path=source) from exc
+        self._any_batch = (core, model, any_batch, dev, config) if any_batch is not None else None
+        self._batched = None  # the any-batch compiled model, made on the first call with batch > 1
+        self._lock = threading.Lock()
+        self.source = source
         self.device = dev
         self.output_names = list(output_names)
-        self._io = ([self._port(p) for p in self.compiled.inputs], [self._port(p) for p in self.compiled.outputs])
         check_output_names(self.output_names, self._io[1], source)
-        by_name = {n: p for p in self.compiled.outputs for n in p.get_names()}
-        self._ports = [by_name[n] for n in self.output_names]
+        self._ports = _ports(self.compiled, self.output_names)
         self._local = threading.local()
 
     @staticmethod
@@ -97,18 +110,55 @@ class OpenVINOBackend(Backend):
     def io(self) -> tuple[list[Port], list[Port]]:
         return self._io
 
-    def _request(self):
-        req = getattr(self._local, "request", None)
+    def _batched_model(self):
+        """The any-batch compiled model (the batch-1 one when the graph's batch was static)."""
+        if self._any_batch is None:
+            return self.compiled, self._ports
+        with self._lock:
+            if self._batched is None:
+                ov = require("openvino", BACKEND_EXTRAS[self.name])
+                core, model, shape, dev, config = self._any_batch
+                try:
+                    model.reshape({model.inputs[0]: ov.PartialShape(shape)})
+                    compiled = core.compile_model(model, dev, config)
+                except Exception as exc:  # noqa: BLE001
+                    raise BundleError(f"OpenVINO cannot compile the any-batch model on {dev}: {exc}",
+                                      path=self.source) from exc
+                self._batched = (compiled, _ports(compiled, self.output_names))
+            return self._batched
+
+    def _request(self, batched: bool):
+        key = "batched" if batched else "single"
+        req = getattr(self._local, key, None)
         if req is None:
-            req = self._local.request = self.compiled.create_infer_request()
+            compiled, ports = self._batched_model() if batched else (self.compiled, self._ports)
+            req = (compiled.create_infer_request(), ports)
+            setattr(self._local, key, req)
         return req
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         # the input is read in place and the outputs are views of the request's own tensors, copied once here
         # (the default infer copies both ways, and the outputs were then copied a second time)
-        res = self._request().infer({0: np.ascontiguousarray(x)}, share_inputs=True, share_outputs=True)
-        return {n: np.array(res[p], copy=True) for n, p in zip(self.output_names, self._ports)}
+        req, ports = self._request(batched=x.shape[0] != 1 and self._any_batch is not None)
+        res = req.infer({0: np.ascontiguousarray(x)}, share_inputs=True, share_outputs=True)
+        return {n: np.array(res[p], copy=True) for n, p in zip(self.output_names, ports)}
 
     def close(self) -> None:
         self.compiled = None
+        self._any_batch = self._batched = None
         self._local = threading.local()
+
+
+def _any_batch_shape(model) -> list | None:
+    """The input's partial shape as a list when its first (batch) dimension is dynamic, else None."""
+    if len(model.inputs) != 1:
+        return None
+    ps = model.inputs[0].get_partial_shape()
+    if ps.rank.is_dynamic or len(ps) < 2 or ps[0].is_static:
+        return None
+    return [d for d in ps]
+
+
+def _ports(compiled, names: list[str]) -> list:
+    by_name = {n: p for p in compiled.outputs for n in p.get_names()}
+    return [by_name[n] for n in names]
