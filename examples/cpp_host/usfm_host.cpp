@@ -166,6 +166,13 @@ ov::CompiledModel compile_bundle(ov::Core& core, const usfm::Bundle& bundle, con
         const std::vector<std::uint8_t>& onnx = bundle.file("onnx");
         model = core.read_model(std::string(onnx.begin(), onnx.end()), ov::Tensor());
     }
+    // one frame per call: fix the batch at 1 (a dynamic batch makes the CPU plugin run the whole graph
+    // dynamically, even after the in-graph resize has made the other dimensions static)
+    ov::PartialShape shape = model->input().get_partial_shape();
+    if (shape.rank().is_static() && shape.size() >= 2 && shape[0].is_dynamic()) {
+        shape[0] = 1;
+        model->reshape(shape);
+    }
     ov::AnyMap config{ov::hint::performance_mode(ov::hint::PerformanceMode::LATENCY)};
     if (bundle.precision == "fp32")  // else OpenVINO computes in bf16 on CPUs with AVX512-BF16 / AMX
         config.insert(ov::hint::inference_precision(ov::element::f32));
