@@ -110,3 +110,30 @@ def test_static_seg_bundle_has_no_resize_and_passes_parity(tmp_path, frames):
         assert eng.meta.parity["passed"]
         r = eng.predict(frames[0])
         assert r.mask.shape == frames[0].shape
+
+
+@pytest.mark.parametrize("target", ["onnx", "openvino"])
+def test_frame_size_on_a_dynamic_target_gives_a_static_frame_and_any_batch(tmp_path, frames, target):
+    """--frame-size on onnx/openvino: the frame is static (resizes as MatMuls), the batch stays dynamic, and the
+    engine still takes frames of any size."""
+    pytest.importorskip("onnxruntime" if target == "onnx" else "openvino")
+    onnx = pytest.importorskip("onnx")
+    from usfm_edge.export import export
+    from usfm_edge.models.tasks import build_task_model
+    from usfm_edge.runtime import Engine
+
+    torch.manual_seed(0)
+    model = build_task_model("seg", "usfm_vit_test", img_size=64)
+    path = export(model, target, out=tmp_path / f"seg-{target}", frame_size=(120, 160), verify_frames=frames)
+    meta_in = Engine.open(path).meta.input
+    assert meta_in.static_hw == [120, 160] and meta_in.dynamic_axes == ["batch"] and meta_in.max_batch is None
+    if target == "onnx":
+        nodes = onnx.load(str(path / "model.onnx")).graph.node
+        assert not [n.name for n in nodes if n.op_type == "Resize" and not n.name.startswith("/model/")]
+        assert sum(n.op_type == "MatMul" and n.name.startswith(("/pre/", "/post_resize/")) for n in nodes) == 4
+    with Engine.open(path) as eng:
+        assert eng.meta.parity["passed"]
+        one = [eng.predict(f) for f in frames[:2]]
+        both = eng.predict_batch([frames[0], frames[0]])
+        assert all(r.mask.shape == f.shape for r, f in zip(one, frames[:2]))
+        assert np.array_equal(both[1].mask, one[0].mask)

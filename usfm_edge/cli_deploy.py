@@ -44,8 +44,9 @@ def _parse_hw(ctx, param, value):
 @click.option("--task", type=click.Choice(["seg", "cls", "enhance", "features"]), default=None,
               help="expected task (a backbone-only checkpoint exports as features)")
 @click.option("--frame-size", callback=_parse_hw, default=None,
-              help="HxW of the scanner's frames, for static-shape targets (jetson, tensorrt); default: the model "
-                   "input size, with a warning")
+              help="HxW of the scanner's frames: a static frame size (required shape for jetson/tensorrt, default "
+                   "the model input size with a warning; onnx/openvino: optional, resizes become MatMuls, the engine "
+                   "fits other frames)")
 @click.option("--band-stop", is_flag=True, help="add the band-stop frequency filter (DFT as MatMul) to the graph")
 @click.option("--bare", is_flag=True, help="export the plain model on normalised (B, 3, S, S) input")
 @click.option("--verify-data", default=None, help="data source whose frames the parity gate uses (default: bundled sample)")

@@ -33,8 +33,10 @@ class ExportConfig:
         img_size: model input size for backbone checkpoints.
         band_stop: in-graph band-stop filter: False, True, ring ids, or an ``(S, S)`` mask.
         bare: export the plain model on normalised ``(B, 3, S, S)`` input (no in-graph pre/post-processing).
-        frame_size: ``(H, W)`` the graph of a static-shape target (jetson/tensorrt) is built for; None = the
-            model input size, with a warning (the runtime fits other frames, other callers must resize).
+        frame_size: ``(H, W)`` the graph's frame is fixed at. Static-shape targets (jetson/tensorrt) always have
+            one (None = the model input size, with a warning); on onnx/openvino it is optional (None = any frame
+            size) and makes the in-graph resizes two MatMuls each, the batch staying dynamic. The runtime fits
+            other frames, other callers must resize.
         verify_frames: real frames (arrays or paths) for the parity gate, or a data source spec
             (``busbra:PATH``: its first 8 frames); default: for INT8, four held-out frames of the calibration
             sources (the model's own domain: a fetal-head model is not judged on breast frames), else the bundled

@@ -181,12 +181,13 @@ def export(checkpoint_or_model, target: str | ExportConfig = "onnx", precision: 
     model, source = load_for_export(checkpoint_or_model, cfg.task, cfg.img_size)
     spec = getattr(model, "preprocess", None) or PreprocessSpec(img_size=int(model.img_size))
     mask, band_record = band_stop_from(cfg.band_stop, int(spec.img_size), _config(model))
-    if cfg.frame_size is not None and not tgt.static_shapes:
-        log.info("frame_size is ignored for '%s': its graph accepts any frame size", tgt.name)
-    hw = resolve_frame_size(cfg.frame_size, tgt.static_shapes, cfg.bare, int(spec.img_size), tgt.name)
+    # a frame size makes the frame static on any target (onnx/openvino: the in-graph resizes become MatMuls, the
+    # batch stays dynamic); static-shape targets always have one
+    static = tgt.static_shapes or (cfg.frame_size is not None and not cfg.bare)
+    hw = resolve_frame_size(cfg.frame_size, static, cfg.bare, int(spec.img_size), tgt.name)
     meta = RawFrameModel(model, spec, mask, bare=cfg.bare).contract(
         precision=prec, backend=tgt.backend, target=tgt.name, dynamic_batch=tgt.dynamic_batch,
-        dynamic_hw=tgt.dynamic_hw, static_hw=hw, band_stop=band_record)
+        dynamic_hw=tgt.dynamic_hw and hw is None, static_hw=hw, band_stop=band_record)
     meta.thresholds = {**default_thresholds(prec), "max_abs": None, **(cfg.thresholds or {})}
     out_path = bundle_path(cfg.out or _default_name(checkpoint_or_model, model, tgt, prec))
     with BundleWriter(out_path, overwrite=cfg.overwrite) as w:
@@ -223,7 +224,8 @@ def _write_model_files(w: BundleWriter, model, spec: PreprocessSpec, mask, meta:
                               static_hw=meta.input.static_hw)
         onnx_fp = torch2onnx(graph, scratch / "model.onnx", graph.example_input(1, meta.input.static_hw),
                              input_names=[graph.input_name], output_names=list(graph.output_names),
-                             dynamic_axes=graph.dynamic_axes(tgt.dynamic_batch, tgt.dynamic_hw), opset=tgt.opset,
+                             dynamic_axes=graph.dynamic_axes(tgt.dynamic_batch, meta.input.static_hw is None and tgt.dynamic_hw),
+                             opset=tgt.opset,
                              allow_opset_upgrade=(tgt.backend != "tensorrt"), metadata=meta.onnx_metadata(),
                              op_profile=tgt.op_profile)
         quant = _quantize(onnx_fp, tgt, scratch, meta, cfg.quantizer) if meta.precision == "int8" else {}
