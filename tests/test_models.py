@@ -20,7 +20,8 @@ def test_list_models_has_presets():
     assert list_models("*tiny*", family="beit") == ["usfm_vit_tiny_patch16_224"]
     from usfm_edge.models.registry import sizes
 
-    assert sizes() == {s: f"usfm_vit_{s}_patch16_224" for s in ("tiny", "small", "base")}
+    assert sizes() == {s: f"usfm_vit_{s}_patch16_224" for s in ("nano", "micro", "tiny", "small", "base")}
+    assert list(sizes()) == ["nano", "micro", "tiny", "small", "base"]  # smallest first
 
 
 def test_unknown_model_suggests():
