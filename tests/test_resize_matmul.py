@@ -138,23 +138,3 @@ def test_frame_size_on_a_dynamic_target_gives_a_static_frame_and_any_batch(tmp_p
         assert all(r.mask.shape == f.shape for r, f in zip(one, frames[:2]))
         assert np.array_equal(both[1].mask, one[0].mask)
 
-
-def test_two_class_postprocessing_equals_softmax_and_argmax_of_both_maps(frames):
-    """Binary seg graphs resize one logit-difference map (bilinear is linear) and take sigmoid / (d > 0): the
-    same probabilities and mask as resizing both maps, softmax and argmax, on dynamic and static frames."""
-    from usfm_edge.models.raw_frame import RawFrameModel
-    from usfm_edge.models.tasks import build_task_model
-
-    torch.manual_seed(0)
-    model = build_task_model("seg", "usfm_vit_test", img_size=64, head="hybrid").eval()
-    with torch.no_grad():
-        model.head.cls_seg.weight.mul_(50.0)  # logits far from ties, as a trained model's
-    for static in (None, tuple(frames[0].shape)):
-        graph = RawFrameModel(model, model.preprocess, static_hw=static)
-        x = torch.from_numpy(np.ascontiguousarray(frames[0]))[None]
-        with torch.no_grad():
-            probs, mask = graph(x)
-            logits = graph._to_frame(graph._model(graph.pre(x)), *frames[0].shape)
-        assert probs.shape == (1, 2, *frames[0].shape) and mask.dtype == torch.uint8
-        torch.testing.assert_close(probs, torch.softmax(logits, dim=1), atol=1e-6, rtol=0)
-        assert (mask == logits.argmax(1)).float().mean() > 0.9999

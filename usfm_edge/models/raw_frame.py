@@ -217,13 +217,6 @@ class RawFrameModel(nn.Module):
             return torch.softmax(out, dim=-1)
         h, w = frames.shape[-2], frames.shape[-1]
         if self.task == "seg":
-            if out.shape[1] == 2:
-                # two classes: softmax = sigmoid of the logit difference, and a bilinear resize is linear, so
-                # resizing the one difference map to the frame replaces resizing two maps; argmax = (d > 0)
-                # (ties go to class 0, as argmax). Half the frame-size resize, no TopK (RESULTS.md §9).
-                d = self._to_frame(out[:, 1:2] - out[:, 0:1], h, w)
-                probs = torch.cat([torch.sigmoid(-d), torch.sigmoid(d)], dim=1)
-                return probs, (d[:, 0] > 0).to(torch.uint8)
             logits = self._to_frame(out, h, w)
             probs = torch.softmax(logits, dim=1)
             mask = torch.argmax(logits, dim=1).to(torch.uint8)
