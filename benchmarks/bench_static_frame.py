@@ -1,9 +1,10 @@
-"""An any-size OpenVINO bundle against the same model exported with a static frame (``--frame-size``), on one frame.
+"""An any-size bundle against the same model exported with a static frame (``--frame-size``), on one frame.
 
 Both bundles run the frame through ``Engine.run_raw`` in the same process, alternating in rounds (median of the
 round medians); then each graph's OpenVINO counters (PERF_COUNT, batch-1 compile as the runtime does) are summed
 by stage: ``/pre/*`` (in-graph resize + normalisation), ``/model/*`` and the rest (nodes OpenVINO renamed when
 it fused them, all inside the model, e.g. LayerNorm ``MVN_*`` and per-block ``Multiply_*`` subgraphs).
+``--backend onnxruntime`` times two ORT bundles the same way (no counters).
 
 Usage (the frame must have the static bundle's size)::
 
@@ -22,10 +23,10 @@ import time
 import numpy as np
 
 
-def _timings(bundles: dict, x: np.ndarray, threads: int, rounds: int, runs: int) -> dict:
+def _timings(bundles: dict, x: np.ndarray, threads: int, rounds: int, runs: int, backend: str) -> dict:
     from usfm_edge.runtime import Engine
 
-    engines = {k: Engine.open(v, backend="openvino", threads=threads) for k, v in bundles.items()}
+    engines = {k: Engine.open(v, backend=backend, threads=threads) for k, v in bundles.items()}
     res = collections.defaultdict(list)
     try:
         for _ in range(rounds):
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("static")
     ap.add_argument("--frame", required=True, help="an image (or .npy uint8 array) of the static bundle's size")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backend", choices=["openvino", "onnxruntime"], default="openvino")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--runs", type=int, default=15)
     args = ap.parse_args(argv)
@@ -81,9 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     frame = np.load(args.frame) if args.frame.endswith(".npy") else read_image(args.frame)
     x = np.ascontiguousarray(frame[None])
     bundles = {"any-size": args.any_size, f"static {frame.shape[0]}x{frame.shape[1]}": args.static}
-    times = _timings(bundles, x, args.threads, args.rounds, args.runs)
-    print(f"frame {frame.shape[0]}x{frame.shape[1]}, {args.threads} threads, median of {args.rounds} round medians "
-          f"({args.runs} runs each)\n")
+    times = _timings(bundles, x, args.threads, args.rounds, args.runs, args.backend)
+    print(f"{args.backend}, frame {frame.shape[0]}x{frame.shape[1]}, {args.threads} threads, median of {args.rounds} "
+          f"round medians ({args.runs} runs each; both bundles in this process)\n")
+    if args.backend == "onnxruntime":
+        print("| bundle | ms, batch 1 |\n|---|---|")
+        for k, ms in times.items():
+            print(f"| {k} | {ms:.2f} |")
+        return 0
     print("| bundle | ms, batch 1 | pre-processing ms (share of the counters) | model ms | fused nodes ms |")
     print("|---|---|---|---|---|")
     for (k, path), ms in zip(bundles.items(), times.values()):
