@@ -138,3 +138,29 @@ def test_frame_size_on_a_dynamic_target_gives_a_static_frame_and_any_batch(tmp_p
         assert all(r.mask.shape == f.shape for r, f in zip(one, frames[:2]))
         assert np.array_equal(both[1].mask, one[0].mask)
 
+
+
+def test_resize_any_matches_interpolate_and_one_export_serves_every_size(tmp_path):
+    """Any-size graphs resize with matrices built from the frame's traced size (int64 tap indices): within 0.05
+    grey levels of F.interpolate (torch's own float32 coordinates differ by that much from the exact ones), in
+    eager mode and in ONNX Runtime, for frames smaller, larger and equal to the output."""
+    ort = pytest.importorskip("onnxruntime")
+    from usfm_edge.models.raw_frame import resize_any
+
+    class Net(torch.nn.Module):
+        def forward(self, f):
+            return resize_any(f.to(torch.float32).unsqueeze(1), (64, 64), "bicubic")
+
+    torch.onnx.export(Net(), (torch.zeros(1, 81, 97, dtype=torch.uint8),), str(tmp_path / "r.onnx"),
+                      input_names=["f"], output_names=["y"], dynamic_axes={"f": {0: "b", 1: "h", 2: "w"}},
+                      opset_version=17, dynamo=False)
+    sess = ort.InferenceSession(str(tmp_path / "r.onnx"), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(0)
+    for shape in ((2, 120, 160), (1, 64, 64), (1, 40, 300), (1, 353, 274), (1, 540, 800)):
+        f = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        x = f.float().unsqueeze(1)
+        for mode in ("bicubic", "bilinear"):
+            ref = F.interpolate(x, size=(64, 64), mode=mode, align_corners=False)
+            assert (resize_any(x, (64, 64), mode) - ref).abs().max() < 0.05, (shape, mode)
+        ref = F.interpolate(x, size=(64, 64), mode="bicubic", align_corners=False)
+        assert np.abs(sess.run(None, {"f": f.numpy()})[0] - ref.numpy()).max() < 0.05, shape

@@ -164,11 +164,12 @@ def _quantized(out) -> bool:
 def nncf_quantized_matmuls(xml: str | Path) -> dict:
     """INT8 coverage of an NNCF IR: ``{"linear": [quantised, total], "attention": [quantised, total]}`` MatMuls
     (linear: constant weights; attention: both inputs activations, ``q @ k^T`` and ``attn @ v``); a MatMul counts
-    as quantised when both its inputs come through FakeQuantize (or int8 weights)."""
+    as quantised when both its inputs come through FakeQuantize (or int8 weights). The in-graph pre- and
+    post-processing MatMuls (resize, band-stop DFT: ``/pre/``, ``/post_resize/``) are not the model's."""
     ov = require("openvino", "openvino")
     out = {"linear": [0, 0], "attention": [0, 0]}
     for op in ov.Core().read_model(str(xml)).get_ordered_ops():
-        if op.get_type_name() != "MatMul":
+        if op.get_type_name() != "MatMul" or op.get_friendly_name().startswith(("/pre/", "/post_resize/")):
             continue
         key = "linear" if _weights(op.input_value(1)) else "attention"
         out[key][1] += 1

@@ -101,6 +101,54 @@ class MatMulResize(nn.Module):
         return torch.matmul(self.rh, torch.matmul(self.rw, x.transpose(-1, -2)).transpose(-1, -2))
 
 
+_CUBIC_A = -0.75  # torch's bicubic (and core.preprocess.resize_matrix)
+
+
+def _axis_weights(n_in, n_out: int, mode: str) -> torch.Tensor:
+    """Dense ``(n_out, n_in)`` resampling matrix along one axis, built in the graph from ``n_in`` (a traced size, so
+    one exported graph serves every frame size). Half-pixel centres and taps clamped to the border, as
+    ``F.interpolate(mode, align_corners=False)``.
+
+    The source coordinate ``((2i + 1) n_in - n_out) / (2 n_out)`` is kept as an int64 numerator: tap indices and
+    the one-hot comparison are exact integers on every backend. (OpenVINO computes an INT8 bundle's float ops in
+    bf16 on CPUs with AVX512-BF16, which cannot hold coordinates above 256.) Only the fractional part and the
+    kernel weights are float.
+    """
+    n = torch.as_tensor(n_in).to(torch.int64)
+    den = 2 * int(n_out)
+    num = (2 * torch.arange(int(n_out), dtype=torch.int64) + 1) * n - int(n_out)
+    if mode == "bilinear":
+        num = torch.clamp(num, min=0)  # torch clamps negative source coordinates for linear modes
+    base = torch.div(num + 4 * den, den, rounding_mode="trunc") - 4  # floor (the shifted numerator is positive)
+    t = (num - base * den).to(torch.float32) * (1.0 / den)
+    j = torch.arange(n_in).to(torch.int64)
+    if mode == "bicubic":
+        a = _CUBIC_A
+        near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731 - |x| <= 1
+        far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # noqa: E731 - 1 < |x| < 2
+        taps = zip((-1, 0, 1, 2), (far(1 + t), near(t), near(1 - t), far(2 - t)))
+    elif mode == "bilinear":
+        taps = zip((0, 1), (1 - t, t))
+    else:
+        raise ExportError(f"in-graph resize supports bicubic and bilinear, not {mode!r}")
+    mat = None
+    for k, w in taps:
+        idx = torch.minimum(torch.clamp(base + k, min=0), n - 1)
+        term = (j[None, :] == idx[:, None]).to(torch.float32) * w[:, None]
+        mat = term if mat is None else mat + term
+    return mat
+
+
+def resize_any(x: torch.Tensor, out_hw: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """Resize the last two axes of ``x`` (any size) to ``out_hw`` as ``R_h @ x @ R_w^T``, the matrices built in the
+    graph from ``x``'s traced size: a few small elementwise ops and two MatMuls instead of a dynamic-shape
+    ``Resize`` (ONNX Runtime 1.32's cubic ``Resize`` of a 352x276 frame to 224: 7.35 ms, these 0.43 ms; OpenVINO's
+    ``Interpolate`` 1.26 ms, these 0.38 ms; benchmarks/RESULTS.md §4.4)."""
+    rh = _axis_weights(x.shape[-2], out_hw[0], mode)
+    rw = _axis_weights(x.shape[-1], out_hw[1], mode)
+    return torch.matmul(torch.matmul(rh, x), rw.transpose(0, 1))
+
+
 class PreprocessGraph(nn.Module):
     """uint8 frames ``(B, H, W)`` -> normalised model input ``(B, C, S, S)`` float32 (traceable).
 
@@ -139,7 +187,7 @@ class PreprocessGraph(nn.Module):
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         x = frames.to(torch.float32).unsqueeze(1)  # (B, 1, H, W); the Cast is the first node on the uint8 input
         if self.static_hw is None:
-            x = F.interpolate(x, size=(self.size, self.size), mode=self.mode, align_corners=False)
+            x = resize_any(x, (self.size, self.size), self.mode)
         else:
             if tuple(x.shape[-2:]) != self.static_hw:
                 raise ExportError(f"this graph takes {self.static_hw[0]}x{self.static_hw[1]} frames, got "
