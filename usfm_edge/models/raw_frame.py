@@ -11,13 +11,15 @@ It lives with the models (below ``evaluation`` and ``export``): the exporter tra
         -> seg: probs (B, K, H, W) (logits resized back bilinearly, softmax) + mask (B, H, W) uint8
            cls: probs (B, K) softmax;  enhance: restored (B, H, W) uint8;  features: features (B, D)
 
-The resize is ``F.interpolate(mode="bicubic", align_corners=False)``, which both exporters turn into an
-ONNX ``Resize(mode="cubic", cubic_coeff_a=-0.75, coordinate_transformation_mode="half_pixel")`` whose
-output size is computed from the input shape, so one graph serves 540x800 and 300x260 frames. It is the
-same resampling as ``core.preprocess`` (tested). The uint8 input feeds a ``Cast`` first: TensorRT accepts
-UINT8 only as a network input/output.
+The resize of an any-size graph is ``resize_any``: two MatMuls whose bicubic (a = -0.75, half-pixel,
+edge-clamped) matrices the graph builds from the frame's traced size, with int64 tap indices, so one graph
+serves 540x800 and 300x260 frames. It is the resampling of ``F.interpolate(mode="bicubic",
+align_corners=False)`` and ``core.preprocess`` within 0.05 grey levels (tested). It replaced the dynamic-shape
+ONNX ``Resize(mode="cubic")`` that ONNX Runtime 1.32 ran in 7.35 ms on a 352x276 frame (these MatMuls: 0.43 ms;
+benchmarks/RESULTS.md §4.4). The uint8 input feeds a ``Cast`` first: TensorRT accepts UINT8 only as a network
+input/output. The logits still go back to an any-size frame with ``F.interpolate`` (bilinear).
 
-A graph with a **static frame size** (``static_hw``: jetson/tensorrt bundles) resizes with two MatMuls by
+A graph with a **static frame size** (``static_hw``: jetson/tensorrt bundles, or ``--frame-size``) resizes with two MatMuls by
 precomputed interpolation matrices instead (``core.preprocess.resize_matrix``: the same bicubic a = -0.75,
 half-pixel, edge-clamped resampling as ``F.interpolate``, max abs difference ~1e-5 on real frames; tested):
 ``R_h (S x H) @ frame @ R_w^T (W x S)``, and the logits go back to the frame size the same way (bilinear). Every
@@ -157,7 +159,7 @@ class PreprocessGraph(nn.Module):
         band_stop_mask: optional real ``(S, S)`` mask (unshifted layout) applied with
             ``kernels.dft_matmul.BandStopMatMul`` to the [0, 1] image before normalisation.
         static_hw: the fixed frame ``(H, W)`` of a static-shape graph: the resize becomes ``MatMulResize``
-            (none at all when it is the model size); None: ``F.interpolate`` on any frame size.
+            (none at all when it is the model size); None: ``resize_any`` on any frame size.
     """
 
     def __init__(self, spec: PreprocessSpec, band_stop_mask: np.ndarray | None = None,
