@@ -6,7 +6,7 @@ batch is dynamic as a dynamic-shape graph from end to end (shape inference and m
 even where the in-graph resize has made every other dimension static. Single frames (``predict``, ``stream``)
 are the common call, so the graph is compiled with its batch fixed at 1; the any-batch graph is compiled on
 the first call with a larger batch (the model is kept for it). On the shipped BUS-BRA model this took the
-OpenVINO INT8 bundle from 72 to 52 ms per frame under load (benchmarks/RESULTS.md §4.1 has the quiet figures).
+OpenVINO INT8 bundle from 17.6 to 13.8 ms per frame (benchmarks/RESULTS.md §4.1).
 """
 
 from __future__ import annotations
@@ -111,9 +111,7 @@ class OpenVINOBackend(Backend):
         return self._io
 
     def _batched_model(self):
-        """The any-batch compiled model (the batch-1 one when the graph's batch was static)."""
-        if self._any_batch is None:
-            return self.compiled, self._ports
+        """The any-batch compiled model and its output ports (only asked for when the graph's batch is dynamic)."""
         with self._lock:
             if self._batched is None:
                 ov = require("openvino", BACKEND_EXTRAS[self.name])
@@ -156,7 +154,7 @@ def _any_batch_shape(model) -> list | None:
     ps = model.inputs[0].get_partial_shape()
     if ps.rank.is_dynamic or len(ps) < 2 or ps[0].is_static:
         return None
-    return [d for d in ps]
+    return list(ps)
 
 
 def _ports(compiled, names: list[str]) -> list:
