@@ -54,6 +54,7 @@ from usfm_edge.train.engine import (
     distributed,
     ema_model,
     remove_stale_checkpoint_temps,
+    restore_ema,
     restore_training_state,
     resume_payload,
     run_epochs,
@@ -272,10 +273,7 @@ def _fit(cfg: DistillConfig, out: Path, resume, progress: bool, info: DistInfo) 
     ema = ema_model(net.student, cfg.ema)
     if payload is not None:
         state = restore_training_state(payload, net, optimizer, sched.steps_per_epoch * cfg.accum_steps)
-        if ema is not None:
-            if "ema" not in payload["extra"]:
-                raise ConfigError("--resume: the checkpoint has no EMA weights", path=resume, hint="pass --ema 0")
-            ema.load_state_dict(payload["extra"]["ema"])
+        restore_ema(ema, payload, resume)
     else:
         torch.manual_seed(cfg.seed + info.rank)
         np.random.seed(cfg.seed + info.rank)

@@ -34,6 +34,7 @@ from usfm_edge.train.state import (
     ema_model,
     load_training_state,
     remove_stale_checkpoint_temps,
+    restore_ema,
     restore_training_state,
     resume_payload,
     rng_state,
@@ -46,7 +47,7 @@ from usfm_edge.train.state import (
 __all__ = ["NonFiniteLossError", "TrainState", "JsonlLogger", "cpu_supports_bf16", "autocast_dtype",
            "train_one_epoch", "run_epochs", "rng_state", "set_rng_state", "save_training_state", "load_training_state",
            "resume_payload", "remove_stale_checkpoint_temps", "Schedule", "schedule", "restore_training_state", "distributed", "write_run_config", "TimeBudget",
-           "ema_model"]
+           "ema_model", "restore_ema"]
 
 
 class NonFiniteLossError(UsfmEdgeError):

@@ -46,6 +46,7 @@ from usfm_edge.train.engine import (
     distributed,
     ema_model,
     remove_stale_checkpoint_temps,
+    restore_ema,
     restore_training_state,
     resume_payload,
     run_epochs,
@@ -280,10 +281,7 @@ def fit_finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: str | Path | 
         state = TrainState()
         if payload is not None:
             state = restore_training_state(payload, model, optimizer, sched.steps_per_epoch * cfg.accum_steps)
-            if ema is not None:
-                if "ema" not in payload["extra"]:
-                    raise ConfigError("--resume: the checkpoint has no EMA weights", path=resume, hint="pass --ema 0")
-                ema.load_state_dict(payload["extra"]["ema"])
+            restore_ema(ema, payload, resume)
         else:
             torch.manual_seed(cfg.seed + info.rank)
         net = distributed(TaskLoss(model, cfg.task, cfg.label_smoothing, cfg.dice_weight), info)

@@ -26,7 +26,7 @@ from usfm_edge.train.optim import budget_cosine_lr, scaled_lr
 
 __all__ = ["TrainState", "rng_state", "set_rng_state", "save_training_state", "load_training_state", "resume_payload",
            "remove_stale_checkpoint_temps", "Schedule", "schedule", "TimeBudget", "restore_training_state",
-           "distributed", "write_run_config", "ema_model"]
+           "distributed", "write_run_config", "ema_model", "restore_ema"]
 
 
 @dataclass
@@ -253,3 +253,13 @@ def ema_model(model: torch.nn.Module, decay: float):
     ema = AveragedModel(model, avg_fn=avg, use_buffers=True)
     ema.module.eval()
     return ema
+
+
+def restore_ema(ema, payload: dict, resume) -> None:
+    """Load the EMA weights a training checkpoint saved (``extra["ema"]``) into ``ema`` (nothing when ``ema`` is
+    None); a checkpoint written without EMA is a ``ConfigError`` naming ``resume``."""
+    if ema is None:
+        return
+    if "ema" not in payload["extra"]:
+        raise ConfigError("--resume: the checkpoint has no EMA weights", path=resume, hint="pass --ema 0")
+    ema.load_state_dict(payload["extra"]["ema"])
