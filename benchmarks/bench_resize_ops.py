@@ -1,6 +1,6 @@
-"""The any-size in-graph resize, two ways: the runtimes' dynamic-shape ``Resize``/``Interpolate`` against two MatMuls
-whose resampling matrices are built in the graph from the frame's traced size (a prototype for any-size bundles;
-static-frame bundles already use constant matrices, ``models.raw_frame.MatMulResize``).
+"""The any-size in-graph resize, two ways: the runtimes' dynamic-shape ``Resize``/``Interpolate`` op against
+``models.raw_frame.resize_any``, two MatMuls whose resampling matrices
+are built in the graph from the frame's traced size (int64 tap indices; what any-size bundles export).
 
 Each graph takes a uint8 frame (B, H, W) of any size and returns the bicubic resize to 224x224 as float32
 (``F.interpolate(align_corners=False)``). Timed in ONNX Runtime and in OpenVINO (f32, batch 1), 2 threads, on
@@ -9,10 +9,6 @@ random uint8 frames of a BUS-BRA-like and an HC18-like size; also prints the lar
 Usage::
 
     python benchmarks/bench_resize_ops.py [--threads 2] [--out DIR]
-
-Not in the bundles yet: OpenVINO INT8 bundles compute float ops in bf16 on CPUs with AVX512-BF16, and index
-arithmetic on frame coordinates above 256 is not exact in bf16 (an exported bundle's parity gate failed with mask
-Dice 0.58); the indices have to be computed in int64 first.
 """
 
 from __future__ import annotations
@@ -27,36 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-A = -0.75
+from usfm_edge.models.raw_frame import resize_any  # the bundles' own any-size resize
+
 S = 224
-
-
-def _axis(n_in, n_out: int) -> torch.Tensor:
-    """(n_out, n_in) bicubic resampling matrix from a (traced) input size, taps clamped to the border."""
-    n_in_f = torch.as_tensor(n_in).to(torch.float32)
-    src = (torch.arange(n_out).to(torch.float32) + 0.5) * (n_in_f / n_out) - 0.5
-    base = torch.floor(src)
-    t = src - base
-    j = torch.arange(n_in).to(torch.float32)
-
-    def near(x):
-        return ((A + 2) * x - (A + 3)) * x * x + 1
-
-    def far(x):
-        return ((A * x - 5 * A) * x + 8 * A) * x - 4 * A
-
-    mat = None
-    for k, w in zip((-1.0, 0.0, 1.0, 2.0), (far(1 + t), near(t), near(1 - t), far(2 - t))):
-        idx = torch.minimum(torch.clamp(base + k, min=0.0), n_in_f - 1.0)
-        term = (j[None, :] == idx[:, None]).to(torch.float32) * w[:, None]
-        mat = term if mat is None else mat + term
-    return mat
 
 
 class MatMulAny(torch.nn.Module):
     def forward(self, f):
-        x = f.to(torch.float32).unsqueeze(1)
-        return torch.matmul(torch.matmul(_axis(x.shape[-2], S), x), _axis(x.shape[-1], S).transpose(0, 1))
+        return resize_any(f.to(torch.float32).unsqueeze(1), (S, S), "bicubic")
 
 
 class ResizeOp(torch.nn.Module):

@@ -14,8 +14,8 @@ It lives with the models (below ``evaluation`` and ``export``): the exporter tra
 The resize of an any-size graph is ``resize_any``: two MatMuls whose bicubic (a = -0.75, half-pixel,
 edge-clamped) matrices the graph builds from the frame's traced size, with int64 tap indices, so one graph
 serves 540x800 and 300x260 frames. It is the resampling of ``F.interpolate(mode="bicubic",
-align_corners=False)`` and ``core.preprocess`` within 0.05 grey levels (tested). It replaced the dynamic-shape
-ONNX ``Resize(mode="cubic")`` that ONNX Runtime 1.32 ran in 7.35 ms on a 352x276 frame (these MatMuls: 0.43 ms;
+align_corners=False)`` and ``core.preprocess`` within 0.05 grey levels (tested), instead of the dynamic-shape
+ONNX ``Resize(mode="cubic")`` that ONNX Runtime 1.32 runs in 6.94 ms on a 352x276 frame (these MatMuls: 0.49 ms;
 benchmarks/RESULTS.md §4.4). The uint8 input feeds a ``Cast`` first: TensorRT accepts UINT8 only as a network
 input/output. The logits still go back to an any-size frame with ``F.interpolate`` (bilinear).
 
@@ -144,8 +144,8 @@ def _axis_weights(n_in, n_out: int, mode: str) -> torch.Tensor:
 def resize_any(x: torch.Tensor, out_hw: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
     """Resize the last two axes of ``x`` (any size) to ``out_hw`` as ``R_h @ x @ R_w^T``, the matrices built in the
     graph from ``x``'s traced size: a few small elementwise ops and two MatMuls instead of a dynamic-shape
-    ``Resize`` (ONNX Runtime 1.32's cubic ``Resize`` of a 352x276 frame to 224: 7.35 ms, these 0.43 ms; OpenVINO's
-    ``Interpolate`` 1.26 ms, these 0.38 ms; benchmarks/RESULTS.md §4.4)."""
+    ``Resize`` (ONNX Runtime 1.32's cubic ``Resize`` of a 352x276 frame to 224: 6.94 ms, these 0.49 ms; OpenVINO's
+    ``Interpolate`` 1.21 ms, these 0.35 ms; benchmarks/RESULTS.md §4.4)."""
     rh = _axis_weights(x.shape[-2], out_hw[0], mode)
     rw = _axis_weights(x.shape[-1], out_hw[1], mode)
     return torch.matmul(torch.matmul(rh, x), rw.transpose(0, 1))
