@@ -244,7 +244,7 @@ RECIPES: dict[str, QuantRecipe] = {
     # MatMul/Gemm only, every convolution float on every backend (the ONNX Runtime CPU target does this by
     # default: there the Q/DQ pairs around the hybrid head's convs cost more than int8 convs save, RESULTS.md §4.1)
     "transformer-matmul": QuantRecipe(name="transformer-matmul", quantize_op_types=("MatMul", "Gemm")),
-    # the convolutions quantised on the ONNX Runtime CPU target too (the default before 2026-12-06)
+    # the convolutions quantised on the ONNX Runtime CPU target too
     "transformer-ort-convs": QuantRecipe(name="transformer-ort-convs", ort_cpu_convs=True),
 }
 
