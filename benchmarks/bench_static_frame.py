@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import collections
 import sys
-import time
 
 import numpy as np
 
 
 def _timings(bundles: dict, x: np.ndarray, threads: int, rounds: int, runs: int, backend: str) -> dict:
+    from usfm_edge.bench.peer import time_batches
     from usfm_edge.runtime import Engine
 
     engines = {k: Engine.open(v, backend=backend, threads=threads) for k, v in bundles.items()}
@@ -31,14 +31,7 @@ def _timings(bundles: dict, x: np.ndarray, threads: int, rounds: int, runs: int,
     try:
         for _ in range(rounds):
             for k, e in engines.items():
-                for _ in range(3):
-                    e.run_raw(x)
-                ts = []
-                for _ in range(runs):
-                    t0 = time.perf_counter()
-                    e.run_raw(x)
-                    ts.append(time.perf_counter() - t0)
-                res[k].append(float(np.median(ts)) * 1e3)
+                res[k].append(float(np.median(time_batches(e.run_raw, x, [1], warmup=3, runs=runs)["1"])))
     finally:
         for e in engines.values():
             e.close()
