@@ -212,11 +212,10 @@ def _model(cfg: DistillConfig, mode: str, teacher, resumed: bool):
     return TaskDistiller(student, teacher, cfg.loss), spec
 
 
-def save_student(net, mode: str, cfg: DistillConfig, path: Path, state: TrainState, extra: dict,
-                 student: torch.nn.Module | None = None) -> Path:
-    """Write the student alone (``student``: the EMA copy; default ``net.student``): a ``task: backbone`` file
-    (feature mode) or a task checkpoint (task mode)."""
-    student = net.student if student is None else student
+def save_student(student: torch.nn.Module, mode: str, cfg: DistillConfig, path: Path, state: TrainState,
+                 extra: dict) -> Path:
+    """Write the student alone (the EMA copy when the run keeps one): a ``task: backbone`` file (feature mode) or
+    a task checkpoint (task mode)."""
     record = {"teacher": Path(cfg.teacher).name, "mode": mode, "step": state.step, "epoch": state.epoch,
               "config": to_dict(cfg)}
     if mode == "task":
@@ -304,7 +303,7 @@ def _fit(cfg: DistillConfig, out: Path, resume, progress: bool, info: DistInfo) 
                 extra["ema"] = ema.state_dict()
             save_training_state(out / CHECKPOINT, model=net, optimizer=optimizer, state=st, config=config_dict,
                                 extra=extra)
-            save_student(net, mode, cfg, out / STUDENT, st, {**extra_meta, "metrics": metrics}, scored)
+            save_student(scored, mode, cfg, out / STUDENT, st, {**extra_meta, "metrics": metrics})
 
     def end_of_epoch(st: TrainState, done: bool, bar) -> None:
         if mode == "task" and done and info.is_main:
