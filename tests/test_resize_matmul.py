@@ -164,3 +164,26 @@ def test_resize_any_matches_interpolate_and_one_export_serves_every_size(tmp_pat
             assert (resize_any(x, (64, 64), mode) - ref).abs().max() < 0.05, (shape, mode)
         ref = F.interpolate(x, size=(64, 64), mode="bicubic", align_corners=False)
         assert np.abs(sess.run(None, {"f": f.numpy()})[0] - ref.numpy()).max() < 0.05, shape
+
+
+def test_seg_post_softmax_is_written_out_and_equals_torch(tmp_path, frames):
+    """The frame-size softmax of a seg bundle is ReduceMax/Exp/ReduceSum/Div, not ONNX ``Softmax`` on axis 1
+    (ONNX Runtime transposes the frame-size maps for it); the values equal ``torch.softmax``."""
+    pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from usfm_edge.export import export
+    from usfm_edge.models.raw_frame import channel_softmax
+    from usfm_edge.models.tasks import build_task_model
+    from usfm_edge.runtime import Engine
+
+    x = torch.randn(2, 3, 17, 23) * 20
+    assert (channel_softmax(x) - torch.softmax(x, 1)).abs().max() < 1e-6
+    torch.manual_seed(0)
+    model = build_task_model("seg", "usfm_vit_test", img_size=64)
+    path = export(model, "onnx", out=tmp_path / "seg-onnx", verify_frames=frames)
+    nodes = onnx.load(str(path / "model.onnx")).graph.node
+    assert not [n.name for n in nodes if n.op_type == "Softmax" and not n.name.startswith("/model/")]
+    with Engine.open(path) as eng:
+        assert eng.meta.parity["passed"]
+        r = eng.predict(frames[0])
+        assert np.allclose(r.probs.sum(0), 1.0, atol=1e-5) and np.array_equal(r.probs.argmax(0), r.mask)

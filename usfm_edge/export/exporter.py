@@ -224,7 +224,7 @@ def _write_model_files(w: BundleWriter, model, spec: PreprocessSpec, mask, meta:
                               static_hw=meta.input.static_hw)
         onnx_fp = torch2onnx(graph, scratch / "model.onnx", graph.example_input(1, meta.input.static_hw),
                              input_names=[graph.input_name], output_names=list(graph.output_names),
-                             dynamic_axes=graph.dynamic_axes(tgt.dynamic_batch, meta.input.static_hw is None and tgt.dynamic_hw),
+                             dynamic_axes=graph.dynamic_axes(tgt.dynamic_batch, "height" in meta.input.dynamic_axes),
                              opset=tgt.opset,
                              allow_opset_upgrade=(tgt.backend != "tensorrt"), metadata=meta.onnx_metadata(),
                              op_profile=tgt.op_profile)

@@ -151,6 +151,18 @@ def resize_any(x: torch.Tensor, out_hw: tuple[int, int], mode: str = "bicubic") 
     return torch.matmul(torch.matmul(rh, x), rw.transpose(0, 1))
 
 
+def channel_softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over axis 1 of ``(B, K, H, W)`` written as ReduceMax / Exp / ReduceSum / Div.
+
+    The same values as ``torch.softmax(x, 1)`` (to float rounding), but ONNX Runtime 1.32's ``Softmax`` on a
+    non-last axis transposes the frame-size maps to put the axis last and back: on a 540x800 HC18 frame with two
+    classes the post-processing (bilinear resize, softmax, argmax) took 22-29 ms with the op and 4-6 ms written out,
+    OpenVINO 4.8-5.1 ms either way (benchmarks/bench_resize_ops.py, RESULTS.md §4.4).
+    """
+    e = torch.exp(x - torch.amax(x, dim=1, keepdim=True))
+    return e / torch.sum(e, dim=1, keepdim=True)
+
+
 class PreprocessGraph(nn.Module):
     """uint8 frames ``(B, H, W)`` -> normalised model input ``(B, C, S, S)`` float32 (traceable).
 
@@ -268,7 +280,7 @@ class RawFrameModel(nn.Module):
         h, w = frames.shape[-2], frames.shape[-1]
         if self.task == "seg":
             logits = self._to_frame(out, h, w)
-            probs = torch.softmax(logits, dim=1)
+            probs = channel_softmax(logits)
             mask = torch.argmax(logits, dim=1).to(torch.uint8)
             return probs, mask
         # enhance: restored grey in [0, 1] at model size -> uint8 at frame size

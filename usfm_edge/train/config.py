@@ -92,6 +92,11 @@ class RunConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        # fields of the fine-tuning runs (finetune, distill); a run type without them skips the check
+        if not 0 < getattr(self, "label_fraction", 1.0) <= 1:
+            raise ConfigError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+        if not 0 <= getattr(self, "ema", 0.0) < 1:
+            raise ConfigError(f"ema must be in [0, 1) (0 = off), got {self.ema}")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -134,10 +134,6 @@ class DistillConfig(RunConfig):
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not self.teacher:
             raise ConfigError("no teacher given", hint="pass --teacher CHECKPOINT (a backbone or a seg task checkpoint)")
-        if not 0 < self.label_fraction <= 1:
-            raise ConfigError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
-        if not 0 <= self.ema < 1:
-            raise ConfigError(f"ema must be in [0, 1) (0 = off), got {self.ema}")
 
 
 def load_distill_config(config=None, overrides: dict[str, Any] | None = None) -> DistillConfig:

@@ -117,12 +117,8 @@ class FinetuneConfig(RunConfig):
         if self.task not in PRIMARY:
             raise ConfigError(f"task must be seg, cls or enhance, got {self.task!r}")
         super().__post_init__()
-        if not 0 < self.label_fraction <= 1:
-            raise ConfigError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if not 0 <= self.ema < 1:
-            raise ConfigError(f"ema must be in [0, 1) (0 = off), got {self.ema}")
 
 
 def load_finetune_config(config=None, overrides: dict[str, Any] | None = None) -> FinetuneConfig:
