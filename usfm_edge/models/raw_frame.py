@@ -16,8 +16,9 @@ edge-clamped) matrices the graph builds from the frame's traced size, with int64
 serves 540x800 and 300x260 frames. It is the resampling of ``F.interpolate(mode="bicubic",
 align_corners=False)`` and ``core.preprocess`` within 0.05 grey levels (tested), instead of the dynamic-shape
 ONNX ``Resize(mode="cubic")`` that ONNX Runtime 1.32 runs in 6.94 ms on a 352x276 frame (these MatMuls: 0.49 ms;
-benchmarks/RESULTS.md §4.4). The uint8 input feeds a ``Cast`` first: TensorRT accepts UINT8 only as a network
-input/output. The logits still go back to an any-size frame with ``F.interpolate`` (bilinear).
+benchmarks/RESULTS.md §4.5). The uint8 input feeds a ``Cast`` first: TensorRT accepts UINT8 only as a network
+input/output. The logits still go back to an any-size frame with ``F.interpolate`` (bilinear), then
+``channel_softmax`` (ONNX ``Softmax`` on the class axis is slow in ONNX Runtime) and argmax.
 
 A graph with a **static frame size** (``static_hw``: jetson/tensorrt bundles, or ``--frame-size``) resizes with two MatMuls by
 precomputed interpolation matrices instead (``core.preprocess.resize_matrix``: the same bicubic a = -0.75,
@@ -145,7 +146,8 @@ def resize_any(x: torch.Tensor, out_hw: tuple[int, int], mode: str = "bicubic") 
     """Resize the last two axes of ``x`` (any size) to ``out_hw`` as ``R_h @ x @ R_w^T``, the matrices built in the
     graph from ``x``'s traced size: a few small elementwise ops and two MatMuls instead of a dynamic-shape
     ``Resize`` (ONNX Runtime 1.32's cubic ``Resize`` of a 352x276 frame to 224: 6.94 ms, these 0.49 ms; OpenVINO's
-    ``Interpolate`` 1.21 ms, these 0.35 ms; benchmarks/RESULTS.md §4.4)."""
+    ``Interpolate`` 1.21 ms, these 0.35 ms on an AVX-512 CPU; on an AVX2-only CPU OpenVINO's ``Interpolate`` is the
+    faster one, 1.81 vs 6.26 ms at 540x800; benchmarks/RESULTS.md §4.5)."""
     rh = _axis_weights(x.shape[-2], out_hw[0], mode)
     rw = _axis_weights(x.shape[-1], out_hw[1], mode)
     return torch.matmul(torch.matmul(rh, x), rw.transpose(0, 1))
@@ -155,9 +157,9 @@ def channel_softmax(x: torch.Tensor) -> torch.Tensor:
     """Softmax over axis 1 of ``(B, K, H, W)`` written as ReduceMax / Exp / ReduceSum / Div.
 
     The same values as ``torch.softmax(x, 1)`` (to float rounding), but ONNX Runtime 1.32's ``Softmax`` on a
-    non-last axis transposes the frame-size maps to put the axis last and back: on a 540x800 HC18 frame with two
-    classes the post-processing (bilinear resize, softmax, argmax) took 22-29 ms with the op and 4-6 ms written out,
-    OpenVINO 4.8-5.1 ms either way (benchmarks/bench_resize_ops.py, RESULTS.md §4.4).
+    non-last axis transposes the frame-size maps to put the axis last and back: on a 540x800 frame with two
+    classes the post-processing (bilinear resize, softmax, argmax) took 33.9 ms with the op and 8.5 ms written out
+    on an AVX2 CPU; OpenVINO 5.9 and 6.4 ms (benchmarks/bench_resize_ops.py, RESULTS.md §4.5).
     """
     e = torch.exp(x - torch.amax(x, dim=1, keepdim=True))
     return e / torch.sum(e, dim=1, keepdim=True)
