@@ -109,6 +109,9 @@ def test_racing_model_swap_never_loads_a_modified_model(bundles, frames, tmp_pat
     stop, swaps = threading.Event(), [0]
 
     def swapper():
+        # bursts of 40 swaps 0.5 ms apart, each ending on the good file and followed by a 20 ms pause: an open
+        # that spans a burst must be refused, one inside a pause loads the verified model (on a slow machine a
+        # steady 0.5 ms swap raced every single open, and the test could not tell the two outcomes apart)
         i = 0
         while not stop.is_set():
             tmp = stash / f"t{i}"
@@ -116,7 +119,7 @@ def test_racing_model_swap_never_loads_a_modified_model(bundles, frames, tmp_pat
             os.replace(tmp, bundle / name)
             i += 1
             swaps[0] = i
-            time.sleep(0.0005)
+            time.sleep(0.02 if i % 40 == 0 else 0.0005)
 
     opens = 60 if backend == "onnxruntime" else 30
     counts = {"refused": 0, "original": 0, "modified": 0}
