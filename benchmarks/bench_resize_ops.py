@@ -66,26 +66,45 @@ def _median_ms(fn, runs: int = 50) -> float:
     return float(np.median(ts)) * 1e3
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=None, help="where the two ONNX graphs go (default: a temp folder)")
-    args = ap.parse_args(argv)
+def _export(net, example: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict) -> Path:
+    torch.onnx.export(net, example, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
+                      opset_version=17, dynamo=False)
+    return path
+
+
+def _time_graph(path: Path, inputs: tuple, threads: int, batch_one: bool) -> tuple[float, float, np.ndarray]:
+    """(ONNX Runtime ms, OpenVINO f32 ms, ONNX Runtime's first output) of one graph on ``inputs``;
+    ``batch_one``: OpenVINO compiles the frame graph with its batch fixed at 1, as the runtime does."""
     import onnxruntime as ort
     import openvino as ov
 
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    feeds = {i.name: v for i, v in zip(sess.get_inputs(), inputs)}
+    core = ov.Core()
+    model = core.read_model(str(path))
+    if batch_one:
+        model.reshape({0: ov.PartialShape([1, -1, -1])})
+    req = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                            "INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+    t_ort = _median_ms(lambda: sess.run(None, feeds))
+    t_ov = _median_ms(lambda: req.infer(list(inputs)))
+    return t_ort, t_ov, sess.run(None, feeds)[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None, help="where the ONNX graphs go (default: a temp folder)")
+    args = ap.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="usfm_resize_"))
     out.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(1, 81, 97, dtype=torch.uint8)
-    paths = {}
-    for name, net in (("matmul, matrices built in the graph", MatMulAny()), ("Resize / Interpolate op", ResizeOp())):
-        p = out / f"{'matmul' if name.startswith('matmul') else 'resize'}.onnx"
-        torch.onnx.export(net, (example,), str(p), input_names=["frame"], output_names=["y"],
-                          dynamic_axes={"frame": {0: "b", 1: "h", 2: "w"}}, opset_version=17, dynamo=False)
-        paths[name] = p
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = args.threads
-    core = ov.Core()
+    frame_axes = {"frame": {0: "b", 1: "h", 2: "w"}}
+    pre = {name: _export(net, (example,), out / f"{stem}.onnx", ["frame"], ["y"], frame_axes)
+           for name, stem, net in (("matmul, matrices built in the graph", "matmul", MatMulAny()),
+                                   ("Resize / Interpolate op", "resize", ResizeOp()))}
     print(f"bicubic resize of one uint8 frame to {S}x{S}, {args.threads} threads, median of 50 calls\n")
     print("| frame | graph | ONNX Runtime ms | OpenVINO ms (f32) | max abs diff vs torch (grey levels) |")
     print("|---|---|---|---|---|")
@@ -94,43 +113,26 @@ def main(argv: list[str] | None = None) -> int:
         f = rng.integers(0, 256, (1, *hw), dtype=np.uint8)
         ref = F.interpolate(torch.from_numpy(f).float().unsqueeze(1), size=(S, S), mode="bicubic",
                             align_corners=False).numpy()
-        for name, p in paths.items():
-            sess = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
-            model = core.read_model(str(p))
-            model.reshape({0: ov.PartialShape([1, -1, -1])})
-            req = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": args.threads,
-                                                    "INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
-            t_ort = _median_ms(lambda s=sess, x=f: s.run(None, {"frame": x}))
-            t_ov = _median_ms(lambda r=req, x=f: r.infer({0: x}))
-            err = float(np.abs(sess.run(None, {"frame": f})[0] - ref).max())
-            print(f"| {hw[0]}x{hw[1]} | {name} | {t_ort:.2f} | {t_ov:.2f} | {err:.1e} |")
+        for name, p in pre.items():
+            t_ort, t_ov, y = _time_graph(p, (f,), args.threads, batch_one=True)
+            print(f"| {hw[0]}x{hw[1]} | {name} | {t_ort:.2f} | {t_ov:.2f} | {float(np.abs(y - ref).max()):.1e} |")
 
     print(f"\nseg post-processing: 2 logit maps {S}x{S} -> bilinear to the frame, softmax, argmax; "
           f"{args.threads} threads, median of 50 calls\n")
     print("| frame | softmax | ONNX Runtime ms | OpenVINO ms (f32) | max abs diff of the probabilities vs torch |")
     print("|---|---|---|---|---|")
-    posts = {}
-    for name, written in (("ONNX Softmax, axis 1", False), ("written out (channel_softmax)", True)):
-        p = out / f"post_{'written' if written else 'softmax'}.onnx"
-        torch.onnx.export(Post(written), (torch.zeros(1, 2, S, S), example), str(p), input_names=["logits", "frame"],
-                          output_names=["probs", "mask"],
-                          dynamic_axes={"logits": {0: "b"}, "frame": {0: "b", 1: "h", 2: "w"}},
-                          opset_version=17, dynamo=False)
-        posts[name] = p
+    post = {name: _export(Post(written), (torch.zeros(1, 2, S, S), example), out / f"post_{stem}.onnx",
+                          ["logits", "frame"], ["probs", "mask"], {"logits": {0: "b"}, **frame_axes})
+            for name, stem, written in (("ONNX Softmax, axis 1", "softmax", False),
+                                        ("written out (channel_softmax)", "written", True))}
     for hw in ((352, 276), (540, 800)):
         f = rng.integers(0, 256, (1, *hw), dtype=np.uint8)
         logits = (rng.standard_normal((1, 2, S, S)) * 4).astype(np.float32)
         ref = torch.softmax(F.interpolate(torch.from_numpy(logits), size=hw, mode="bilinear", align_corners=False),
                             1).numpy()
-        for name, p in posts.items():
-            sess = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
-            feeds = {i.name: v for i, v in zip(sess.get_inputs(), (logits, f))}
-            req = core.compile_model(str(p), "CPU", {"INFERENCE_NUM_THREADS": args.threads,
-                                                     "INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
-            t_ort = _median_ms(lambda s=sess, x=feeds: s.run(None, x))
-            t_ov = _median_ms(lambda r=req, a=logits, b=f: r.infer([a, b]))
-            err = float(np.abs(sess.run(None, feeds)[0] - ref).max())
-            print(f"| {hw[0]}x{hw[1]} | {name} | {t_ort:.2f} | {t_ov:.2f} | {err:.1e} |")
+        for name, p in post.items():
+            t_ort, t_ov, probs = _time_graph(p, (logits, f), args.threads, batch_one=False)
+            print(f"| {hw[0]}x{hw[1]} | {name} | {t_ort:.2f} | {t_ov:.2f} | {float(np.abs(probs - ref).max()):.1e} |")
     return 0
 
 

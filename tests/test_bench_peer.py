@@ -15,6 +15,7 @@ pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
 from usfm_edge.bench import peer  # noqa: E402
+from usfm_edge.bench.sysinfo import has_int8_dot_products, machine_info  # noqa: E402
 from usfm_edge.core.errors import ConfigError  # noqa: E402
 from usfm_edge.export.parity import default_frames  # noqa: E402
 
@@ -33,12 +34,6 @@ def built(tmp_path_factory):
     return model, peers, fid, x
 
 
-def _int8_dot_products() -> bool:
-    from usfm_edge.bench.sysinfo import machine_info
-
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(machine_info()["isa"]))
-
-
 def test_both_peer_rows_are_built_and_agree_with_fp32(built):
     model, peers, fid, _ = built
     assert [p.name for p in peers] == [peer.PEER_NAMES["openvino"], peer.PEER_NAMES["onnxruntime"]]
@@ -48,7 +43,7 @@ def test_both_peer_rows_are_built_and_agree_with_fp32(built):
         # Without VNNI/AMX OpenVINO's int8 kernels sum u8 x s8 pairs in 16 bits (vpmaddubsw), which can saturate;
         # NNCF's default overflow fix covers the first layer only. The by-hand peer of this random-weight model
         # measured a centred cosine of 0.82 on an AVX2-only EPYC (> 0.9 with AVX-512 VNNI), raw cosine 0.989.
-        floor = 0.9 if _int8_dot_products() or p.name != peer.PEER_NAMES["openvino"] else 0.7
+        floor = 0.9 if has_int8_dot_products(machine_info()["isa"]) or p.name != peer.PEER_NAMES["openvino"] else 0.7
         assert f["finite"] and f["cos_raw"] > 0.97 and f["cos_centred_mean"] > floor, (p.name, f)
 
 

@@ -92,9 +92,9 @@ def test_nncf_quantises_attention_and_linear_matmuls(model, tmp_path, monkeypatc
     fused = opcount.bundle_op_counts(path)["fused_attention"]
     # still fused at INT8 where the CPU has int8 dot products: measured 12 of 12 ViT-B blocks on an AVX-512 VNNI
     # EPYC, none on an AVX2-only one (whose fp32 graph fuses every block; benchmarks/RESULTS.md §4.4)
-    from usfm_edge.bench.sysinfo import machine_info
+    from usfm_edge.bench.sysinfo import has_int8_dot_products, machine_info
 
-    int8_dot = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(machine_info()["isa"]))
+    int8_dot = has_int8_dot_products(machine_info()["isa"])
     assert fused == (DEPTH if int8_dot and opcount.openvino_supports_fused_attention() else 0)
     import json
 

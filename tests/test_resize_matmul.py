@@ -139,7 +139,6 @@ def test_frame_size_on_a_dynamic_target_gives_a_static_frame_and_any_batch(tmp_p
         assert np.array_equal(both[1].mask, one[0].mask)
 
 
-
 def test_resize_any_matches_interpolate_and_one_export_serves_every_size(tmp_path):
     """Any-size graphs resize with matrices built from the frame's traced size (int64 tap indices): within 0.05
     grey levels of F.interpolate (torch's own float32 coordinates differ by that much from the exact ones), in

@@ -33,6 +33,15 @@ def load_note(loads, cores: int | None = None) -> str:
     return f"load stayed at or below the {cores} cores"
 
 
+INT8_DOT_PRODUCT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def has_int8_dot_products(isa) -> bool:
+    """Whether the CPU flags ``isa`` (e.g. ``machine_info()["isa"]``) include int8 dot-product instructions (VNNI or
+    AMX): without them OpenVINO's int8 kernels sum u8 x s8 pairs in 16 bits and fuse no INT8 attention."""
+    return bool(set(INT8_DOT_PRODUCT_FLAGS) & set(isa))
+
+
 def machine_info() -> dict:
     """CPU model, ISA flags that matter for inference, core count and library versions."""
     from importlib import metadata
