@@ -1,13 +1,16 @@
-"""The any-size in-graph pre- and post-processing of a seg bundle, each two ways.
+"""The any-size in-graph pre- and post-processing of a seg bundle, each several ways.
 
-Preprocessing: the runtimes' dynamic-shape ``Resize``/``Interpolate`` op against ``models.raw_frame.resize_any``,
-two MatMuls whose resampling matrices are built in the graph from the frame's traced size (int64 tap indices;
-what any-size bundles export). Each graph takes a uint8 frame (B, H, W) of any size and returns the bicubic
-resize to 224x224 as float32 (``F.interpolate(align_corners=False)``).
+Preprocessing: a uint8 frame (B, H, W) of any size to the bicubic resize at 224x224, float32
+(``F.interpolate(align_corners=False)``), three ways: ``models.raw_frame.resize_taps`` (a Gather of the source rows
+or columns times the weight, per tap, per axis; what any-size bundles export), the same resampling as two dense
+MatMuls whose matrices the graph builds from the traced size (``resize_dense``, what they exported before), and the
+runtimes' dynamic-shape ``Resize`` / ``Interpolate`` op.
 
 Post-processing: two 224x224 logit maps resized bilinearly to the frame's size, softmax over the classes and
-argmax, with ONNX ``Softmax`` on axis 1 against ``models.raw_frame.channel_softmax`` (written out; what seg
-bundles export).
+argmax: ONNX ``Softmax`` on axis 1; ``models.raw_frame.channel_softmax`` (written out; what seg bundles of more
+than two classes export); and ``models.raw_frame.binary_seg_post`` on the resized logit difference (sigmoid and
+compare; what two-class seg bundles export), resized by the ``Resize`` op (ONNX Runtime bundles) or by
+``resize_taps`` (OpenVINO bundles).
 
 Timed in ONNX Runtime and in OpenVINO (f32, batch 1), 2 threads, on random uint8 frames of a BUS-BRA-like and an
 HC18-like size; also prints the largest difference from torch.
@@ -29,14 +32,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from usfm_edge.models.raw_frame import channel_softmax, resize_any  # what the bundles export
+from usfm_edge.models.raw_frame import axis_taps, binary_seg_post, channel_softmax, resize_taps  # what bundles export
 
 S = 224
 
 
+def resize_dense(x: torch.Tensor, out_hw: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """``resize_taps``' resampling as two dense MatMuls (``R_h @ x @ R_w^T``, one-hot matrices built in the graph
+    from the traced size): what any-size bundles exported before ``resize_taps``."""
+    def dense(n_in, n_out):
+        j = torch.arange(n_in).to(torch.int64)
+        return sum((j[None, :] == idx[:, None]).to(torch.float32) * w[:, None] for idx, w in axis_taps(n_in, n_out, mode))
+    return torch.matmul(torch.matmul(dense(x.shape[-2], out_hw[0]), x), dense(x.shape[-1], out_hw[1]).transpose(0, 1))
+
+
 class MatMulAny(torch.nn.Module):
     def forward(self, f):
-        return resize_any(f.to(torch.float32).unsqueeze(1), (S, S), "bicubic")
+        return resize_dense(f.to(torch.float32).unsqueeze(1), (S, S), "bicubic")
+
+
+class TapsAny(torch.nn.Module):
+    def forward(self, f):
+        return resize_taps(f.to(torch.float32).unsqueeze(1), (S, S), "bicubic")
 
 
 class ResizeOp(torch.nn.Module):
@@ -45,12 +62,18 @@ class ResizeOp(torch.nn.Module):
 
 
 class Post(torch.nn.Module):
-    def __init__(self, written_out: bool):
+    def __init__(self, written_out: bool | str):
         super().__init__()
         self.written_out = written_out
 
     def forward(self, logits, f):
-        y = F.interpolate(logits, size=(f.shape[-2], f.shape[-1]), mode="bilinear", align_corners=False)
+        hw = (f.shape[-2], f.shape[-1])
+        if self.written_out == "binary":
+            return binary_seg_post(F.interpolate(logits[:, 1:2] - logits[:, 0:1], size=hw, mode="bilinear",
+                                                 align_corners=False))
+        if self.written_out == "binary-taps":
+            return binary_seg_post(resize_taps(logits[:, 1:2] - logits[:, 0:1], hw, "bilinear"))
+        y = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False)
         probs = channel_softmax(y) if self.written_out else torch.softmax(y, 1)
         return probs, torch.argmax(y, 1).to(torch.uint8)
 
@@ -74,7 +97,7 @@ def _export(net, example: tuple, path: Path, inputs: list[str], outputs: list[st
 
 def _time_graph(path: Path, inputs: tuple, threads: int, batch_one: bool) -> tuple[float, float, np.ndarray]:
     """(ONNX Runtime ms, OpenVINO f32 ms, ONNX Runtime's first output) of one graph on ``inputs``;
-    ``batch_one``: OpenVINO compiles the frame graph with its batch fixed at 1, as the runtime does."""
+    ``batch_one``: OpenVINO compiles the graph with its batch fixed at 1, as the runtime does for single frames."""
     import onnxruntime as ort
     import openvino as ov
 
@@ -84,8 +107,8 @@ def _time_graph(path: Path, inputs: tuple, threads: int, batch_one: bool) -> tup
     feeds = {i.name: v for i, v in zip(sess.get_inputs(), inputs)}
     core = ov.Core()
     model = core.read_model(str(path))
-    if batch_one:
-        model.reshape({0: ov.PartialShape([1, -1, -1])})
+    if batch_one:  # as the runtime compiles single frames: every input's batch fixed at 1
+        model.reshape({i: ov.PartialShape([1, *[-1] * (len(v.shape) - 1)]) for i, v in enumerate(inputs)})
     req = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
                                             "INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
     t_ort = _median_ms(lambda: sess.run(None, feeds))
@@ -104,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     frame_axes = {"frame": {0: "b", 1: "h", 2: "w"}}
     pre = {name: _export(net, (example,), out / f"{stem}.onnx", ["frame"], ["y"], frame_axes)
            for name, stem, net in (("matmul, matrices built in the graph", "matmul", MatMulAny()),
+                                   ("taps: Gather x weight per tap (resize_taps)", "taps", TapsAny()),
                                    ("Resize / Interpolate op", "resize", ResizeOp()))}
     print(f"bicubic resize of one uint8 frame to {S}x{S}, {args.threads} threads, median of 50 calls\n")
     print("| frame | graph | ONNX Runtime ms | OpenVINO ms (f32) | max abs diff vs torch (grey levels) |")
@@ -117,21 +141,25 @@ def main(argv: list[str] | None = None) -> int:
             t_ort, t_ov, y = _time_graph(p, (f,), args.threads, batch_one=True)
             print(f"| {hw[0]}x{hw[1]} | {name} | {t_ort:.2f} | {t_ov:.2f} | {float(np.abs(y - ref).max()):.1e} |")
 
-    print(f"\nseg post-processing: 2 logit maps {S}x{S} -> bilinear to the frame, softmax, argmax; "
+    print(f"\nseg post-processing: 2 logit maps {S}x{S} -> bilinear to the frame, softmax, argmax (OpenVINO: the "
+          "batch fixed at 1); "
           f"{args.threads} threads, median of 50 calls\n")
-    print("| frame | softmax | ONNX Runtime ms | OpenVINO ms (f32) | max abs diff of the probabilities vs torch |")
+    print("| frame | post-processing | ONNX Runtime ms | OpenVINO ms (f32) | max abs diff of the probabilities vs torch |")
     print("|---|---|---|---|---|")
     post = {name: _export(Post(written), (torch.zeros(1, 2, S, S), example), out / f"post_{stem}.onnx",
                           ["logits", "frame"], ["probs", "mask"], {"logits": {0: "b"}, **frame_axes})
             for name, stem, written in (("ONNX Softmax, axis 1", "softmax", False),
-                                        ("written out (channel_softmax)", "written", True))}
+                                        ("written out (channel_softmax)", "written", True),
+                                        ("2 classes: logit difference, sigmoid (binary_seg_post)", "binary",
+                                         "binary"),
+                                        ("2 classes, resized by resize_taps", "binary_taps", "binary-taps"))}
     for hw in ((352, 276), (540, 800)):
         f = rng.integers(0, 256, (1, *hw), dtype=np.uint8)
         logits = (rng.standard_normal((1, 2, S, S)) * 4).astype(np.float32)
         ref = torch.softmax(F.interpolate(torch.from_numpy(logits), size=hw, mode="bilinear", align_corners=False),
                             1).numpy()
         for name, p in post.items():
-            t_ort, t_ov, probs = _time_graph(p, (logits, f), args.threads, batch_one=False)
+            t_ort, t_ov, probs = _time_graph(p, (logits, f), args.threads, batch_one=True)
             print(f"| {hw[0]}x{hw[1]} | {name} | {t_ort:.2f} | {t_ov:.2f} | {float(np.abs(probs - ref).max()):.1e} |")
     return 0
 

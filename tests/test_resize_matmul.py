@@ -139,36 +139,83 @@ def test_frame_size_on_a_dynamic_target_gives_a_static_frame_and_any_batch(tmp_p
         assert np.array_equal(both[1].mask, one[0].mask)
 
 
-def test_resize_any_matches_interpolate_and_one_export_serves_every_size(tmp_path):
-    """Any-size graphs resize with matrices built from the frame's traced size (int64 tap indices): within 0.05
-    grey levels of F.interpolate (torch's own float32 coordinates differ by that much from the exact ones), in
-    eager mode and in ONNX Runtime, for frames smaller, larger and equal to the output."""
-    ort = pytest.importorskip("onnxruntime")
-    from usfm_edge.models.raw_frame import resize_any
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_resize_taps_matches_interpolate_and_one_export_serves_every_size(tmp_path, runtime):
+    """Any-size graphs resize with taps built from the traced sizes (int64 tap indices): within 0.05 grey levels
+    of F.interpolate (torch's own float32 coordinates differ by that much from the exact ones), in eager mode and in
+    the runtime, for frames smaller, larger and equal to the output, down (the frame to the model) and up (the
+    logits back to a frame whose size only the second input gives)."""
+    pytest.importorskip(runtime)
+    from usfm_edge.models.raw_frame import resize_taps
 
-    class Net(torch.nn.Module):
+    class Down(torch.nn.Module):
         def forward(self, f):
-            return resize_any(f.to(torch.float32).unsqueeze(1), (64, 64), "bicubic")
+            return resize_taps(f.to(torch.float32).unsqueeze(1), (64, 64), "bicubic")
 
-    torch.onnx.export(Net(), (torch.zeros(1, 81, 97, dtype=torch.uint8),), str(tmp_path / "r.onnx"),
-                      input_names=["f"], output_names=["y"], dynamic_axes={"f": {0: "b", 1: "h", 2: "w"}},
-                      opset_version=17, dynamo=False)
-    sess = ort.InferenceSession(str(tmp_path / "r.onnx"), providers=["CPUExecutionProvider"])
+    class Up(torch.nn.Module):
+        def forward(self, x, f):
+            return resize_taps(x, (f.shape[-2], f.shape[-1]), "bilinear")
+
+    axes = {"f": {0: "b", 1: "h", 2: "w"}}
+    torch.onnx.export(Down(), (torch.zeros(1, 81, 97, dtype=torch.uint8),), str(tmp_path / "down.onnx"),
+                      input_names=["f"], output_names=["y"], dynamic_axes=axes, opset_version=17, dynamo=False)
+    torch.onnx.export(Up(), (torch.zeros(1, 2, 64, 64), torch.zeros(1, 81, 97, dtype=torch.uint8)),
+                      str(tmp_path / "up.onnx"), input_names=["x", "f"], output_names=["y"],
+                      dynamic_axes={"x": {0: "b"}, **axes}, opset_version=17, dynamo=False)
+    if runtime == "onnxruntime":
+        import onnxruntime as ort
+
+        sessions = {k: ort.InferenceSession(str(tmp_path / f"{k}.onnx"), providers=["CPUExecutionProvider"])
+                    for k in ("down", "up")}
+        run = {k: (lambda feeds, s=s: s.run(None, feeds)[0]) for k, s in sessions.items()}
+    else:
+        import openvino as ov
+
+        core = ov.Core()
+        compiled = {k: core.compile_model(str(tmp_path / f"{k}.onnx"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+                    for k in ("down", "up")}
+        run = {k: (lambda feeds, c=c: c(feeds)[0]) for k, c in compiled.items()}
     g = torch.Generator().manual_seed(0)
     for shape in ((2, 120, 160), (1, 64, 64), (1, 40, 300), (1, 353, 274), (1, 540, 800)):
         f = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
         x = f.float().unsqueeze(1)
         for mode in ("bicubic", "bilinear"):
             ref = F.interpolate(x, size=(64, 64), mode=mode, align_corners=False)
-            assert (resize_any(x, (64, 64), mode) - ref).abs().max() < 0.05, (shape, mode)
+            assert (resize_taps(x, (64, 64), mode) - ref).abs().max() < 0.05, (shape, mode)
         ref = F.interpolate(x, size=(64, 64), mode="bicubic", align_corners=False)
-        assert np.abs(sess.run(None, {"f": f.numpy()})[0] - ref.numpy()).max() < 0.05, shape
+        assert np.abs(run["down"]({"f": f.numpy()}) - ref.numpy()).max() < 0.05, shape
+        logits = torch.randn(shape[0], 2, 64, 64, generator=g) * 4
+        ref = F.interpolate(logits, size=shape[1:], mode="bilinear", align_corners=False)
+        assert (resize_taps(logits, shape[1:], "bilinear") - ref).abs().max() < 1e-3, shape  # float32 coordinates
+        assert np.abs(run["up"]({"x": logits.numpy(), "f": f.numpy()}) - ref.numpy()).max() < 1e-3, shape
 
 
-def test_seg_post_softmax_is_written_out_and_equals_torch(tmp_path, frames):
-    """The frame-size softmax of a seg bundle is ReduceMax/Exp/ReduceSum/Div, not ONNX ``Softmax`` on axis 1
-    (ONNX Runtime transposes the frame-size maps for it); the values equal ``torch.softmax``."""
-    pytest.importorskip("onnxruntime")
+def test_binary_seg_post_equals_softmax_and_argmax_of_the_resized_logits():
+    """Two classes: resizing the logit difference and taking sigmoid + compare gives the softmax and argmax of the
+    two resized logit maps (a bilinear resize is linear); ties go to class 0 as with argmax."""
+    from usfm_edge.models.raw_frame import binary_seg_post
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 31, 37) * 6
+    logits[0, :, :3] = 1.5  # exact ties: class 0
+    big = F.interpolate(logits, size=(101, 77), mode="bilinear", align_corners=False)
+    probs, mask = binary_seg_post(F.interpolate(logits[:, 1:2] - logits[:, 0:1], size=(101, 77), mode="bilinear",
+                                                align_corners=False))
+    assert probs.shape == (2, 2, 101, 77) and mask.dtype == torch.uint8
+    assert (probs - torch.softmax(big, 1)).abs().max() < 1e-5
+    assert torch.equal(mask, probs.argmax(1).to(torch.uint8))
+    margin = (big[:, 1] - big[:, 0]).abs() > 1e-4  # away from float ties the two masks agree pixel for pixel
+    assert torch.equal(mask[margin], big.argmax(1).to(torch.uint8)[margin])
+    assert not mask[0, :8].any()  # the tied rows (and their bilinear neighbours' exact ties) are background
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+@pytest.mark.parametrize("target", ["onnx", "openvino"])
+def test_seg_post_softmax_is_written_out_and_equals_torch(tmp_path, frames, classes, target):
+    """The frame-size post-processing of a seg bundle has no ONNX ``Softmax`` on axis 1 (ONNX Runtime transposes
+    the frame-size maps for it): two classes resize one logit difference and take ``Sigmoid``, more classes use
+    ReduceMax/Exp/ReduceSum/Div; the values equal ``torch.softmax``, and the mask is the probabilities' argmax."""
+    pytest.importorskip("onnxruntime" if target == "onnx" else "openvino")
     onnx = pytest.importorskip("onnx")
     from usfm_edge.export import export
     from usfm_edge.models.raw_frame import channel_softmax
@@ -178,11 +225,25 @@ def test_seg_post_softmax_is_written_out_and_equals_torch(tmp_path, frames):
     x = torch.randn(2, 3, 17, 23) * 20
     assert (channel_softmax(x) - torch.softmax(x, 1)).abs().max() < 1e-6
     torch.manual_seed(0)
-    model = build_task_model("seg", "usfm_vit_test", img_size=64)
-    path = export(model, "onnx", out=tmp_path / "seg-onnx", verify_frames=frames)
-    nodes = onnx.load(str(path / "model.onnx")).graph.node
-    assert not [n.name for n in nodes if n.op_type == "Softmax" and not n.name.startswith("/model/")]
+    model = build_task_model("seg", "usfm_vit_test", img_size=64, num_classes=classes)
+    path = export(model, target, out=tmp_path / f"seg-{target}", verify_frames=frames)
+    if target == "onnx":
+        nodes = onnx.load(str(path / "model.onnx")).graph.node
+        post = [n.op_type for n in nodes if not n.name.startswith("/model/")]
+        assert "Softmax" not in post
+        assert ("Sigmoid" in post) == (classes == 2) and ("ArgMax" in post) == (classes != 2)
+        assert "Resize" in post  # ONNX Runtime bundles: its own bilinear Resize back to the frame
+    else:
+        import openvino as ov
+
+        post = {op.get_type_name() for op in ov.Core().read_model(str(path / "model.xml")).get_ops()
+                if not op.get_friendly_name().startswith("/model/")}
+        assert "Interpolate" not in post and "SoftMax" not in post and "Gather" in post  # resize_taps' Gathers
     with Engine.open(path) as eng:
         assert eng.meta.parity["passed"]
-        r = eng.predict(frames[0])
-        assert np.allclose(r.probs.sum(0), 1.0, atol=1e-5) and np.array_equal(r.probs.argmax(0), r.mask)
+        r = eng.predict(frames[1])
+        assert r.probs.shape == (classes, *frames[1].shape)
+        assert np.allclose(r.probs.sum(0), 1.0, atol=1e-5)
+        top2 = np.sort(r.probs, axis=0)[-2:]
+        clear = top2[1] - top2[0] > 1e-5  # a random model is near-uniform: float ties may go either way
+        assert clear.mean() > 0.9 and np.array_equal(r.probs.argmax(0)[clear], r.mask[clear])

@@ -11,14 +11,19 @@ It lives with the models (below ``evaluation`` and ``export``): the exporter tra
         -> seg: probs (B, K, H, W) (logits resized back bilinearly, softmax) + mask (B, H, W) uint8
            cls: probs (B, K) softmax;  enhance: restored (B, H, W) uint8;  features: features (B, D)
 
-The resize of an any-size graph is ``resize_any``: two MatMuls whose bicubic (a = -0.75, half-pixel,
-edge-clamped) matrices the graph builds from the frame's traced size, with int64 tap indices, so one graph
-serves 540x800 and 300x260 frames. It is the resampling of ``F.interpolate(mode="bicubic",
-align_corners=False)`` and ``core.preprocess`` within 0.05 grey levels (tested), instead of the dynamic-shape
-ONNX ``Resize(mode="cubic")`` that ONNX Runtime 1.32 runs in 6.94 ms on a 352x276 frame (these MatMuls: 0.49 ms;
-benchmarks/RESULTS.md §4.5). The uint8 input feeds a ``Cast`` first: TensorRT accepts UINT8 only as a network
-input/output. The logits still go back to an any-size frame with ``F.interpolate`` (bilinear), then
-``channel_softmax`` (ONNX ``Softmax`` on the class axis is slow in ONNX Runtime) and argmax.
+The resize of an any-size graph is ``resize_taps``: one axis at a time, the sum over the kernel's taps of a
+``Gather`` of source rows (columns) times the tap weights, both built in the graph from the frame's traced size with
+int64 tap indices, so one graph serves 540x800 and 300x260 frames. It is the resampling of
+``F.interpolate(mode="bicubic", align_corners=False)`` and ``core.preprocess`` within 0.05 grey levels (tested),
+at 2-4 multiply-adds per output value. It replaced dense MatMuls of the same matrices (``n_in`` multiply-adds per
+value), which had replaced the dynamic-shape ONNX ``Resize(mode="cubic")`` that ONNX Runtime 1.32 runs in 6.94 ms
+on a 352x276 frame (benchmarks/RESULTS.md §4.5). The uint8 input feeds a ``Cast`` first: TensorRT accepts UINT8
+only as a network input/output.
+
+Seg logits go back to an any-size frame bilinearly (``upsample``: ``resize_taps``, what OpenVINO bundles export,
+or ``F.interpolate``, ONNX Runtime's fast bilinear ``Resize``). A two-class model (every shipped one) resizes only
+its logit difference and takes sigmoid + compare (``binary_seg_post``); more classes take ``channel_softmax``
+(ONNX ``Softmax`` on the class axis is slow in ONNX Runtime) and argmax.
 
 A graph with a **static frame size** (``static_hw``: jetson/tensorrt bundles, or ``--frame-size``) resizes with two MatMuls by
 precomputed interpolation matrices instead (``core.preprocess.resize_matrix``: the same bicubic a = -0.75,
@@ -49,7 +54,11 @@ from usfm_edge.core.bundle_schema import BundleMeta, InputContract, TensorSpec
 from usfm_edge.core.errors import ExportError
 from usfm_edge.core.preprocess import PreprocessSpec
 
-__all__ = ["PreprocessGraph", "RawFrameModel", "MatMulResize", "output_names", "NO_BAND_STOP"]
+__all__ = ["PreprocessGraph", "RawFrameModel", "MatMulResize", "output_names", "axis_taps", "resize_taps",
+           "binary_seg_post", "channel_softmax", "UPSAMPLE", "NO_BAND_STOP"]
+
+#: how an any-size graph resizes its model-size maps back to the frame: ``resize_taps`` or ``F.interpolate``
+UPSAMPLE = ("taps", "interpolate")
 
 #: the ``band_stop`` record of a graph without band-stop filtering
 NO_BAND_STOP = {"enabled": False, "rings": None, "mask_sha256": None}
@@ -107,24 +116,25 @@ class MatMulResize(nn.Module):
 _CUBIC_A = -0.75  # torch's bicubic (and core.preprocess.resize_matrix)
 
 
-def _axis_weights(n_in, n_out: int, mode: str) -> torch.Tensor:
-    """Dense ``(n_out, n_in)`` resampling matrix along one axis, built in the graph from ``n_in`` (a traced size, so
-    one exported graph serves every frame size). Half-pixel centres and taps clamped to the border, as
-    ``F.interpolate(mode, align_corners=False)``.
+def axis_taps(n_in, n_out, mode: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Taps of the resampling along one axis, built in the graph from ``n_in`` and ``n_out`` (ints or traced sizes,
+    so one exported graph serves every frame size): per tap a source index ``(n_out,)`` int64 and a weight
+    ``(n_out,)`` float32.
+    Half-pixel centres and taps clamped to the border, as ``F.interpolate(mode, align_corners=False)``.
 
-    The source coordinate ``((2i + 1) n_in - n_out) / (2 n_out)`` is kept as an int64 numerator: tap indices and
-    the one-hot comparison are exact integers on every backend. (OpenVINO computes an INT8 bundle's float ops in
-    bf16 on CPUs with AVX512-BF16, which cannot hold coordinates above 256.) Only the fractional part and the
-    kernel weights are float.
+    The source coordinate ``((2i + 1) n_in - n_out) / (2 n_out)`` is kept as an int64 numerator: tap indices are
+    exact integers on every backend. (OpenVINO computes an INT8 bundle's float ops in bf16 on CPUs with
+    AVX512-BF16, which cannot hold coordinates above 256.) Only the fractional part and the kernel weights are
+    float.
     """
     n = torch.as_tensor(n_in).to(torch.int64)
-    den = 2 * int(n_out)
-    num = (2 * torch.arange(int(n_out), dtype=torch.int64) + 1) * n - int(n_out)
+    m = torch.as_tensor(n_out).to(torch.int64)
+    den = 2 * m
+    num = (2 * torch.arange(n_out).to(torch.int64) + 1) * n - m
     if mode == "bilinear":
         num = torch.clamp(num, min=0)  # torch clamps negative source coordinates for linear modes
     base = torch.div(num + 4 * den, den, rounding_mode="trunc") - 4  # floor (the shifted numerator is positive)
-    t = (num - base * den).to(torch.float32) * (1.0 / den)
-    j = torch.arange(n_in).to(torch.int64)
+    t = (num - base * den).to(torch.float32) / den.to(torch.float32)
     if mode == "bicubic":
         a = _CUBIC_A
         near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731 - |x| <= 1
@@ -134,23 +144,27 @@ def _axis_weights(n_in, n_out: int, mode: str) -> torch.Tensor:
         taps = zip((0, 1), (1 - t, t))
     else:
         raise ExportError(f"in-graph resize supports bicubic and bilinear, not {mode!r}")
-    mat = None
-    for k, w in taps:
-        idx = torch.minimum(torch.clamp(base + k, min=0), n - 1)
-        term = (j[None, :] == idx[:, None]).to(torch.float32) * w[:, None]
-        mat = term if mat is None else mat + term
-    return mat
+    return [(torch.minimum(torch.clamp(base + k, min=0), n - 1), w) for k, w in taps]
 
 
-def resize_any(x: torch.Tensor, out_hw: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
-    """Resize the last two axes of ``x`` (any size) to ``out_hw`` as ``R_h @ x @ R_w^T``, the matrices built in the
-    graph from ``x``'s traced size: a few small elementwise ops and two MatMuls instead of a dynamic-shape
-    ``Resize`` (ONNX Runtime 1.32's cubic ``Resize`` of a 352x276 frame to 224: 6.94 ms, these 0.49 ms; OpenVINO's
-    ``Interpolate`` 1.21 ms, these 0.35 ms on an AVX-512 CPU; on an AVX2-only CPU OpenVINO's ``Interpolate`` is the
-    faster one, 1.81 vs 6.26 ms at 540x800; benchmarks/RESULTS.md §4.5)."""
-    rh = _axis_weights(x.shape[-2], out_hw[0], mode)
-    rw = _axis_weights(x.shape[-1], out_hw[1], mode)
-    return torch.matmul(torch.matmul(rh, x), rw.transpose(0, 1))
+def resize_taps(x: torch.Tensor, out_hw: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """Resize the last two axes of ``x`` (any size) to ``out_hw``, one axis at a time, as a sum over the kernel's
+    taps of ``Gather`` (the source rows or columns) times the tap weight: 2-4 multiply-adds per output value,
+    where dense MatMuls of the same matrices spend ``n_in`` (a 540x800 frame to 224: ~0.7M against ~125M).
+    The axis whose resampling leaves fewer values goes first (chosen from the traced example's sizes).
+    A 540x800 frame to 224 in OpenVINO: 0.7 ms against 2.3-3.9 ms for the dense MatMuls (benchmarks/RESULTS.md
+    §4.5)."""
+    h, w = x.shape[-2], x.shape[-1]
+    oh, ow = out_hw
+    axes = (-2, -1) if int(oh) * int(w) <= int(h) * int(ow) else (-1, -2)
+    for ax in axes:
+        n_out = oh if ax == -2 else ow
+        acc = None
+        for idx, wt in axis_taps(x.shape[ax], n_out, mode):
+            term = torch.index_select(x, ax, idx) * (wt[:, None] if ax == -2 else wt)
+            acc = term if acc is None else acc + term
+        x = acc
+    return x
 
 
 def channel_softmax(x: torch.Tensor) -> torch.Tensor:
@@ -165,6 +179,19 @@ def channel_softmax(x: torch.Tensor) -> torch.Tensor:
     return e / torch.sum(e, dim=1, keepdim=True)
 
 
+def binary_seg_post(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-class seg outputs from the logit difference ``d = l1 - l0`` ``(B, 1, H, W)`` at frame size.
+
+    Returns ``probs = sigmoid([-d, d])`` ``(B, 2, H, W)`` and ``mask = probs[:, 1] > probs[:, 0]`` (uint8): the
+    softmax and argmax of the two resized logit maps, since ``softmax(l)_1 = sigmoid(l1 - l0)`` and a bilinear
+    resize is linear (``resize(l1) - resize(l0) = resize(l1 - l0)``). The mask is compared on the probabilities so
+    that it is their argmax exactly (ties go to class 0, as ``argmax``). The graph resizes one map instead of two
+    and needs no reductions at frame size (``RawFrameModel`` takes this path for every 2-class model).
+    """
+    probs = torch.sigmoid(torch.cat([-d, d], dim=1))
+    return probs, (probs[:, 1] > probs[:, 0]).to(torch.uint8)
+
+
 class PreprocessGraph(nn.Module):
     """uint8 frames ``(B, H, W)`` -> normalised model input ``(B, C, S, S)`` float32 (traceable).
 
@@ -173,7 +200,7 @@ class PreprocessGraph(nn.Module):
         band_stop_mask: optional real ``(S, S)`` mask (unshifted layout) applied with
             ``kernels.dft_matmul.BandStopMatMul`` to the [0, 1] image before normalisation.
         static_hw: the fixed frame ``(H, W)`` of a static-shape graph: the resize becomes ``MatMulResize``
-            (none at all when it is the model size); None: ``resize_any`` on any frame size.
+            (none at all when it is the model size); None: ``resize_taps`` on any frame size.
     """
 
     def __init__(self, spec: PreprocessSpec, band_stop_mask: np.ndarray | None = None,
@@ -203,7 +230,7 @@ class PreprocessGraph(nn.Module):
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         x = frames.to(torch.float32).unsqueeze(1)  # (B, 1, H, W); the Cast is the first node on the uint8 input
         if self.static_hw is None:
-            x = resize_any(x, (self.size, self.size), self.mode)
+            x = resize_taps(x, (self.size, self.size), self.mode)
         else:
             if tuple(x.shape[-2:]) != self.static_hw:
                 raise ExportError(f"this graph takes {self.static_hw[0]}x{self.static_hw[1]} frames, got "
@@ -227,6 +254,9 @@ class RawFrameModel(nn.Module):
         bare: export the plain model on normalised input (no pre/post-processing).
         half: run the task model in float16 (pre/post-processing stay float32).
         static_hw: the fixed frame ``(H, W)`` of a static-shape graph: resizes become MatMuls (module docstring).
+        upsample: how an any-size seg/enhance graph resizes its model-size maps to the frame: ``taps``
+            (``resize_taps``; OpenVINO runs it 1.7x faster than its ``Interpolate`` on a whole HC18 bundle) or
+            ``interpolate`` (ONNX ``Resize``, linear: ONNX Runtime's is the faster there). Same values.
 
     Shape:
         raw: input ``(B, H, W)`` uint8; outputs per ``output_names(task)``.
@@ -234,8 +264,12 @@ class RawFrameModel(nn.Module):
     """
 
     def __init__(self, task_model: nn.Module, spec: PreprocessSpec, band_stop_mask: np.ndarray | None = None,
-                 bare: bool = False, half: bool = False, static_hw: tuple[int, int] | None = None):
+                 bare: bool = False, half: bool = False, static_hw: tuple[int, int] | None = None,
+                 upsample: str = "taps"):
         super().__init__()
+        if upsample not in UPSAMPLE:
+            raise ExportError(f"upsample must be one of {UPSAMPLE}, not {upsample!r}")
+        self.upsample = upsample
         self.task = getattr(task_model, "task", None)
         output_names(self.task, bare)  # validates the task
         model_size = getattr(task_model, "img_size", spec.img_size)
@@ -281,6 +315,8 @@ class RawFrameModel(nn.Module):
             return torch.softmax(out, dim=-1)
         h, w = frames.shape[-2], frames.shape[-1]
         if self.task == "seg":
+            if out.shape[1] == 2:
+                return binary_seg_post(self._to_frame(out[:, 1:2] - out[:, 0:1], h, w))
             logits = self._to_frame(out, h, w)
             probs = channel_softmax(logits)
             mask = torch.argmax(logits, dim=1).to(torch.uint8)
@@ -294,6 +330,8 @@ class RawFrameModel(nn.Module):
         """Model-size maps -> frame size, bilinear: MatMuls for a static frame size, else ``F.interpolate``."""
         if self.static_hw is not None:
             return out if self.post_resize is None else self.post_resize(out)
+        if self.upsample == "taps":
+            return resize_taps(out, (h, w), "bilinear")
         return F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
 
     # -- description of the graph's interface (usfm.json + dynamic axes) -------------------------------
