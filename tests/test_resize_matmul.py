@@ -90,6 +90,14 @@ def test_static_preprocess_graph_uses_matmuls(tmp_path, frames):
     assert np.abs(got - preprocess(frame, spec)).max() < 1e-4
     same = PreprocessGraph(spec, static_hw=(64, 64))
     assert same.resize is None  # a frame of the model size is not resized at all
+    # resample="gather" (OpenVINO bundles): the static frame goes through resize_taps, constant tap indices
+    taps = torch2onnx(PreprocessGraph(spec, static_hw=hw, resample="gather"), tmp_path / "pre_taps.onnx",
+                      torch.from_numpy(frame[None].copy()), input_names=["frame"], output_names=["x"],
+                      dynamic_axes={}, dynamic_batch=False)
+    ops = [n.op_type for n in onnx.load(str(taps)).graph.node]
+    assert "MatMul" not in ops and "Resize" not in ops and ops.count("Gather") >= 8  # 4 bicubic taps per axis
+    got = ort.InferenceSession(str(taps), providers=["CPUExecutionProvider"]).run(None, {"frame": frame[None]})[0][0]
+    assert np.abs(got - preprocess(frame, spec)).max() < 1e-4
 
 
 def test_static_seg_bundle_has_no_resize_and_passes_parity(tmp_path, frames):
@@ -114,8 +122,8 @@ def test_static_seg_bundle_has_no_resize_and_passes_parity(tmp_path, frames):
 
 @pytest.mark.parametrize("target", ["onnx", "openvino"])
 def test_frame_size_on_a_dynamic_target_gives_a_static_frame_and_any_batch(tmp_path, frames, target):
-    """--frame-size on onnx/openvino: the frame is static (resizes as MatMuls), the batch stays dynamic, and the
-    engine still takes frames of any size."""
+    """--frame-size on onnx/openvino: the frame is static (ONNX Runtime: resizes as MatMuls; OpenVINO: as
+    ``resize_taps``), the batch stays dynamic, and the engine still takes frames of any size."""
     pytest.importorskip("onnxruntime" if target == "onnx" else "openvino")
     onnx = pytest.importorskip("onnx")
     from usfm_edge.export import export
@@ -131,6 +139,12 @@ def test_frame_size_on_a_dynamic_target_gives_a_static_frame_and_any_batch(tmp_p
         nodes = onnx.load(str(path / "model.onnx")).graph.node
         assert not [n.name for n in nodes if n.op_type == "Resize" and not n.name.startswith("/model/")]
         assert sum(n.op_type == "MatMul" and n.name.startswith(("/pre/", "/post_resize/")) for n in nodes) == 4
+    else:  # OpenVINO: resize_taps both ways, its tap indices constants of the static frame
+        import openvino as ov
+
+        post = [op.get_type_name() for op in ov.Core().read_model(str(path / "model.xml")).get_ops()
+                if not op.get_friendly_name().startswith("/model/")]
+        assert "MatMul" not in post and "Interpolate" not in post and "Gather" in post
     with Engine.open(path) as eng:
         assert eng.meta.parity["passed"]
         one = [eng.predict(f) for f in frames[:2]]

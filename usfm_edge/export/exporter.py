@@ -220,10 +220,10 @@ def _write_model_files(w: BundleWriter, model, spec: PreprocessSpec, mask, meta:
     scratch = w.path.parent / f"{w.path.name}-scratch"
     scratch.mkdir()
     try:
-        # any-size maps back to the frame: OpenVINO runs resize_taps' Gathers fastest, ONNX Runtime its own Resize
+        # OpenVINO runs resize_taps' Gathers fastest; ONNX Runtime its own bilinear Resize, TensorRT MatMuls
         graph = RawFrameModel(_clone(model) if half else model, spec, mask, bare=cfg.bare, half=half,
                               static_hw=meta.input.static_hw,
-                              upsample="taps" if tgt.backend == "openvino" else "interpolate")
+                              resample="gather" if tgt.backend == "openvino" else "matmul")
         onnx_fp = torch2onnx(graph, scratch / "model.onnx", graph.example_input(1, meta.input.static_hw),
                              input_names=[graph.input_name], output_names=list(graph.output_names),
                              dynamic_axes=graph.dynamic_axes(tgt.dynamic_batch, "height" in meta.input.dynamic_axes),

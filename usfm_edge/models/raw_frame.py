@@ -20,20 +20,26 @@ value), which had replaced the dynamic-shape ONNX ``Resize(mode="cubic")`` that 
 on a 352x276 frame (benchmarks/RESULTS.md §4.5). The uint8 input feeds a ``Cast`` first: TensorRT accepts UINT8
 only as a network input/output.
 
-Seg logits go back to an any-size frame bilinearly (``upsample``: ``resize_taps``, what OpenVINO bundles export,
-or ``F.interpolate``, ONNX Runtime's fast bilinear ``Resize``). A two-class model (every shipped one) resizes only
-its logit difference and takes sigmoid + compare (``binary_seg_post``); more classes take ``channel_softmax``
-(ONNX ``Softmax`` on the class axis is slow in ONNX Runtime) and argmax.
+Seg logits go back to the frame bilinearly. A two-class model (every shipped one) resizes only its logit difference
+and takes sigmoid + compare (``binary_seg_post``); more classes take ``channel_softmax`` (ONNX ``Softmax`` on the
+class axis is slow in ONNX Runtime) and argmax.
 
-A graph with a **static frame size** (``static_hw``: jetson/tensorrt bundles, or ``--frame-size``) resizes with two MatMuls by
-precomputed interpolation matrices instead (``core.preprocess.resize_matrix``: the same bicubic a = -0.75,
-half-pixel, edge-clamped resampling as ``F.interpolate``, max abs difference ~1e-5 on real frames; tested):
-``R_h (S x H) @ frame @ R_w^T (W x S)``, and the logits go back to the frame size the same way (bilinear). Every
-backend runs a MatMul fast (TensorRT/DLA included) and no Resize op needs its cubic mode. A frame of the model
-size skips the resize (the bicubic matrix is then the identity). The output MatMuls keep their constant as the
-*first* input (``R @ x``, with transposes around the second one), so the quantisers' structural search for the
-model body (``calibration.backends.common.body_nodes``: weights are a constant *second* input) never mistakes
-them for the classifier.
+How a graph resizes is its ``resample`` choice (the exporter picks it per backend):
+
+- ``gather`` (OpenVINO bundles): every resize is ``resize_taps``, both ways, any-size or static frame (a static
+  frame makes its tap indices constants).
+- ``matmul`` (ONNX Runtime and TensorRT bundles): any-size frames go down by ``resize_taps`` and the logits come
+  back by ONNX ``Resize`` (linear; ONNX Runtime's is fast). A **static frame size** (``static_hw``: jetson/tensorrt
+  bundles, or ``--frame-size``) resizes with two MatMuls by precomputed interpolation matrices instead
+  (``core.preprocess.resize_matrix``: the same bicubic a = -0.75, half-pixel, edge-clamped resampling as
+  ``F.interpolate``, max abs difference ~1e-5 on real frames; tested): ``R_h (S x H) @ frame @ R_w^T (W x S)``,
+  and the logits go back to the frame size the same way (bilinear). Every backend runs a MatMul fast
+  (TensorRT/DLA included) and no Resize op needs its cubic mode. The output MatMuls keep their constant as the
+  *first* input (``R @ x``, with transposes around the second one), so the quantisers' structural search for the
+  model body (``calibration.backends.common.body_nodes``: weights are a constant *second* input) never mistakes
+  them for the classifier.
+
+A frame of the model size skips the resize either way.
 
 ``bare=True`` gives the plain model on normalised ``(B, 3, S, S)`` float input instead (for runtimes that
 preprocess themselves); the Python runtime then does the same pre/post-processing in numpy.
@@ -55,10 +61,10 @@ from usfm_edge.core.errors import ExportError
 from usfm_edge.core.preprocess import PreprocessSpec
 
 __all__ = ["PreprocessGraph", "RawFrameModel", "MatMulResize", "output_names", "axis_taps", "resize_taps",
-           "binary_seg_post", "channel_softmax", "UPSAMPLE", "NO_BAND_STOP"]
+           "binary_seg_post", "channel_softmax", "RESAMPLE", "NO_BAND_STOP"]
 
-#: how an any-size graph resizes its model-size maps back to the frame: ``resize_taps`` or ``F.interpolate``
-UPSAMPLE = ("taps", "interpolate")
+#: how a graph resizes (module docstring): ``resize_taps`` everywhere, or MatMuls / ONNX ``Resize`` where they pay
+RESAMPLE = ("gather", "matmul")
 
 #: the ``band_stop`` record of a graph without band-stop filtering
 NO_BAND_STOP = {"enabled": False, "rings": None, "mask_sha256": None}
@@ -199,13 +205,17 @@ class PreprocessGraph(nn.Module):
         spec: the preprocessing contract (size, interpolation, mean/std, channels).
         band_stop_mask: optional real ``(S, S)`` mask (unshifted layout) applied with
             ``kernels.dft_matmul.BandStopMatMul`` to the [0, 1] image before normalisation.
-        static_hw: the fixed frame ``(H, W)`` of a static-shape graph: the resize becomes ``MatMulResize``
-            (none at all when it is the model size); None: ``resize_taps`` on any frame size.
+        static_hw: the fixed frame ``(H, W)`` of a static-shape graph (none at all when it is the model size);
+            None: any frame size.
+        resample: ``matmul``: a static frame's resize is ``MatMulResize``; ``gather``: ``resize_taps`` (which an
+            any-size frame always takes).
     """
 
     def __init__(self, spec: PreprocessSpec, band_stop_mask: np.ndarray | None = None,
-                 static_hw: tuple[int, int] | None = None):
+                 static_hw: tuple[int, int] | None = None, resample: str = "matmul"):
         super().__init__()
+        if resample not in RESAMPLE:
+            raise ExportError(f"resample must be one of {RESAMPLE}, not {resample!r}")
         if spec.antialias:
             raise ExportError("antialiased resizing cannot be expressed in the exported graph (ONNX opset 17 / "
                               "TensorRT Resize have no antialias)", hint="export with antialias=False or bare=True")
@@ -213,8 +223,9 @@ class PreprocessGraph(nn.Module):
         self.size = int(spec.img_size)
         self.mode = spec.interpolation
         self.static_hw = tuple(int(v) for v in static_hw) if static_hw else None
-        self.resize = None
-        if self.static_hw is not None and self.static_hw != (self.size, self.size):
+        self.resize = None  # a static frame's MatMuls (resample "matmul")
+        self.taps = self.static_hw is None or resample == "gather"
+        if not self.taps and self.static_hw != (self.size, self.size):
             self.resize = MatMulResize(self.static_hw, (self.size, self.size), self.mode)
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("inv_std", 1.0 / torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1))
@@ -229,14 +240,13 @@ class PreprocessGraph(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         x = frames.to(torch.float32).unsqueeze(1)  # (B, 1, H, W); the Cast is the first node on the uint8 input
-        if self.static_hw is None:
+        if self.static_hw is not None and tuple(x.shape[-2:]) != self.static_hw:
+            raise ExportError(f"this graph takes {self.static_hw[0]}x{self.static_hw[1]} frames, got "
+                              f"{x.shape[-2]}x{x.shape[-1]}", hint="fit the frame (runtime.Engine does)")
+        if self.taps and self.static_hw != (self.size, self.size):
             x = resize_taps(x, (self.size, self.size), self.mode)
-        else:
-            if tuple(x.shape[-2:]) != self.static_hw:
-                raise ExportError(f"this graph takes {self.static_hw[0]}x{self.static_hw[1]} frames, got "
-                                  f"{x.shape[-2]}x{x.shape[-1]}", hint="fit the frame (runtime.Engine does)")
-            if self.resize is not None:
-                x = self.resize(x)
+        elif self.resize is not None:
+            x = self.resize(x)
         x = x * (1.0 / 255.0)
         if self.band_stop is not None:
             x = self.band_stop(x)
@@ -254,9 +264,10 @@ class RawFrameModel(nn.Module):
         bare: export the plain model on normalised input (no pre/post-processing).
         half: run the task model in float16 (pre/post-processing stay float32).
         static_hw: the fixed frame ``(H, W)`` of a static-shape graph: resizes become MatMuls (module docstring).
-        upsample: how an any-size seg/enhance graph resizes its model-size maps to the frame: ``taps``
-            (``resize_taps``; OpenVINO runs it 1.7x faster than its ``Interpolate`` on a whole HC18 bundle) or
-            ``interpolate`` (ONNX ``Resize``, linear: ONNX Runtime's is the faster there). Same values.
+        resample: ``gather`` or ``matmul``, how the graph resizes (module docstring): OpenVINO runs
+            ``resize_taps``' Gathers faster than its ``Interpolate`` or MatMuls (an HC18 student bundle 1.7x faster
+            as a whole, benchmarks/RESULTS.md §4.5); ONNX Runtime runs its own bilinear ``Resize`` faster than
+            Gathers. Same values either way.
 
     Shape:
         raw: input ``(B, H, W)`` uint8; outputs per ``output_names(task)``.
@@ -265,11 +276,8 @@ class RawFrameModel(nn.Module):
 
     def __init__(self, task_model: nn.Module, spec: PreprocessSpec, band_stop_mask: np.ndarray | None = None,
                  bare: bool = False, half: bool = False, static_hw: tuple[int, int] | None = None,
-                 upsample: str = "taps"):
+                 resample: str = "matmul"):
         super().__init__()
-        if upsample not in UPSAMPLE:
-            raise ExportError(f"upsample must be one of {UPSAMPLE}, not {upsample!r}")
-        self.upsample = upsample
         self.task = getattr(task_model, "task", None)
         output_names(self.task, bare)  # validates the task
         model_size = getattr(task_model, "img_size", spec.img_size)
@@ -283,10 +291,12 @@ class RawFrameModel(nn.Module):
         if self.half:
             self.model = self.model.half()
         self.static_hw = None if self.bare or not static_hw else tuple(int(v) for v in static_hw)
-        self.pre = None if self.bare else PreprocessGraph(spec, band_stop_mask, self.static_hw)
+        self.pre = None if self.bare else PreprocessGraph(spec, band_stop_mask, self.static_hw, resample)
+        self.resample = resample
         s = int(spec.img_size)
         self.post_resize = MatMulResize((s, s), self.static_hw, "bilinear") \
-            if self.static_hw is not None and self.static_hw != (s, s) and self.task in ("seg", "enhance") else None
+            if self.static_hw not in (None, (s, s)) and self.task in ("seg", "enhance") and resample == "matmul" \
+            else None
         self.output_names = output_names(self.task, self.bare)
         self.eval()  # an nn.Module starts in training mode; exporters restore that mode on every child
 
@@ -327,10 +337,15 @@ class RawFrameModel(nn.Module):
         return img[:, 0].to(torch.uint8)
 
     def _to_frame(self, out: torch.Tensor, h, w) -> torch.Tensor:
-        """Model-size maps -> frame size, bilinear: MatMuls for a static frame size, else ``F.interpolate``."""
+        """Model-size maps -> frame size, bilinear, as ``resample`` says (module docstring)."""
+        s = int(self.spec.img_size)
+        if self.static_hw == (s, s):
+            return out
         if self.static_hw is not None:
-            return out if self.post_resize is None else self.post_resize(out)
-        if self.upsample == "taps":
+            h, w = self.static_hw
+        if self.post_resize is not None:
+            return self.post_resize(out)
+        if self.resample == "gather":
             return resize_taps(out, (h, w), "bilinear")
         return F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
 
