@@ -2,9 +2,9 @@
 
 Preprocessing: a uint8 frame (B, H, W) of any size to the bicubic resize at 224x224, float32
 (``F.interpolate(align_corners=False)``), three ways: ``models.raw_frame.resize_taps`` (a Gather of the source rows
-or columns times the weight, per tap, per axis; what any-size bundles export), the same resampling as two dense
-MatMuls whose matrices the graph builds from the traced size (``resize_dense``, what they exported before), and the
-runtimes' dynamic-shape ``Resize`` / ``Interpolate`` op.
+or columns times the weight, per tap, per axis; what any-size OpenVINO bundles export), the same resampling as two
+dense MatMuls whose matrices the graph builds from the traced size (``resize_dense``; what any-size ONNX Runtime
+bundles export), and the runtimes' dynamic-shape ``Resize`` / ``Interpolate`` op.
 
 Post-processing: two 224x224 logit maps resized bilinearly to the frame's size, softmax over the classes and
 argmax: ONNX ``Softmax`` on axis 1; ``models.raw_frame.channel_softmax`` (written out; what seg bundles of more
@@ -32,18 +32,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from usfm_edge.models.raw_frame import axis_taps, binary_seg_post, channel_softmax, resize_taps  # what bundles export
+from usfm_edge.models.raw_frame import (  # what the bundles export
+    binary_seg_post,
+    channel_softmax,
+    resize_dense,
+    resize_taps,
+)
 
 S = 224
-
-
-def resize_dense(x: torch.Tensor, out_hw: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
-    """``resize_taps``' resampling as two dense MatMuls (``R_h @ x @ R_w^T``, one-hot matrices built in the graph
-    from the traced size): what any-size bundles exported before ``resize_taps``."""
-    def dense(n_in, n_out):
-        j = torch.arange(n_in).to(torch.int64)
-        return sum((j[None, :] == idx[:, None]).to(torch.float32) * w[:, None] for idx, w in axis_taps(n_in, n_out, mode))
-    return torch.matmul(torch.matmul(dense(x.shape[-2], out_hw[0]), x), dense(x.shape[-1], out_hw[1]).transpose(0, 1))
 
 
 class MatMulAny(torch.nn.Module):
@@ -126,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     example = torch.zeros(1, 81, 97, dtype=torch.uint8)
     frame_axes = {"frame": {0: "b", 1: "h", 2: "w"}}
     pre = {name: _export(net, (example,), out / f"{stem}.onnx", ["frame"], ["y"], frame_axes)
-           for name, stem, net in (("matmul, matrices built in the graph", "matmul", MatMulAny()),
+           for name, stem, net in (("dense MatMuls, matrices built in the graph (resize_dense)", "matmul", MatMulAny()),
                                    ("taps: Gather x weight per tap (resize_taps)", "taps", TapsAny()),
                                    ("Resize / Interpolate op", "resize", ResizeOp()))}
     print(f"bicubic resize of one uint8 frame to {S}x{S}, {args.threads} threads, median of 50 calls\n")

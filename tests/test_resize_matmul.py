@@ -160,7 +160,7 @@ def test_resize_taps_matches_interpolate_and_one_export_serves_every_size(tmp_pa
     the runtime, for frames smaller, larger and equal to the output, down (the frame to the model) and up (the
     logits back to a frame whose size only the second input gives)."""
     pytest.importorskip(runtime)
-    from usfm_edge.models.raw_frame import resize_taps
+    from usfm_edge.models.raw_frame import resize_dense, resize_taps
 
     class Down(torch.nn.Module):
         def forward(self, f):
@@ -196,6 +196,7 @@ def test_resize_taps_matches_interpolate_and_one_export_serves_every_size(tmp_pa
         for mode in ("bicubic", "bilinear"):
             ref = F.interpolate(x, size=(64, 64), mode=mode, align_corners=False)
             assert (resize_taps(x, (64, 64), mode) - ref).abs().max() < 0.05, (shape, mode)
+            assert (resize_dense(x, (64, 64), mode) - ref).abs().max() < 0.05, (shape, mode)
         ref = F.interpolate(x, size=(64, 64), mode="bicubic", align_corners=False)
         assert np.abs(run["down"]({"f": f.numpy()}) - ref.numpy()).max() < 0.05, shape
         logits = torch.randn(shape[0], 2, 64, 64, generator=g) * 4

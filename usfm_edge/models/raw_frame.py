@@ -11,14 +11,14 @@ It lives with the models (below ``evaluation`` and ``export``): the exporter tra
         -> seg: probs (B, K, H, W) (logits resized back bilinearly, softmax) + mask (B, H, W) uint8
            cls: probs (B, K) softmax;  enhance: restored (B, H, W) uint8;  features: features (B, D)
 
-The resize of an any-size graph is ``resize_taps``: one axis at a time, the sum over the kernel's taps of a
-``Gather`` of source rows (columns) times the tap weights, both built in the graph from the frame's traced size with
-int64 tap indices, so one graph serves 540x800 and 300x260 frames. It is the resampling of
+An any-size graph resizes the frame with resampling taps built in the graph from the frame's traced size, with
+int64 tap indices, so one graph serves 540x800 and 300x260 frames: ``resize_taps`` (one axis at a time, the sum
+over the kernel's taps of a ``Gather`` of source rows or columns times the tap weights: 2-4 multiply-adds per output
+value) or ``resize_dense`` (the same taps as two dense MatMuls). Both are the resampling of
 ``F.interpolate(mode="bicubic", align_corners=False)`` and ``core.preprocess`` within 0.05 grey levels (tested),
-at 2-4 multiply-adds per output value. It replaced dense MatMuls of the same matrices (``n_in`` multiply-adds per
-value), which had replaced the dynamic-shape ONNX ``Resize(mode="cubic")`` that ONNX Runtime 1.32 runs in 6.94 ms
-on a 352x276 frame (benchmarks/RESULTS.md §4.5). The uint8 input feeds a ``Cast`` first: TensorRT accepts UINT8
-only as a network input/output.
+instead of the dynamic-shape ONNX ``Resize(mode="cubic")`` that ONNX Runtime 1.32 runs in 6.94 ms on a 352x276
+frame (benchmarks/RESULTS.md §4.5). The uint8 input feeds a ``Cast`` first: TensorRT accepts UINT8 only as a
+network input/output.
 
 Seg logits go back to the frame bilinearly. A two-class model (every shipped one) resizes only its logit difference
 and takes sigmoid + compare (``binary_seg_post``); more classes take ``channel_softmax`` (ONNX ``Softmax`` on the
@@ -28,8 +28,9 @@ How a graph resizes is its ``resample`` choice (the exporter picks it per backen
 
 - ``gather`` (OpenVINO bundles): every resize is ``resize_taps``, both ways, any-size or static frame (a static
   frame makes its tap indices constants).
-- ``matmul`` (ONNX Runtime and TensorRT bundles): any-size frames go down by ``resize_taps`` and the logits come
-  back by ONNX ``Resize`` (linear; ONNX Runtime's is fast). A **static frame size** (``static_hw``: jetson/tensorrt
+- ``matmul`` (ONNX Runtime and TensorRT bundles): any-size frames go down by ``resize_dense`` (the same taps as
+  dense MatMuls, which ONNX Runtime runs faster than its ``Gather``) and the logits come back by ONNX ``Resize``
+  (linear; ONNX Runtime's is fast). A **static frame size** (``static_hw``: jetson/tensorrt
   bundles, or ``--frame-size``) resizes with two MatMuls by precomputed interpolation matrices instead
   (``core.preprocess.resize_matrix``: the same bicubic a = -0.75, half-pixel, edge-clamped resampling as
   ``F.interpolate``, max abs difference ~1e-5 on real frames; tested): ``R_h (S x H) @ frame @ R_w^T (W x S)``,
@@ -61,7 +62,7 @@ from usfm_edge.core.errors import ExportError
 from usfm_edge.core.preprocess import PreprocessSpec
 
 __all__ = ["PreprocessGraph", "RawFrameModel", "MatMulResize", "output_names", "axis_taps", "resize_taps",
-           "binary_seg_post", "channel_softmax", "RESAMPLE", "NO_BAND_STOP"]
+           "resize_dense", "binary_seg_post", "channel_softmax", "RESAMPLE", "NO_BAND_STOP"]
 
 #: how a graph resizes (module docstring): ``resize_taps`` everywhere, or MatMuls / ONNX ``Resize`` where they pay
 RESAMPLE = ("gather", "matmul")
@@ -173,6 +174,22 @@ def resize_taps(x: torch.Tensor, out_hw: tuple[int, int], mode: str = "bicubic")
     return x
 
 
+def resize_dense(x: torch.Tensor, out_hw: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """``resize_taps``' resampling as two dense MatMuls, ``R_h @ x @ R_w^T``, the matrices built in the graph from the
+    traced sizes (one-hot comparisons of the same int64 tap indices). More arithmetic than the taps, but ONNX
+    Runtime runs these MatMuls faster than its ``Gather``: what ONNX Runtime bundles export for any-size frames
+    (a whole BUS-BRA student bundle 9.1 vs 9.5 ms; benchmarks/RESULTS.md §4.5)."""
+    def dense(n_in, n_out):
+        j = torch.arange(n_in).to(torch.int64)
+        mat = None
+        for idx, w in axis_taps(n_in, n_out, mode):
+            term = (j[None, :] == idx[:, None]).to(torch.float32) * w[:, None]
+            mat = term if mat is None else mat + term
+        return mat
+
+    return torch.matmul(torch.matmul(dense(x.shape[-2], out_hw[0]), x), dense(x.shape[-1], out_hw[1]).transpose(0, 1))
+
+
 def channel_softmax(x: torch.Tensor) -> torch.Tensor:
     """Softmax over axis 1 of ``(B, K, H, W)`` written as ReduceMax / Exp / ReduceSum / Div.
 
@@ -207,8 +224,8 @@ class PreprocessGraph(nn.Module):
             ``kernels.dft_matmul.BandStopMatMul`` to the [0, 1] image before normalisation.
         static_hw: the fixed frame ``(H, W)`` of a static-shape graph (none at all when it is the model size);
             None: any frame size.
-        resample: ``matmul``: a static frame's resize is ``MatMulResize``; ``gather``: ``resize_taps`` (which an
-            any-size frame always takes).
+        resample: ``matmul``: ``MatMulResize`` for a static frame, ``resize_dense`` for any size; ``gather``:
+            ``resize_taps`` for both.
     """
 
     def __init__(self, spec: PreprocessSpec, band_stop_mask: np.ndarray | None = None,
@@ -223,9 +240,10 @@ class PreprocessGraph(nn.Module):
         self.size = int(spec.img_size)
         self.mode = spec.interpolation
         self.static_hw = tuple(int(v) for v in static_hw) if static_hw else None
+        self.resample = resample
         self.resize = None  # a static frame's MatMuls (resample "matmul")
-        self.taps = self.static_hw is None or resample == "gather"
-        if not self.taps and self.static_hw != (self.size, self.size):
+        self.traced = self.static_hw is None or resample == "gather"  # resampled by taps built in the graph
+        if not self.traced and self.static_hw != (self.size, self.size):
             self.resize = MatMulResize(self.static_hw, (self.size, self.size), self.mode)
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("inv_std", 1.0 / torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1))
@@ -243,8 +261,9 @@ class PreprocessGraph(nn.Module):
         if self.static_hw is not None and tuple(x.shape[-2:]) != self.static_hw:
             raise ExportError(f"this graph takes {self.static_hw[0]}x{self.static_hw[1]} frames, got "
                               f"{x.shape[-2]}x{x.shape[-1]}", hint="fit the frame (runtime.Engine does)")
-        if self.taps and self.static_hw != (self.size, self.size):
-            x = resize_taps(x, (self.size, self.size), self.mode)
+        if self.traced and self.static_hw != (self.size, self.size):
+            resize = resize_taps if self.resample == "gather" else resize_dense
+            x = resize(x, (self.size, self.size), self.mode)
         elif self.resize is not None:
             x = self.resize(x)
         x = x * (1.0 / 255.0)
