@@ -1,7 +1,7 @@
 """The any-size in-graph pre- and post-processing of a seg bundle, each several ways.
 
 Preprocessing: a uint8 frame (B, H, W) of any size to the bicubic resize at 224x224, float32
-(``F.interpolate(align_corners=False)``), three ways: ``models.raw_frame.resize_taps`` (a Gather of the source rows
+(``F.interpolate(align_corners=False)``), three ways: ``models.resample.resize_taps`` (a Gather of the source rows
 or columns times the weight, per tap, per axis; what any-size OpenVINO bundles export), the same resampling as two
 dense MatMuls whose matrices the graph builds from the traced size (``resize_dense``; what any-size ONNX Runtime
 bundles export), and the runtimes' dynamic-shape ``Resize`` / ``Interpolate`` op.
@@ -32,12 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from usfm_edge.models.raw_frame import (  # what the bundles export
-    binary_seg_post,
-    channel_softmax,
-    resize_dense,
-    resize_taps,
-)
+from usfm_edge.models.raw_frame import binary_seg_post, channel_softmax  # what the bundles export
+from usfm_edge.models.resample import resize_dense, resize_taps
 
 S = 224
 
@@ -58,19 +54,22 @@ class ResizeOp(torch.nn.Module):
 
 
 class Post(torch.nn.Module):
-    def __init__(self, written_out: bool | str):
+    """Seg post-processing one way: ``softmax`` (ONNX ``Softmax``), ``written`` (``channel_softmax``), ``binary``
+    (``binary_seg_post``, resized by ``Resize``) or ``binary-taps`` (resized by ``resize_taps``)."""
+
+    def __init__(self, mode: str):
         super().__init__()
-        self.written_out = written_out
+        self.mode = mode
 
     def forward(self, logits, f):
         hw = (f.shape[-2], f.shape[-1])
-        if self.written_out == "binary":
-            return binary_seg_post(F.interpolate(logits[:, 1:2] - logits[:, 0:1], size=hw, mode="bilinear",
-                                                 align_corners=False))
-        if self.written_out == "binary-taps":
-            return binary_seg_post(resize_taps(logits[:, 1:2] - logits[:, 0:1], hw, "bilinear"))
+        if self.mode.startswith("binary"):
+            d = logits[:, 1:2] - logits[:, 0:1]
+            d = resize_taps(d, hw, "bilinear") if self.mode == "binary-taps" else \
+                F.interpolate(d, size=hw, mode="bilinear", align_corners=False)
+            return binary_seg_post(d)
         y = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False)
-        probs = channel_softmax(y) if self.written_out else torch.softmax(y, 1)
+        probs = channel_softmax(y) if self.mode == "written" else torch.softmax(y, 1)
         return probs, torch.argmax(y, 1).to(torch.uint8)
 
 
@@ -142,13 +141,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.threads} threads, median of 50 calls\n")
     print("| frame | post-processing | ONNX Runtime ms | OpenVINO ms (f32) | max abs diff of the probabilities vs torch |")
     print("|---|---|---|---|---|")
-    post = {name: _export(Post(written), (torch.zeros(1, 2, S, S), example), out / f"post_{stem}.onnx",
+    post = {name: _export(Post(mode), (torch.zeros(1, 2, S, S), example), out / f"post_{mode}.onnx",
                           ["logits", "frame"], ["probs", "mask"], {"logits": {0: "b"}, **frame_axes})
-            for name, stem, written in (("ONNX Softmax, axis 1", "softmax", False),
-                                        ("written out (channel_softmax)", "written", True),
-                                        ("2 classes: logit difference, sigmoid (binary_seg_post)", "binary",
-                                         "binary"),
-                                        ("2 classes, resized by resize_taps", "binary_taps", "binary-taps"))}
+            for name, mode in (("ONNX Softmax, axis 1", "softmax"),
+                               ("written out (channel_softmax)", "written"),
+                               ("2 classes: logit difference, sigmoid (binary_seg_post)", "binary"),
+                               ("2 classes, resized by resize_taps", "binary-taps"))}
     for hw in ((352, 276), (540, 800)):
         f = rng.integers(0, 256, (1, *hw), dtype=np.uint8)
         logits = (rng.standard_normal((1, 2, S, S)) * 4).astype(np.float32)

@@ -12,7 +12,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from usfm_edge.core.preprocess import PreprocessSpec, resize_matrix  # noqa: E402
 from usfm_edge.export.parity import default_frames  # noqa: E402
-from usfm_edge.models.raw_frame import MatMulResize, PreprocessGraph  # noqa: E402
+from usfm_edge.models.raw_frame import PreprocessGraph  # noqa: E402
+from usfm_edge.models.resample import MatMulResize  # noqa: E402
 
 #: (frame, out_hw): downsampling (the usual case), upsampling, and mixed
 SIZES = [(224, 224), (64, 64), (97, 301), (600, 900), (1000, 333)]
@@ -160,7 +161,7 @@ def test_resize_taps_matches_interpolate_and_one_export_serves_every_size(tmp_pa
     the runtime, for frames smaller, larger and equal to the output, down (the frame to the model) and up (the
     logits back to a frame whose size only the second input gives)."""
     pytest.importorskip(runtime)
-    from usfm_edge.models.raw_frame import resize_dense, resize_taps
+    from usfm_edge.models.resample import resize_dense, resize_taps
 
     class Down(torch.nn.Module):
         def forward(self, f):
