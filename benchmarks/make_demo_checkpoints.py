@@ -2,7 +2,10 @@
 
     python benchmarks/make_demo_checkpoints.py --busbra runs/busbra_hybrid/last.safetensors \
         --hc18 runs/hc18_hybrid_pt/last.safetensors \
-        --busbra-student runs/kd_busbra_nano160/student.safetensors --hc18-student runs/kd_hc18_nano224/student.safetensors
+        --busbra-student runs/kd_busbra_nano160_s2/student.safetensors --hc18-student runs/kd_hc18_nano192_s2/student.safetensors
+
+Each flag is optional: a checkpoint not given stays as it is shipped (its README line is rebuilt from the
+provenance in its own metadata), so the students can be replaced without the teachers' training runs.
 
 (the two ``usfm-edge finetune`` runs and their held-out figures are in ``benchmarks/RESULTS.md`` §1). The last (EMA) weights are shipped, not the best validation checkpoint: the held-out
 patients then stay untouched by model selection.
@@ -22,16 +25,16 @@ from usfm_edge.models.tasks import load_task_model, save_task_checkpoint
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--busbra", required=True)
-    p.add_argument("--hc18", required=True)
-    p.add_argument("--busbra-student", required=True, help="usfm-edge distill run's student.safetensors")
-    p.add_argument("--hc18-student", required=True)
+    p.add_argument("--busbra", help="usfm-edge finetune run's last.safetensors (default: keep the shipped one)")
+    p.add_argument("--hc18")
+    p.add_argument("--busbra-student", help="usfm-edge distill run's student.safetensors")
+    p.add_argument("--hc18-student")
     args = p.parse_args()
     out = checkpoints_dir()
     out.mkdir(parents=True, exist_ok=True)
     heads = {"hires": "the `hires` head (conv stem at strides 2/4/8 fused with the ViT maps)",
              "hybrid": "the `hybrid` head (a conv U-Net on the frame whose stride-16 bottleneck adds the ViT maps)"}
-    head = load_task_model(args.busbra).head_name
+    head = load_task_model(args.busbra or out / DEMO_CHECKPOINTS["busbra"]).head_name
     lines = ["# Demo checkpoints", "",
              f"Tiny USFM backbones (`usfm_vit_tiny_patch16_224` architecture) with {heads.get(head, head)},",
              "trained on the training patients of the shared",
@@ -45,18 +48,23 @@ def main() -> None:
         if i == 2:
             lines += ["", "Edge students distilled from the two models above by `usfm-edge distill` (task mode: the teacher's",
                       "soft masks + the labels, same patients and recipe; `usfm_vit_nano_patch16_224` backbone, 4 blocks of",
-                      "width 96, with a thin `hybrid` head; commands and figures in `benchmarks/RESULTS.md` §9):", ""]
-        model = load_task_model(src)
+                      "width 96, with a thin `hybrid` head whose first conv has stride 2; commands and figures in",
+                      "`benchmarks/RESULTS.md` §9):", ""]
+        model = load_task_model(src or out / name)
         extra = dict(getattr(model, "checkpoint_config", {}).get("extra", {}) or {})
-        extra["demo_source"] = str(src)
-        dst = save_task_checkpoint(model, out / name, extra=extra, half=True)
+        if src:
+            extra["demo_source"] = str(src)
+            dst = save_task_checkpoint(model, out / name, extra=extra, half=True)
+            print(f"wrote {dst} ({dst.stat().st_size / 1e6:.1f} MB)")
+        dst = out / name
         size = dst.stat().st_size / 1e6
         metrics = extra.get("metrics", {})
+        stride = model.head_args.get("stem_stride", 1)
         lines.append(f"- `{dst.name}` ({size:.1f} MB): {model.preset}, task {model.task}, head {model.head_name} "
-                     f"{model.head_args.get('widths', '')}, labels {model.labels}, input {model.img_size} px, "
-                     f"from `{src}`; held-out metrics: " + json.dumps({k: round(v, 4) for k, v in metrics.items()
-                                                                       if isinstance(v, float)}))
-        print(f"wrote {dst} ({size:.1f} MB)")
+                     f"{model.head_args.get('widths', '')}" + (f" (stem stride {stride})" if stride != 1 else "") +
+                     f", labels {model.labels}, input {model.img_size} px, from `{extra.get('demo_source', src)}`; "
+                     "held-out metrics: " + json.dumps({k: round(v, 4) for k, v in metrics.items()
+                                                        if isinstance(v, float)}))
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 

@@ -102,16 +102,17 @@ def test_config_flags_yaml_and_checks(tmp_path):
 
     p = add_argparse_options(argparse.ArgumentParser(), distill_options)
     args = p.parse_args(["--out", "x", "--teacher", "t.safetensors", "--student", PRESET, "--data", "a",
-                         "--mask-ratio", "0.3", "--head-widths", "4,8,16,32,64", "--alpha", "0.7"])
+                         "--mask-ratio", "0.3", "--head-widths", "4,8,16,32,64", "--alpha", "0.7", "--head-stride", "2"])
     yml = tmp_path / "kd.yaml"
     yml.write_text("batch_size: 8\nloss:\n  temperature: 4.0\n  mask_ratio: 0.5\n")
     cfg = load_distill_config(yml, overrides_from(args, distill_options))
     assert (cfg.model, cfg.data, cfg.batch_size, cfg.head_widths) == (PRESET, ["a"], 8, [4, 8, 16, 32, 64])
+    assert cfg.head_stride == 2
     assert (cfg.loss.mask_ratio, cfg.loss.temperature, cfg.loss.alpha) == (0.3, 4.0, 0.7)
     assert {o.field.split(".")[-1] for o in distill_options} <= set(DistillConfig.__dataclass_fields__) | set(
         DistillLossConfig.__dataclass_fields__)
     for bad in ({"mode": "both"}, {"loss": {"alpha": 2.0}}, {"loss": {"mask_ratio": 1.0}}, {"head_widths": "4,x"},
-                {"loss": {"temprature": 2.0}}):
+                {"loss": {"temprature": 2.0}}, {"head_stride": 4}):
         with pytest.raises(ConfigError):
             load_distill_config({"teacher": "t", **bad})
 
@@ -167,7 +168,7 @@ def test_task_distillation_writes_an_exportable_task_checkpoint(tmp_path, seg_te
     from usfm_edge.models.tasks import load_task_model
 
     run = tmp_path / "kd_seg"
-    res = run_distill(seg_teacher, PRESET, BUSBRA, run, head_widths="4,8,16,32,64", batch_size=4, epochs=2,
+    res = run_distill(seg_teacher, PRESET, BUSBRA, run, head_widths="4,8,16,32", head_stride=2, batch_size=4, epochs=2,
                       warmup_epochs=0.0, workers=0, amp="off", log_every=1, max_steps=4, label_fraction=0.5,
                       loss={"feature_weight": 0.5, "temperature": 3.0})
     assert res.mode == "task" and res.steps == 4 and "dice" in res.metrics
@@ -175,13 +176,16 @@ def test_task_distillation_writes_an_exportable_task_checkpoint(tmp_path, seg_te
     assert all({"loss_kd", "loss_sup", "loss_feat"} <= set(r) for r in log if "loss" in r)
     student = load_task_model(res.student)  # the loader export/quantize/evaluate use
     teacher = load_task_model(seg_teacher)
-    assert student.head_name == "hybrid" and student.head_args["widths"] == [4, 8, 16, 32, 64]
+    assert student.head_name == "hybrid" and student.head_args["widths"] == [4, 8, 16, 32]
+    assert student.head_args["stem_stride"] == 2 and student.head.enc[0][0][0].stride == (2, 2)  # the edge layout
     assert student.labels == teacher.labels and student.img_size == teacher.img_size
     split = student.checkpoint_config["extra"]["split"]
     assert split["val_fraction"] == 0.3 and split["labelled_images"] < split["train_images"]  # the teacher's split
     bundle = export(res.student, "onnx", out=tmp_path / "student", verify_frames=default_frames(1))
     meta = json.loads((bundle / "usfm.json").read_text())
     assert meta["task"] == "seg" and meta["parity"]["passed"]
+    with pytest.raises(ConfigError, match="--head-stride"):
+        run_distill(seg_teacher, PRESET, BUSBRA, tmp_path / "kd_light", head="light", head_stride=2, max_steps=1)
 
 
 def test_unlabelled_samples_learn_from_soft_targets_only(seg_teacher):
@@ -222,6 +226,8 @@ def test_wrong_teachers_raise_typed_errors_naming_the_file(tmp_path, backbone_te
         load_teacher(backbone_teacher, "task")
     with pytest.raises(ConfigError, match="--head"):
         fit_distill(_feature_cfg(backbone_teacher, head="hybrid"), tmp_path / "run2", progress=False)
+    with pytest.raises(ConfigError, match="--head-stride"):
+        fit_distill(_feature_cfg(backbone_teacher, head_stride=2), tmp_path / "run3", progress=False)
     with pytest.raises(ConfigError, match="teacher"):
         load_distill_config({"model": PRESET})
 

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+
 pytest.importorskip("cv2")
 
 from usfm_edge.core.preprocess import PreprocessSpec  # noqa: E402
@@ -146,6 +148,44 @@ def test_hybrid_head_starts_as_a_unet_and_trains_the_vit():
     (model.forward_train(x, aux=False)["out"] * torch.randn(2, 2, 64, 64)).sum().backward()
     assert model.head.context_norm.weight.grad.abs().sum() > 0  # the gate opens
     assert model.head.enc[0][0][0].weight.grad.abs().sum() > 0  # the full-resolution conv path is trained
+
+
+def test_hybrid_head_stem_stride_two_skips_the_full_size_level():
+    """``stem_stride=2``: the first conv halves the input, the logits come out at half the input size and are
+    upsampled to it; four widths put the bottleneck at the patch grid (no resampling of the ViT context)."""
+    torch.manual_seed(0)
+    model = build_task_model("seg", "usfm_vit_test", img_size=64, head="hybrid",
+                             head_args={"widths": [8, 16, 32, 64], "stem_stride": 2}).eval()
+    assert model.head.enc[0][0][0].stride == (2, 2) and model.head_args["stem_stride"] == 2
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.backbone.forward_intermediates(x, indices=model.out_indices)
+        logits, deep = model.head(feats, x, aux=True)
+        out = model.forward_train(x, aux=True)
+    assert logits.shape == (2, 2, 32, 32) and deep.shape == (2, 2, 8, 8)  # strides 2 and 8
+    assert out["out"].shape == (2, 2, 64, 64) and out["aux"].shape == (2, 2, 64, 64)
+    assert feats[0].shape[-2:] == (4, 4)  # the bottleneck (64 / 16) lines up with the patch grid
+    torch.testing.assert_close(out["out"], F.interpolate(logits, size=(64, 64), mode="bilinear"))
+    with pytest.raises(ValueError, match="stem_stride"):
+        build_task_model("seg", "usfm_vit_test", img_size=64, head="hybrid", head_args={"stem_stride": 4})
+
+
+def test_hybrid_stem_stride_two_round_trips_and_exports(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from usfm_edge.export import export
+    from usfm_edge.models.tasks import load_task_model
+
+    torch.manual_seed(0)
+    model = build_task_model("seg", "usfm_vit_test", img_size=64, head="hybrid",
+                             head_args={"widths": [8, 16, 32, 64], "stem_stride": 2}).eval()
+    path = save_task_checkpoint(model, tmp_path / "s2.safetensors")
+    back = load_task_model(path)
+    assert back.head.enc[0][0][0].stride == (2, 2)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x))
+    meta = json.loads((export(path, "onnx", out=tmp_path / "s2-onnx") / "usfm.json").read_text())
+    assert meta["parity"]["passed"] and meta["model"]["head"] == "hybrid"
 
 
 @pytest.mark.parametrize("head", ["hires", "hybrid"])

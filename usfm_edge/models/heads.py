@@ -354,6 +354,12 @@ class HybridUNetHead(nn.Module):
     the small labelled set cannot teach a CNN). The decoder mirrors the encoder with skip concatenation up to
     stride 1. ``aux=True`` also returns logits at stride 8 for deep supervision.
 
+    ``stem_stride=2`` makes the first conv a stride-2 one: no level runs at the full input size and the logits
+    come out at half of it (the task model upsamples them bilinearly, like the ``hires`` head's). Four widths
+    then put the bottleneck at stride 16. It is the edge students' layout: on a 2-core CPU the full-size level
+    of thin (8-channel) maps costs more per multiply-add than any other (memory-bound), for boundaries that the
+    bilinear upsampling of the logits resolves almost as well.
+
     The bottleneck stride must equal the patch size (16) for the two maps to line up; other sizes are
     resampled bilinearly. Why this shape: with a ViT trained on ~1k frames a thin conv stem beside it (the
     ``hires`` head) learned far slower per step than a plain U-Net (benchmarks/RESULTS.md
@@ -361,12 +367,18 @@ class HybridUNetHead(nn.Module):
     """
 
     def __init__(self, embed_dim: int, num_classes: int, num_taps: int = 4,
-                 widths: Sequence[int] = (16, 32, 64, 128, 256), dropout: float = 0.1, in_chans: int = 3):
+                 widths: Sequence[int] = (16, 32, 64, 128, 256), dropout: float = 0.1, in_chans: int = 3,
+                 stem_stride: int = 1):
         super().__init__()
         widths = tuple(int(w) for w in widths)
         if len(widths) < 2:
             raise ValueError("the hybrid head needs at least two encoder widths")
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
+        self.stem_stride = stem_stride
         self.enc = nn.ModuleList(_double_conv(c_in, c_out) for c_in, c_out in zip((in_chans, *widths[:-1]), widths))
+        if stem_stride == 2:  # the first level's first conv halves the frame: no full-resolution level at all
+            self.enc[0][0][0].stride = (2, 2)
         self.taps = nn.ModuleList(nn.Conv2d(embed_dim, widths[-1], 1) for _ in range(num_taps))
         self.context_norm = nn.BatchNorm2d(widths[-1])
         nn.init.zeros_(self.context_norm.weight)

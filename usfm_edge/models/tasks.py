@@ -78,7 +78,7 @@ def _head_defaults(head: str, embed_dim: int) -> dict:
                 "context": 32 if small else 128, "dropout": 0.1, "aux_weight": 0.4}
     if head == "hybrid":
         return {"widths": [8, 16, 32, 64, 128] if embed_dim < 128 else [16, 32, 64, 128, 256], "dropout": 0.1,
-                "aux_weight": 0.4}
+                "aux_weight": 0.4, "stem_stride": 1}
     if head == "linear":
         return {"dropout": 0.0, "init_scale": 0.001}
     if head == "pixelshuffle":
@@ -137,7 +137,7 @@ class TaskModel(nn.Module):
         elif head == "hybrid":
             self.out_indices = tuple(backbone.default_out_indices)
             self.head = HybridUNetHead(d, k, len(self.out_indices), tuple(a["widths"]), a["dropout"],
-                                       in_chans=backbone.in_chans)
+                                       in_chans=backbone.in_chans, stem_stride=int(a["stem_stride"]))
             self.aux_weight = float(a["aux_weight"])
         elif head == "light":
             self.out_indices = (backbone.depth - 1,)

@@ -87,7 +87,10 @@ class DistillConfig(RunConfig):
             or ``task``.
         student_init: weights the student starts from (a backbone or task checkpoint), or None (random).
         head, head_widths: task mode: the student's head (``auto`` = the teacher's) and optional widths
-            (hybrid: its 5 U-Net widths; light: its stage widths; upernet: its channels).
+            (hybrid: its U-Net widths; light: its stage widths; upernet: its channels).
+        head_stride: task mode, hybrid head: 2 starts its conv encoder with a stride-2 conv, so no level runs
+            at the full input size and the logits come out at half of it (upsampled bilinearly); give one
+            width fewer (4 widths put the bottleneck at the patch size, 16). 1 = the teacher's layout.
         samples_per_epoch: feature mode: frames drawn per epoch (default: all).
         label_fraction: task mode: share of the training patients whose labels enter the supervised term.
         val_fraction, split_seed: task mode: patient split; None = the teacher's recorded split (else 0.2, 0).
@@ -108,6 +111,7 @@ class DistillConfig(RunConfig):
     student_init: str | None = None
     head: str = "auto"
     head_widths: list[int] | str | None = None
+    head_stride: int = 1
     epochs: int = 30
     batch_size: int = 16
     lr: float = 2e-3
@@ -132,6 +136,8 @@ class DistillConfig(RunConfig):
         super().__post_init__()
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.head_stride not in (1, 2):
+            raise ConfigError(f"head_stride must be 1 or 2, got {self.head_stride!r}")
         if not self.teacher:
             raise ConfigError("no teacher given", hint="pass --teacher CHECKPOINT (a backbone or a seg task checkpoint)")
 
@@ -157,8 +163,8 @@ class DistillResult:
 def _resolve(cfg: DistillConfig, mode: str, teacher, meta: dict) -> DistillConfig:
     """Fill the fields left to the teacher (img_size, split); refuse task-mode fields in feature mode."""
     if mode == "features":
-        if cfg.head != "auto" or cfg.head_widths:
-            raise ConfigError("--head/--head-widths are for task distillation; this run distils backbone features",
+        if cfg.head != "auto" or cfg.head_widths or cfg.head_stride != 1:
+            raise ConfigError("--head/--head-widths/--head-stride are for task distillation; this run distils backbone features",
                               path=cfg.teacher, hint="drop them (the feature-mode student is a backbone), or pass a "
                                                      "seg task checkpoint as the teacher")
         if cfg.img_size is None:
@@ -187,6 +193,10 @@ def _task_student(cfg: DistillConfig, teacher, spec: PreprocessSpec):
                               hint=f"use it with {', '.join(_WIDTH_ARG)}")
         widths = list(cfg.head_widths)
         head_args = {_WIDTH_ARG[head]: widths[0] if head == "upernet" else widths}
+    if cfg.head_stride != 1:
+        if head != "hybrid":
+            raise ConfigError(f"--head-stride is for the hybrid head, not {head!r}", hint="drop it or pass --head hybrid")
+        head_args = {**(head_args or {}), "stem_stride": cfg.head_stride}
     return build_task_model("seg", backbone=cfg.model, labels=teacher.labels, head=head, img_size=cfg.img_size,
                             checkpoint=cfg.student_init, head_args=head_args, preprocess=spec,
                             drop_path_rate=cfg.drop_path)

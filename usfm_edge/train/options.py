@@ -99,6 +99,7 @@ distill_options: list[Option] = [
     Option("--student-init", "student_init", str, "start the student from these weights (backbone or task file)"),
     Option("--head", "head", str, "task mode: student head (auto = the teacher's: hybrid, light, upernet, ...)"),
     Option("--head-widths", "head_widths", str, "task mode: smaller head widths, comma-separated (hybrid: 8,16,32,64,128)"),
+    Option("--head-stride", "head_stride", int, "task mode, hybrid head: 2 = no full-resolution level (4 widths)"),
     *[o for o in RUN_OPTIONS if o.flag != "--model"],
     Option("--samples-per-epoch", "samples_per_epoch", int, "feature mode: samples per epoch (default: all frames)"),
     Option("--label-fraction", "label_fraction", float, "task mode: fraction of training patients whose labels are used"),
