@@ -201,8 +201,8 @@ def distill(out, config, resume, **kwargs):
     Examples (feature mode on unlabelled frames; task mode from a seg checkpoint into a thinner hybrid head):
       usfm-edge distill --teacher usfm_base.safetensors --student usfm_vit_tiny_patch16_224 \\
           --data folder:FRAMES@breast --out runs/kd_tiny --time-limit-min 60
-      usfm-edge distill --teacher busbra_seg_tiny.safetensors --student usfm_vit_test --head-widths 8,16,32,64,128 \\
-          --data busbra:PATH --out runs/kd_seg
+      usfm-edge distill --teacher busbra_seg_tiny.safetensors --student usfm_vit_test --head-widths 16,32,64,128 \\
+          --head-stride 2 --data busbra:PATH --out runs/kd_seg
     """
     from usfm_edge.train.distill import fit_distill, load_distill_config
 
