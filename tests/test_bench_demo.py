@@ -41,7 +41,7 @@ def test_demo_checkpoints_are_small_task_models():
 
 
 def test_demo_students_are_distilled_from_the_demo_models_on_their_split():
-    """The shipped edge students: nano backbone + thin hybrid head, distilled (task mode) from the shipped
+    """The shipped edge students: nano backbone + thin stride-2 hybrid head, distilled (task mode) from the shipped
     models, scored on the teachers' held-out patients (RESULTS.md §9)."""
     from usfm_edge.bench.demo import DEMO_CHECKPOINTS, DEMO_STUDENTS, checkpoints_dir
     from usfm_edge.models.tasks import load_task_model
@@ -52,6 +52,7 @@ def test_demo_students_are_distilled_from_the_demo_models_on_their_split():
         student = load_task_model(path)
         teacher = load_task_model(checkpoints_dir() / DEMO_CHECKPOINTS[key])
         assert student.preset == "usfm_vit_nano_patch16_224" and student.head_name == "hybrid"
+        assert student.head_args["stem_stride"] == 2  # no full-size level (RESULTS.md §9)
         assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters()) / 5
         s_extra, t_extra = student.checkpoint_config["extra"], teacher.checkpoint_config["extra"]
         assert s_extra["distill"]["mode"] == "task" and s_extra["distill"]["teacher"] == DEMO_CHECKPOINTS[key]
