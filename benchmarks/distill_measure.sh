@@ -3,7 +3,7 @@
 # bundles, and the side-by-side latency tables of benchmarks/RESULTS.md section 9.
 #   bash benchmarks/distill_measure.sh [DATA_ROOT=../shared/data] [OUT=runs/kd_eval] [STUDENTS=shipped|RUN_BB,RUN_HC]
 # STUDENTS defaults to the shipped students (usfm_edge/assets/checkpoints/*_seg_nano.safetensors); pass
-# "runs/kd_busbra_nano160/student.safetensors,runs/kd_hc18_nano224/student.safetensors" for fresh distillation runs.
+# "runs/kd_busbra_nano160_s2/student.safetensors,runs/kd_hc18_nano192_s2/student.safetensors" for fresh distillation runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${1:-../shared/data}"; OUT="${2:-runs/kd_eval}"; STUDENTS="${3:-shipped}"
