@@ -52,17 +52,17 @@ def main() -> None:
                       "`benchmarks/RESULTS.md` §9):", ""]
         model = load_task_model(src or out / name)
         extra = dict(getattr(model, "checkpoint_config", {}).get("extra", {}) or {})
+        dst = out / name
         if src:
             extra["demo_source"] = str(src)
-            dst = save_task_checkpoint(model, out / name, extra=extra, half=True)
+            save_task_checkpoint(model, dst, extra=extra, half=True)
             print(f"wrote {dst} ({dst.stat().st_size / 1e6:.1f} MB)")
-        dst = out / name
         size = dst.stat().st_size / 1e6
         metrics = extra.get("metrics", {})
         stride = model.head_args.get("stem_stride", 1)
         lines.append(f"- `{dst.name}` ({size:.1f} MB): {model.preset}, task {model.task}, head {model.head_name} "
                      f"{model.head_args.get('widths', '')}" + (f" (stem stride {stride})" if stride != 1 else "") +
-                     f", labels {model.labels}, input {model.img_size} px, from `{extra.get('demo_source', src)}`; "
+                     f", labels {model.labels}, input {model.img_size} px, from `{extra.get('demo_source')}`; "
                      "held-out metrics: " + json.dumps({k: round(v, 4) for k, v in metrics.items()
                                                         if isinstance(v, float)}))
     (out / "README.md").write_text("\n".join(lines) + "\n")

@@ -375,7 +375,6 @@ class HybridUNetHead(nn.Module):
             raise ValueError("the hybrid head needs at least two encoder widths")
         if stem_stride not in (1, 2):
             raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
-        self.stem_stride = stem_stride
         self.enc = nn.ModuleList(_double_conv(c_in, c_out) for c_in, c_out in zip((in_chans, *widths[:-1]), widths))
         if stem_stride == 2:  # the first level's first conv halves the frame: no full-resolution level at all
             self.enc[0][0][0].stride = (2, 2)
