@@ -210,6 +210,29 @@ def test_task_checkpoint_initialises_other_task(tmp_path):
     assert {"head.fc.weight", "head.fc_norm.weight"} <= set(cls.load_report.missing)
 
 
+def test_task_checkpoint_heads_load_across_head_argument_defaults(tmp_path):
+    """A checkpoint written before a head argument existed (stored without it) still initialises the heads
+    of a model that has the argument at its default; a real difference leaves the heads fresh and says why."""
+    from usfm_edge.models.checkpoint import read_checkpoint, save_checkpoint
+
+    seg = _randomise(build_task_model("seg", TEST, head="hybrid", img_size=64, head_args={"widths": [4, 8, 16, 32, 64]}))
+    sd, cfg = read_checkpoint(save_task_checkpoint(seg, tmp_path / "new.safetensors"))
+    assert cfg["head_args"]["stem_stride"] == 1
+    del cfg["head_args"]["stem_stride"]  # as the checkpoints written before session 12 store it
+    old = save_checkpoint(tmp_path / "old.safetensors", sd, cfg)
+    again = build_task_model("seg", TEST, head="hybrid", img_size=64, head_args={"widths": [4, 8, 16, 32, 64]},
+                             checkpoint=old).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), seg.eval()(x))
+    assert again.load_report.missing == [] and again.load_report.heads_fresh is None
+    other = build_task_model("seg", TEST, head="hybrid", img_size=64, labels=["background", "lesion"],
+                             head_args={"widths": [4, 8, 16, 32, 64], "stem_stride": 2}, checkpoint=old)
+    assert "head.cls_seg.weight" in other.load_report.missing
+    why = other.load_report.heads_fresh
+    assert "head_args.stem_stride 1 != 2" in why and "labels" in why
+    assert "heads start fresh: " + why in other.load_report.summary()
+
 def test_param_groups_layer_decay():
     model = build_task_model("cls", TEST, num_classes=3, img_size=64)
     groups = param_groups(model, weight_decay=0.05, layer_decay=0.5, lr=1e-3)
@@ -227,3 +250,20 @@ def test_param_groups_layer_decay():
         assert by_name[n]["weight_decay"] == 0.0, n
     assert by_name["head.fc.weight"]["layer_id"] == depth + 1 and by_name["backbone.cls_token"]["layer_id"] == 0
     torch.optim.AdamW(groups, lr=1e-3)  # valid optimiser groups
+
+
+@pytest.mark.parametrize("name, source", [
+    ("busbra_seg_tiny", "pairs:{root}/busbra/Images,{root}/busbra/Masks?patient=bus_(\\d+)"),
+    ("hc18_seg_tiny", "hc18:{root}/hc18"),
+])
+def test_shipped_models_start_finetune_with_their_heads(name, source):
+    """The README's fine-tuning walkthrough starts from a shipped model, backbone and head: the labels that
+    finetune derives from the data and the default head arguments must match the shipped checkpoint's."""
+    from usfm_edge.bench.demo import checkpoints_dir
+    from usfm_edge.data import load_records, sample_dir
+    from usfm_edge.train.finetune import FinetuneConfig, _labels
+
+    records = load_records(source.format(root=sample_dir()))
+    labels = _labels(FinetuneConfig(task="seg"), records)
+    model = build_task_model("seg", head="hybrid", img_size=256, labels=labels, checkpoint=checkpoints_dir() / f"{name}.safetensors")
+    assert model.load_report.missing == [], model.load_report.summary()

@@ -43,12 +43,14 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)  # model keys initialised fresh (allowed only)
     family: str | None = None  # backbone family of the model loaded into ("beit" / "mae")
     preset: str | None = None  # preset name, where the caller knows it (convert_weights)
+    heads_fresh: str | None = None  # task checkpoint whose heads were not loaded: why (what differs)
 
     def summary(self, limit: int = 6) -> str:
         """One line; key lists longer than ``limit`` are grouped by module (``head.dec``: 24 tensors)."""
+        why = f"; heads start fresh: {self.heads_fresh}" if self.heads_fresh else ""
         return (f"{self.source_format}: {len(self.mapped)} tensors loaded, {len(self.dropped)} dropped"
                 f" ({_names(sorted(self.dropped), limit)}), {len(self.resized)} resized,"
-                f" {len(self.missing)} left at init ({_names(list(self.missing), limit)})")
+                f" {len(self.missing)} left at init ({_names(list(self.missing), limit)}){why}")
 
 
 def _names(keys: list[str], limit: int) -> str:

@@ -310,14 +310,28 @@ def _init_from_checkpoint(model: TaskModel, path: str | Path):
             raise CheckpointError(exc.message, path=path, hint=exc.hint) from exc
         report.source_format = f"usfm_edge task '{cfg['task']}'"
     heads = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
-    same_head = is_task and all(cfg.get(k) == v for k, v in model.config().items()
-                                if k in ("task", "head", "labels", "head_args"))
-    if same_head:
+    differ = _head_mismatch(model, cfg) if is_task else ["not a task checkpoint"]
+    if not differ:
         head_sd = {k: v for k, v in sd.items() if not k.startswith("backbone.")}
         _load_strict(model, head_sd, path, prefix_ok=tuple(heads))
     else:
         report.missing = sorted(set(report.missing) | set(heads))
+        report.heads_fresh = "; ".join(differ)
     return report
+
+
+def _head_mismatch(model: TaskModel, cfg: dict) -> list[str]:
+    """Why a task checkpoint's heads cannot initialise ``model``'s (empty: they can). Head arguments are
+    compared with the head's defaults filled in on both sides, so a checkpoint written before a new head
+    argument existed (stored without it, meaning its default) still matches."""
+    mine = model.config()
+    out = [f"{k} {cfg.get(k)!r} != {mine[k]!r}" for k in ("task", "head", "labels") if cfg.get(k) != mine[k]]
+    if cfg.get("head") == mine["head"]:
+        theirs = _jsonable({**_head_defaults(mine["head"], model.backbone.embed_dim), **(cfg.get("head_args") or {})})
+        ours = mine["head_args"]
+        keys = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        out += [f"head_args.{k} {theirs.get(k)!r} != {ours.get(k)!r}" for k in keys]
+    return out
 
 
 def _load_strict(model: nn.Module, sd: dict, path, prefix_ok: tuple[str, ...] | None = None) -> None:
