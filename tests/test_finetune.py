@@ -44,3 +44,30 @@ def test_label_fraction_is_patient_level_and_seeded(sample_dir):
     full = load_finetune_config(None, {"task": "seg", "data": [f"busbra:{sample_dir / 'busbra'}"], "val_fraction": 0.25})
     _, train_full, _ = _splits(full)
     assert {r.patient for r in train_a} < {r.patient for r in train_full}
+
+
+@pytest.mark.parametrize("name, source, head", [
+    ("busbra_seg_nano", "busbra", "auto"),   # a student: widths 16-128 and a stride-2 stem come from the file
+    ("busbra_seg_nano", "busbra", "hybrid"),
+    ("hc18_seg_tiny", "busbra", "auto"),     # another organ's 2-class model: class names differ, heads still load
+])
+def test_init_from_a_task_checkpoint_starts_from_its_whole_network(sample_dir, name, source, head):
+    from types import SimpleNamespace
+
+    from usfm_edge.bench.demo import checkpoints_dir
+    from usfm_edge.models.checkpoint import read_checkpoint_config
+    from usfm_edge.train.finetune import _labels, _model, _splits
+
+    path = checkpoints_dir() / f"{name}.safetensors"
+    ck = read_checkpoint_config(path)
+    cfg = load_finetune_config(None, {"task": "seg", "data": [f"{source}:{sample_dir / source}"], "init": str(path),
+                                      "model": ck["model"], "head": head, "img_size": ck["img_size"]})
+    records, _, _ = _splits(cfg)
+    model = _model(cfg, _labels(cfg, records), None, SimpleNamespace(device="cpu"), None)
+    assert model.load_report.missing == [] and model.load_report.heads_fresh is None, model.load_report.summary()
+    assert model.head_name == ck["head"] and model.head_args["widths"] == ck["head_args"]["widths"]
+    assert model.labels == ["background", "lesion"]  # the data's classes, the checkpoint's weights
+    # another head by name: that head, fresh, and the report says why
+    other = _model(load_finetune_config(None, {**cfg.__dict__, "head": "light"}), model.labels, None,
+                   SimpleNamespace(device="cpu"), None)
+    assert other.head_name == "light" and "head 'hybrid' != 'light'" in other.load_report.heads_fresh

@@ -226,11 +226,11 @@ def test_task_checkpoint_heads_load_across_head_argument_defaults(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(x), seg.eval()(x))
     assert again.load_report.missing == [] and again.load_report.heads_fresh is None
-    other = build_task_model("seg", TEST, head="hybrid", img_size=64, labels=["background", "lesion"],
+    other = build_task_model("seg", TEST, head="hybrid", img_size=64, labels=["background", "a", "b"],
                              head_args={"widths": [4, 8, 16, 32, 64], "stem_stride": 2}, checkpoint=old)
     assert "head.cls_seg.weight" in other.load_report.missing
     why = other.load_report.heads_fresh
-    assert "head_args.stem_stride 1 != 2" in why and "labels" in why
+    assert "head_args.stem_stride 1 != 2" in why and "2 classes != 3" in why
     assert "heads start fresh: " + why in other.load_report.summary()
 
 def test_param_groups_layer_decay():

@@ -91,6 +91,25 @@ def describe_load_error(exc: BaseException) -> tuple[str, bool]:
     return first, False
 
 
+def read_checkpoint_config(path: str | Path) -> dict | None:
+    """The usfm-edge JSON config of a ``.safetensors`` checkpoint, read from its header alone (no tensors);
+    None for other files or a file without one. Unreadable files raise ``CheckpointError``."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        config = json.loads(meta[META_KEY]) if META_KEY in meta else None
+    except (SafetensorError, OSError, ValueError, RuntimeError, RecursionError) as exc:
+        raise CheckpointError(f"cannot read the safetensors header ({exc})", path=path,
+                              hint="the file may be truncated; re-download or re-export it") from exc
+    return config if isinstance(config, dict) else None
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Read a checkpoint file -> (flat-or-nested state dict, our JSON config or None).
 

@@ -273,7 +273,8 @@ def build_task_model(task: str, backbone: str = "usfm_vit_tiny_patch16_224", num
         img_size: input side (multiple of 16).
         checkpoint: a backbone checkpoint (official ``USFM_latest.pth``, SimMIM/pretraining file, usfm-edge
             ``task: backbone`` file) -> backbone loaded, heads fresh; or a task checkpoint -> its backbone, plus
-            its heads when task, head, classes and head arguments all match (else heads fresh).
+            its heads when task, head, number of classes and head arguments (defaults filled in) all match
+            (else heads fresh, and ``load_report.heads_fresh`` says what differs).
         head_args: head hyper-parameters overriding the per-preset defaults.
         preprocess: the input contract (default: ``PreprocessSpec(img_size=img_size)``).
         **backbone_kw: backbone constructor overrides (``drop_path_rate=0.1`` for fine-tuning, ...).
@@ -325,7 +326,10 @@ def _head_mismatch(model: TaskModel, cfg: dict) -> list[str]:
     compared with the head's defaults filled in on both sides, so a checkpoint written before a new head
     argument existed (stored without it, meaning its default) still matches."""
     mine = model.config()
-    out = [f"{k} {cfg.get(k)!r} != {mine[k]!r}" for k in ("task", "head", "labels") if cfg.get(k) != mine[k]]
+    out = [f"{k} {cfg.get(k)!r} != {mine[k]!r}" for k in ("task", "head") if cfg.get(k) != mine[k]]
+    theirs_k, ours_k = len(cfg.get("labels") or []), len(mine["labels"])
+    if theirs_k != ours_k:  # the class names may differ: a 2-class head is a good start for any 2-class task
+        out.append(f"{theirs_k} classes != {ours_k}")
     if cfg.get("head") == mine["head"]:
         theirs = _jsonable({**_head_defaults(mine["head"], model.backbone.embed_dim), **(cfg.get("head_args") or {})})
         ours = mine["head_args"]

@@ -219,9 +219,25 @@ def _model(cfg: FinetuneConfig, labels, payload, info, build_model) -> nn.Module
     if build_model is not None:
         return build_model(labels).to(info.device)
     init = None if (payload is not None or cfg.init in ("", "none", None)) else cfg.init
-    head_args = {"aux_weight": cfg.aux_weight} if cfg.aux_weight is not None else None
-    return build_task_model(cfg.task, backbone=cfg.model, labels=labels, head=cfg.head, img_size=cfg.img_size,
+    head, head_args = _init_head(cfg)  # on --resume too: the same head as the run's start
+    if cfg.aux_weight is not None:
+        head_args = {**(head_args or {}), "aux_weight": cfg.aux_weight}
+    return build_task_model(cfg.task, backbone=cfg.model, labels=labels, head=head, img_size=cfg.img_size,
                             checkpoint=init, drop_path_rate=cfg.drop_path, head_args=head_args).to(info.device)
+
+
+def _init_head(cfg: FinetuneConfig) -> tuple[str, dict | None]:
+    """The head to build: a task checkpoint given as ``--init`` for the same task lends its head and head
+    arguments when ``--head`` is ``auto`` or names the same head (fine-tuning a shipped model or a student
+    continues from its whole network, widths included); otherwise ``cfg.head`` with its defaults."""
+    if not str(cfg.init).endswith(".safetensors") or not Path(cfg.init).is_file():
+        return cfg.head, None
+    from usfm_edge.models.checkpoint import read_checkpoint_config
+
+    ck = read_checkpoint_config(cfg.init) or {}
+    if ck.get("task") == cfg.task and cfg.head in ("auto", ck.get("head")) and ck.get("head"):
+        return ck["head"], dict(ck.get("head_args") or {})
+    return cfg.head, None
 
 
 def _loader(cfg: FinetuneConfig, train: list, spec: PreprocessSpec, info):

@@ -75,8 +75,10 @@ pretrain_options: list[Option] = [
 finetune_options: list[Option] = [
     Option("--task", "task", str, "seg, cls or enhance"),
     Option("--data", "data", list, "labelled source: busbra:PATH, hc18:PATH, folder:PATH ... (repeatable)"),
-    Option("--init", "init", str, "starting weights (USFM_latest.pth, encoder.safetensors, ...) or none"),
-    Option("--head", "head", str, "auto, upernet or light (seg), linear (cls), pixelshuffle (enhance)"),
+    Option("--init", "init", str, "starting weights (USFM_latest.pth, encoder.safetensors, a task checkpoint "
+           "such as a shipped model: backbone and head) or none"),
+    Option("--head", "head", str, "auto, hybrid, upernet, light or hires (seg), linear (cls), pixelshuffle "
+           "(enhance); auto with a task checkpoint as --init: its head and widths"),
     Option("--label-fraction", "label_fraction", float, "fraction of training patients with labels"),
     Option("--val-fraction", "val_fraction", float, "fraction of patients held out for validation"),
     Option("--split-seed", "split_seed", int, "seed of the patient split (and of the label subset by default)"),
