@@ -71,3 +71,18 @@ def test_init_from_a_task_checkpoint_starts_from_its_whole_network(sample_dir, n
     other = _model(load_finetune_config(None, {**cfg.__dict__, "head": "light"}), model.labels, None,
                    SimpleNamespace(device="cpu"), None)
     assert other.head_name == "light" and "head 'hybrid' != 'light'" in other.load_report.heads_fresh
+
+
+def test_init_from_a_task_checkpoint_of_another_preset_names_it(sample_dir):
+    from types import SimpleNamespace
+
+    from usfm_edge.bench.demo import checkpoints_dir
+    from usfm_edge.core.errors import CheckpointError
+    from usfm_edge.train.finetune import _model
+
+    path = checkpoints_dir() / "busbra_seg_nano.safetensors"
+    cfg = load_finetune_config(None, {"task": "seg", "data": [f"busbra:{sample_dir / 'busbra'}"], "init": str(path),
+                                      "img_size": 160})  # --model left at its default, the tiny preset
+    with pytest.raises(CheckpointError, match=r"finetune --model usfm_vit_nano_patch16_224") as err:
+        _model(cfg, ["background", "lesion"], None, SimpleNamespace(device="cpu"), None)
+    assert str(path) in str(err.value)

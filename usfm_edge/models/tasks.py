@@ -308,7 +308,10 @@ def _init_from_checkpoint(model: TaskModel, path: str | Path):
         try:
             report = load_into(model.backbone, bb)
         except CheckpointError as exc:
-            raise CheckpointError(exc.message, path=path, hint=exc.hint) from exc
+            theirs = cfg.get("model")
+            hint = (f"the checkpoint's backbone is {theirs}, this model's {model.preset}: build it with that preset "
+                    f"(finetune --model {theirs})" if theirs and theirs != model.preset else exc.hint)
+            raise CheckpointError(exc.message, path=path, hint=hint) from exc
         report.source_format = f"usfm_edge task '{cfg['task']}'"
     heads = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
     differ = _head_mismatch(model, cfg) if is_task else ["not a task checkpoint"]
