@@ -56,13 +56,16 @@ def main(argv=None) -> int:
     p.add_argument("--time-limit-min", type=float, default=40.0)
     p.add_argument("--lr", type=float, default=0.004, help="per 256 images (the shipped run's peak: 0.016)")
     args = p.parse_args(argv)
-    if args.balance:
-        F._loader = balanced_loader
     cfg = F.load_finetune_config(None, dict(
         task="seg", model="usfm_vit_tiny_patch16_224", head="hybrid", init=args.init, data=[args.data], img_size=320,
         batch_size=8, lr=args.lr, layer_decay=1.0, warmup_epochs=0.2, epochs=200, eval_every=2, save_every=100,
         time_limit_min=args.time_limit_min, augment="ultrasound", ema=0.995))
-    res = F.fit_finetune(cfg, args.out)
+    plain = F._loader
+    F._loader = balanced_loader if args.balance else plain
+    try:
+        res = F.fit_finetune(cfg, args.out)
+    finally:
+        F._loader = plain
     print(json.dumps(res.metrics))
     return 0
 
