@@ -207,3 +207,9 @@ def test_hc_metrics_size_bins():
     assert out["hc_n_lt150"] == 1 and out["hc_n_150_250"] == 1 and out["hc_n_gt250"] == 1
     assert out["hc_mae_mm_lt150"] == pytest.approx(1.0) and out["hc_mean_diff_mm_lt150"] == pytest.approx(-1.0)
     assert out["hc_mae_mm_150_250"] == pytest.approx(2.0) and out["hc_mean_diff_mm_150_250"] == pytest.approx(2.0)
+    # the same errors in pixels and relative to the reference
+    assert out["hc_mae_px_lt150"] == pytest.approx(1.0) and out["hc_rel_err_pct_lt150"] == pytest.approx(100 / (hc[0] + 1))
+    # at 0.5 mm per pixel a 2 mm error is 4 pixels
+    half = M.hc_metrics([masks[1]], [0.5], [hc[1] * 0.5 - 2.0])
+    assert half["hc_mae_mm"] == pytest.approx(2.0) and half["hc_mae_px"] == pytest.approx(4.0)
+    assert half["hc_rel_err_pct"] == pytest.approx(200 / (hc[1] * 0.5 - 2.0))

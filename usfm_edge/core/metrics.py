@@ -292,19 +292,27 @@ def hc_metrics(pred_masks: Sequence[np.ndarray], pixel_sizes: Sequence[float], r
         ``hc_abs_diff_std_mm``, ``hc_empty`` (empty predictions, scored as a circumference of 0), ``n``, and per
         reference size bin (``core.geometry.HC_SIZE_BINS``: < 150, 150-250, > 250 mm) ``hc_mae_mm_lt150`` /
         ``_150_250`` / ``_gt250``, ``hc_mean_diff_mm_...`` and ``hc_n_...`` (bins without frames are left out).
+        The same absolute error in frame pixels (``hc_mae_px``, ``hc_mae_px_...``) and relative to the
+        reference (``hc_rel_err_pct``, ``hc_rel_err_pct_...``): late-trimester frames have ~1.7x larger pixels
+        than mid-trimester ones, so an edge placed equally well costs more millimetres there (RESULTS.md §1.1).
     """
     if not len(pred_masks) == len(pixel_sizes) == len(ref_hc_mm) > 0:
         raise ValueError("pred_masks, pixel_sizes and ref_hc_mm must be non-empty and of the same length")
     hc = np.array([head_circumference_mm(m, s) for m, s in zip(pred_masks, pixel_sizes)], dtype=np.float64)
     ref = np.asarray(ref_hc_mm, dtype=np.float64)
     diff = hc - ref
+    err_px = np.abs(diff) / np.asarray(pixel_sizes, dtype=np.float64)
+    err_rel = 100.0 * np.abs(diff) / ref
     out = {"hc_mae_mm": float(np.abs(diff).mean()), "hc_mean_diff_mm": float(diff.mean()),
-           "hc_abs_diff_std_mm": float(np.abs(diff).std()), "hc_empty": int((hc == 0).sum()), "n": int(diff.size)}
+           "hc_abs_diff_std_mm": float(np.abs(diff).std()), "hc_mae_px": float(err_px.mean()),
+           "hc_rel_err_pct": float(err_rel.mean()), "hc_empty": int((hc == 0).sum()), "n": int(diff.size)}
     for name, lo, hi in HC_SIZE_BINS:
         sel = (ref >= lo) & (ref < hi)
         if sel.any():
             key = _BIN_KEYS[name]
             out[f"hc_mae_mm_{key}"] = float(np.abs(diff[sel]).mean())
             out[f"hc_mean_diff_mm_{key}"] = float(diff[sel].mean())
+            out[f"hc_mae_px_{key}"] = float(err_px[sel].mean())
+            out[f"hc_rel_err_pct_{key}"] = float(err_rel[sel].mean())
             out[f"hc_n_{key}"] = int(sel.sum())
     return out
