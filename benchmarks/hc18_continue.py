@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import usfm_edge.train.finetune as F
 from usfm_edge.core.geometry import size_bin
@@ -29,22 +28,12 @@ from usfm_edge.core.geometry import size_bin
 SHIPPED = Path(__file__).resolve().parents[1] / "usfm_edge" / "assets" / "checkpoints" / "hc18_seg_tiny.safetensors"
 
 
-def balanced_loader(cfg, train, spec, info):
+def balanced_loader(cfg, train, spec, info, plain=F._loader):
     """``finetune._loader`` with size bins in place of organs, weighted by the square root of their counts."""
-    from usfm_edge.data.sampler import OrganBalancedSampler
-    from usfm_edge.train.datasets import PositionedSampler
-    from usfm_edge.train.task_data import TaskDataset
-
     keys = [size_bin(r.hc_mm) for r in train]
     counts = {k: keys.count(k) for k in sorted(set(keys))}
     print(f"[hc18_continue] training frames per bin {counts}", file=sys.stderr)
-    dataset = TaskDataset(train, cfg.task, spec, train=True, seed=cfg.seed, augment=cfg.augment)
-    base = OrganBalancedSampler(keys, num_samples=len(train), weights={k: float(np.sqrt(c)) for k, c in counts.items()},
-                                seed=cfg.seed, rank=info.rank, world_size=info.world_size)
-    sampler = PositionedSampler(base, info.rank, info.world_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed))
-    return loader, sampler, len(base)
+    return plain(cfg, train, spec, info, groups=keys, weights={k: float(np.sqrt(c)) for k, c in counts.items()})
 
 
 def main(argv=None) -> int:

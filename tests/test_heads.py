@@ -233,6 +233,7 @@ def test_task_checkpoint_heads_load_across_head_argument_defaults(tmp_path):
     assert "head_args.stem_stride 1 != 2" in why and "2 classes != 3" in why
     assert "heads start fresh: " + why in other.load_report.summary()
 
+
 def test_param_groups_layer_decay():
     model = build_task_model("cls", TEST, num_classes=3, img_size=64)
     groups = param_groups(model, weight_decay=0.05, layer_decay=0.5, lr=1e-3)

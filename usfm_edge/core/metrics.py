@@ -301,16 +301,17 @@ def hc_metrics(pred_masks: Sequence[np.ndarray], pixel_sizes: Sequence[float], r
     hc = np.array([head_circumference_mm(m, s) for m, s in zip(pred_masks, pixel_sizes)], dtype=np.float64)
     ref = np.asarray(ref_hc_mm, dtype=np.float64)
     diff = hc - ref
-    err_px = np.abs(diff) / np.asarray(pixel_sizes, dtype=np.float64)
-    err_rel = 100.0 * np.abs(diff) / ref
-    out = {"hc_mae_mm": float(np.abs(diff).mean()), "hc_mean_diff_mm": float(diff.mean()),
-           "hc_abs_diff_std_mm": float(np.abs(diff).std()), "hc_mae_px": float(err_px.mean()),
+    err = np.abs(diff)
+    err_px = err / np.asarray(pixel_sizes, dtype=np.float64)
+    err_rel = 100.0 * err / ref
+    out = {"hc_mae_mm": float(err.mean()), "hc_mean_diff_mm": float(diff.mean()),
+           "hc_abs_diff_std_mm": float(err.std()), "hc_mae_px": float(err_px.mean()),
            "hc_rel_err_pct": float(err_rel.mean()), "hc_empty": int((hc == 0).sum()), "n": int(diff.size)}
     for name, lo, hi in HC_SIZE_BINS:
         sel = (ref >= lo) & (ref < hi)
         if sel.any():
             key = _BIN_KEYS[name]
-            out[f"hc_mae_mm_{key}"] = float(np.abs(diff[sel]).mean())
+            out[f"hc_mae_mm_{key}"] = float(err[sel].mean())
             out[f"hc_mean_diff_mm_{key}"] = float(diff[sel].mean())
             out[f"hc_mae_px_{key}"] = float(err_px[sel].mean())
             out[f"hc_rel_err_pct_{key}"] = float(err_rel[sel].mean())

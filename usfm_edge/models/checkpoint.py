@@ -93,8 +93,16 @@ def describe_load_error(exc: BaseException) -> tuple[str, bool]:
 
 def read_checkpoint_config(path: str | Path) -> dict | None:
     """The usfm-edge JSON config of a ``.safetensors`` checkpoint, read from its header alone (no tensors);
-    None for other files or a file without one. Unreadable files raise ``CheckpointError``."""
+    None for other files or a file without one.
+
+    Raises:
+        CheckpointError: the file is missing, empty or unreadable, or its config is not a JSON object.
+    """
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError("checkpoint file not found", path=path)
+    if path.stat().st_size == 0:
+        raise CheckpointError("checkpoint file is empty", path=path)
     if path.suffix != ".safetensors":
         return None
     from safetensors import SafetensorError
@@ -103,11 +111,18 @@ def read_checkpoint_config(path: str | Path) -> dict | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        config = json.loads(meta[META_KEY]) if META_KEY in meta else None
-    except (SafetensorError, OSError, ValueError, RuntimeError, RecursionError) as exc:
-        raise CheckpointError(f"cannot read the safetensors header ({exc})", path=path,
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot read safetensors file ({exc})", path=path,
                               hint="the file may be truncated; re-download or re-export it") from exc
-    return config if isinstance(config, dict) else None
+    try:
+        config = json.loads(meta[META_KEY]) if META_KEY in meta else None
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"the '{META_KEY}' config in the safetensors metadata is not valid JSON ({exc})",
+                              path=path, hint="re-export the checkpoint with usfm-edge") from None
+    if config is not None and not isinstance(config, dict):
+        raise CheckpointError(f"the '{META_KEY}' config in the safetensors metadata is a "
+                              f"{type(config).__name__}, not a JSON object", path=path)
+    return config
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -116,29 +131,16 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
     ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError("checkpoint file not found", path=path)
-    if path.stat().st_size == 0:
-        raise CheckpointError("checkpoint file is empty", path=path)
+    config = read_checkpoint_config(path)  # the file checks, and the header's config
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
-        from safetensors.torch import load_file, safe_open
+        from safetensors.torch import load_file
 
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
             sd = load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"cannot read safetensors file ({exc})", path=path,
                                   hint="the file may be truncated; re-download or re-export it") from exc
-        try:
-            config = json.loads(meta[META_KEY]) if META_KEY in meta else None
-        except (ValueError, RecursionError) as exc:
-            raise CheckpointError(f"the '{META_KEY}' config in the safetensors metadata is not valid JSON ({exc})",
-                                  path=path, hint="re-export the checkpoint with usfm-edge") from None
-        if config is not None and not isinstance(config, dict):
-            raise CheckpointError(f"the '{META_KEY}' config in the safetensors metadata is a "
-                                  f"{type(config).__name__}, not a JSON object", path=path)
         return sd, config
     _sniff(path)
     try:

@@ -230,25 +230,27 @@ def _init_head(cfg: FinetuneConfig) -> tuple[str, dict | None]:
     """The head to build: a task checkpoint given as ``--init`` for the same task lends its head and head
     arguments when ``--head`` is ``auto`` or names the same head (fine-tuning a shipped model or a student
     continues from its whole network, widths included); otherwise ``cfg.head`` with its defaults."""
-    if not str(cfg.init).endswith(".safetensors") or not Path(cfg.init).is_file():
+    if not cfg.init or not Path(cfg.init).is_file():  # none, or a file the model build reports as missing
         return cfg.head, None
     from usfm_edge.models.checkpoint import read_checkpoint_config
 
-    ck = read_checkpoint_config(cfg.init) or {}
+    ck = read_checkpoint_config(cfg.init) or {}  # other formats: None
     if ck.get("task") == cfg.task and cfg.head in ("auto", ck.get("head")) and ck.get("head"):
         return ck["head"], dict(ck.get("head_args") or {})
     return cfg.head, None
 
 
-def _loader(cfg: FinetuneConfig, train: list, spec: PreprocessSpec, info):
-    """``(loader, resumable sampler, per-rank sample count)`` of the labelled training records, organ-balanced."""
+def _loader(cfg: FinetuneConfig, train: list, spec: PreprocessSpec, info, groups: list[str] | None = None,
+            weights: dict[str, float] | None = None):
+    """``(loader, resumable sampler, per-rank sample count)`` of the labelled training records, organ-balanced
+    (or balanced over ``groups``, one key per record, with optional ``weights`` per key)."""
     from usfm_edge.data.sampler import OrganBalancedSampler
     from usfm_edge.train.datasets import PositionedSampler
     from usfm_edge.train.task_data import TaskDataset
 
     dataset = TaskDataset(train, cfg.task, spec, train=True, seed=cfg.seed, augment=cfg.augment)
-    base = OrganBalancedSampler([r.organ for r in train], num_samples=len(train), seed=cfg.seed,
-                                rank=info.rank, world_size=info.world_size)
+    base = OrganBalancedSampler(groups or [r.organ for r in train], num_samples=len(train), weights=weights,
+                                seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     sampler = PositionedSampler(base, info.rank, info.world_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed))
